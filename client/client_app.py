@@ -1,0 +1,94 @@
+"""storefed ClientApp: one market. Trains on its own data and device, keeps its heads private
+(in ``context.state`` and on disk), and replies with the encoder update and metrics only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.node import MarketNode
+from shared.report import flatten_eval
+
+log = logging.getLogger("storefed")
+PRIVATE_KEY = "private"
+
+
+def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunConfig, str, Path]:
+    """This node's market, config (node-level ``device`` wins) and private state directory.
+
+    Deployment: ``--node-config "market='de' data-dir='...' state-dir='...' device='cuda'"``.
+    Simulation: the market is ``markets[partition-id]``.
+    """
+    node = dict(node_config)
+    changes: dict[str, Any] = {}
+    for key in ("data-dir", "device", "dataset"):
+        if key in node:
+            changes[key.replace("-", "_")] = str(node[key])
+    if changes:
+        cfg = RunConfig.from_mapping({**cfg.to_mapping(), **{k.replace("_", "-"): v
+                                                            for k, v in changes.items()}},
+                                     source="node config")
+    if "market" in node:
+        market = str(node["market"])
+    elif "partition-id" in node and cfg.market_list:
+        pid = int(node["partition-id"])
+        if pid >= len(cfg.market_list):
+            raise ConfigError(f"node config partition-id {pid} but only "
+                              f"{len(cfg.market_list)} markets in run-config key 'markets'")
+        market = cfg.market_list[pid]
+    else:
+        raise ConfigError("node config has no 'market' (and no partition-id with run-config "
+                          "'markets' set): start the SuperNode with --node-config \"market='..'\"")
+    state_dir = Path(str(node.get("state-dir") or cfg.state_dir or Path(cfg.out_dir) / "state"))
+    return cfg, market, state_dir
+
+
+def _open_node(msg: Message, context: Context,
+               fixed: Mapping[str, Any]) -> tuple[MarketNode, dict[str, torch.Tensor]]:
+    cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
+    cfg, market, state_dir = node_settings(cfg, context.node_config)
+    node = MarketNode(cfg, market, state_dir)
+    private = (context.state[PRIVATE_KEY].to_torch_state_dict()
+               if PRIVATE_KEY in context.state else None)
+    node.restore(private)
+    return node, msg.content["arrays"].to_torch_state_dict()
+
+
+def make_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is Flower's run config with ``overrides`` on top."""
+    app = ClientApp()
+    fixed = dict(overrides or {})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        node, global_encoder = _open_node(msg, context, fixed)
+        rnd = int(msg.content["config"]["server-round"])
+        update, metrics = node.train_round(global_encoder, rnd)
+        context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
+        node.persist(rnd)
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
+                                   "metrics": MetricRecord(metrics),
+                                   "info": ConfigRecord({"market": node.market})}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        node, global_encoder = _open_node(msg, context, fixed)
+        flat = flatten_eval(node.evaluate(global_encoder, "test"))
+        flat["num-examples"] = flat["examples"]
+        return Message(RecordDict({"metrics": MetricRecord(flat),
+                                   "info": ConfigRecord({"market": node.market})}),
+                       reply_to=msg)
+
+    return app
+
+
+app = make_app()

@@ -1,0 +1,132 @@
+"""The run configuration: every tunable of a storefed run, read once into a frozen dataclass.
+
+Keys are the kebab-case keys of ``[tool.flwr.app.config]`` in ``pyproject.toml``; each maps to
+the snake_case field of the same name. Unknown keys and wrong types raise ``ConfigError`` naming
+the key, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from shared.errors import ConfigError
+
+LOSSES = ("bce", "bpr", "softmax")
+MTL_MODES = ("shared-bottom", "mmoe", "single-task")
+AGGREGATIONS = ("rowwise", "fedavg")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything tunable. Defaults here equal ``[tool.flwr.app.config]`` (a test checks it)."""
+
+    dataset: str = "synthetic"
+    data_dir: str = ""
+    markets: str = ""  # comma-separated; empty = every market found
+    num_rounds: int = 5
+    local_epochs: int = 2
+    seed: int = 0
+    lr: float = 0.003
+    encoder_lr_scale: float = 1.0  # encoder lr = lr * scale (join fine-tuning uses < 1)
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    embedding_dim: int = 64
+    max_history: int = 50
+    train_negatives: int = 4
+    eval_negatives: int = 99
+    loss: str = "bce"
+    mtl: str = "shared-bottom"
+    num_experts: int = 4
+    aggregation: str = "rowwise"  # rowwise: item rows averaged over the markets that hold them
+    proximal_mu: float = 0.0
+    device: str = "auto"
+    torch_threads: int = 0  # 0 = torch default; simulate sets cores / concurrent clients
+    state_dir: str = ""  # client private state; empty = <out-dir>/state
+    out_dir: str = "runs/latest"
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    round_timeout: float = 3600.0
+    secagg: bool = False
+    resume: bool = False  # server: continue from <out-dir>/encoder.pt if present
+
+    def __post_init__(self) -> None:
+        _choice("loss", self.loss, LOSSES)
+        _choice("mtl", self.mtl, MTL_MODES)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("device", self.device, DEVICES)
+        for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "max_history",
+                     "train_negatives", "eval_negatives", "num_experts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run-config key '{_key(name)}' must be >= 1, "
+                                  f"got {getattr(self, name)!r}")
+        for name in ("lr", "encoder_lr_scale", "weight_decay", "proximal_mu", "round_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, "
+                                  f"got {getattr(self, name)!r}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"run-config key 'fraction-train' must be in (0, 1], "
+                              f"got {self.fraction_train!r}")
+
+    @property
+    def market_list(self) -> list[str]:
+        """The selected markets, in order (empty = all markets found)."""
+        return [m.strip() for m in self.markets.split(",") if m.strip()]
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The kebab-case keys accepted in ``[tool.flwr.app.config]``."""
+        return [_key(f.name) for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], source: str = "run config") -> RunConfig:
+        """Build from kebab-case keys; reject unknown keys and wrong types, naming the key."""
+        by_key = {_key(f.name): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in mapping.items():
+            f = by_key.get(key)
+            if f is None:
+                near = [k for k in by_key if k.replace("-", "") == key.replace("_", "").replace(
+                    "-", "")]
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ConfigError(f"{source}: unknown key '{key}'{hint}; known keys: "
+                                  f"{', '.join(sorted(by_key))}")
+            values[f.name] = _coerce(key, value, f.type, source)
+        return cls(**values)
+
+    def to_mapping(self) -> dict[str, bool | int | float | str]:
+        """Kebab-case mapping, the inverse of ``from_mapping`` (what Flower's run config holds)."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields (snake_case names) changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"run-config key '{name}' must be one of {', '.join(allowed)}; "
+                          f"got {value!r}")
+
+
+def _coerce(key: str, value: Any, type_name: Any, source: str) -> Any:
+    expected = str(type_name)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(expected)
+    if ok is None:  # pragma: no cover - guards new field types
+        raise ConfigError(f"{source}: key '{key}' has unsupported field type {expected}")
+    if not ok:
+        raise ConfigError(f"{source}: key '{key}' must be {expected}, got "
+                          f"{type(value).__name__} {value!r}")
+    return float(value) if expected == "float" else value

@@ -1,0 +1,156 @@
+"""The storefed model: a shared bottom encoder and private per-category heads.
+
+Read top to bottom:
+
+* ``Encoder`` (shared, federated): item embeddings over the global catalog and a user tower that
+  turns a user's interaction history into ``K`` expert representations. There are no per-user
+  parameters anywhere, so any user (and any new market) is scorable from history alone.
+  ``K = 1`` is hard parameter sharing ("shared-bottom"); ``K > 1`` gives MMoE-style experts.
+* ``CategoryHeads`` (private, never leaves the market): per category a softmax gate over the
+  experts, a D x D projection (initialised to identity, so fresh heads score by the encoder's
+  dot product: useful zero-shot), a category bias, and the market's own item-popularity bias.
+  Heads output logits.
+* ``MarketModel`` wires the two: ``logits = heads(encoder.users(history), encoder.items(cands))``.
+
+The split/merge helpers at the bottom define what travels (``encoder.*``) and what stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ENCODER_PREFIX = "encoder."
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a model; saved in every checkpoint so mismatches are caught on load."""
+
+    n_items: int
+    n_categories: int
+    dim: int = 64
+    n_experts: int = 1
+
+    def to_dict(self) -> dict[str, int]:
+        return {"n_items": self.n_items, "n_categories": self.n_categories, "dim": self.dim,
+                "n_experts": self.n_experts}
+
+
+class Encoder(nn.Module):
+    """Shared bottom. Item table: (n_items + 1) x D, the last row is the (zero) padding row."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pad = cfg.n_items
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=cfg.n_items)
+        nn.init.normal_(self.item_emb.weight, std=0.1)
+        with torch.no_grad():
+            self.item_emb.weight[cfg.n_items].zero_()
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
+            for _ in range(cfg.n_experts)
+        )
+        for expert in self.experts:
+            nn.init.zeros_(expert[2].weight)  # residual experts start as the identity map
+            nn.init.zeros_(expert[2].bias)
+
+    def pool(self, history: torch.Tensor) -> torch.Tensor:
+        """history: B x L item indices (pad-filled) -> B x D masked mean of their embeddings."""
+        mask = (history != self.pad).unsqueeze(-1).to(self.item_emb.weight.dtype)
+        summed = (self.item_emb(history) * mask).sum(dim=1)
+        return summed / mask.sum(dim=1).clamp(min=1.0).sqrt()
+
+    def users(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """history: B x L -> (pooled B x D, experts B x K x D)."""
+        h = self.pool(history)
+        return h, torch.stack([h + expert(h) for expert in self.experts], dim=1)
+
+    def items(self, items: torch.Tensor) -> torch.Tensor:
+        """items: B x C -> B x C x D."""
+        return self.item_emb(items)
+
+
+class CategoryHeads(nn.Module):
+    """Private heads: one gate, projection and bias per category, plus market item biases."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        k, d = cfg.n_experts, cfg.dim
+        self.gate = nn.Parameter(torch.zeros(cfg.n_categories, k, d))
+        self.gate_bias = nn.Parameter(torch.zeros(cfg.n_categories, k))
+        self.proj = nn.Parameter(torch.eye(d).repeat(cfg.n_categories, 1, 1))
+        self.cat_bias = nn.Parameter(torch.zeros(cfg.n_categories))
+        self.item_bias = nn.Parameter(torch.zeros(cfg.n_items + 1))
+
+    def forward(self, pooled: torch.Tensor, experts: torch.Tensor, item_vecs: torch.Tensor,
+                items: torch.Tensor, item_cats: torch.Tensor) -> torch.Tensor:
+        """pooled B x D, experts B x K x D, item_vecs B x C x D, items/item_cats B x C
+        -> logits B x C (each candidate scored by the head of its own category)."""
+        gates = torch.softmax(torch.einsum("bd,nkd->bnk", pooled, self.gate) + self.gate_bias,
+                              dim=-1)  # B x N x K
+        mixed = torch.einsum("bnk,bkd->bnd", gates, experts)  # B x N x D
+        user_per_cat = torch.einsum("bnd,nde->bne", mixed, self.proj)  # B x N x D
+        idx = item_cats.unsqueeze(-1).expand(-1, -1, user_per_cat.shape[-1])
+        user_for_item = torch.gather(user_per_cat, 1, idx)  # B x C x D
+        return ((user_for_item * item_vecs).sum(-1) + self.cat_bias[item_cats]
+                + self.item_bias[items])
+
+
+class MarketModel(nn.Module):
+    """One market's model: the shared encoder plus that market's private heads."""
+
+    def __init__(self, cfg: ModelConfig, item_category: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.heads = CategoryHeads(cfg)
+        cats = torch.as_tensor(item_category, dtype=torch.long)
+        # the padding row gets category 0; it is never a candidate
+        self.register_buffer("item_category", torch.cat([cats, cats.new_zeros(1)]),
+                             persistent=False)
+
+    def forward(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history B x L, items B x C -> logits B x C."""
+        pooled, experts = self.encoder.users(history)
+        return self.heads(pooled, experts, self.encoder.items(items), items,
+                          self.item_category[items])
+
+
+# --------------------------------------------------------------------- what travels, what stays
+def encoder_state(model: MarketModel) -> dict[str, torch.Tensor]:
+    """The tensors that travel to the server (``encoder.*``), detached CPU copies."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k.startswith(ENCODER_PREFIX)}
+
+
+def private_state(model: MarketModel) -> dict[str, torch.Tensor]:
+    """The tensors that never leave the market (heads and anything else not in the encoder)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if not k.startswith(ENCODER_PREFIX)}
+
+
+def load_parts(model: MarketModel, encoder: dict[str, torch.Tensor] | None = None,
+               private: dict[str, torch.Tensor] | None = None) -> None:
+    """Load an encoder state and/or a private state into ``model`` (strict on each part)."""
+    own = model.state_dict()
+    for part, expected in ((encoder, {k for k in own if k.startswith(ENCODER_PREFIX)}),
+                           (private, {k for k in own if not k.startswith(ENCODER_PREFIX)})):
+        if part is None:
+            continue
+        if set(part) != expected:
+            missing, extra = sorted(expected - set(part)), sorted(set(part) - expected)
+            raise KeyError(f"state keys differ: missing {missing}, unexpected {extra}")
+        for k, v in part.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"shape of {k}: expected {tuple(own[k].shape)}, "
+                                 f"got {tuple(v.shape)}")
+        model.load_state_dict(part, strict=False)
+
+
+def set_encoder_trainable(model: MarketModel, trainable: bool) -> None:
+    """Freeze (False) or unfreeze (True) the shared encoder; heads stay trainable."""
+    for p in model.encoder.parameters():
+        p.requires_grad_(trainable)

@@ -1,0 +1,135 @@
+"""What one market does in a round, independent of Flower: train on its own data, produce an
+encoder update, evaluate, and keep its private state (heads) in memory and on disk.
+
+The client app wraps this in Flower messages; the benchmark's non-Flower baseline calls it
+directly, so "federated" and "local" runs execute the same training code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.checkpoint import load_private, save_private
+from shared.config import RunConfig
+from shared.data import Catalog, MarketSplit, load_market
+from shared.model import (
+    MarketModel,
+    ModelConfig,
+    encoder_state,
+    load_parts,
+    private_state,
+)
+from shared.train import TrainSettings, evaluate, resolve_device, train_local
+from shared.wire import make_update
+
+log = logging.getLogger("storefed")
+
+
+def model_config(cfg: RunConfig, catalog: Catalog) -> ModelConfig:
+    """Model shapes for a run over ``catalog``."""
+    return ModelConfig(n_items=catalog.n_items, n_categories=len(catalog.categories),
+                       dim=cfg.embedding_dim,
+                       n_experts=cfg.num_experts if cfg.mtl == "mmoe" else 1)
+
+
+def build_model(cfg: RunConfig, catalog: Catalog) -> MarketModel:
+    """A freshly initialised model; the same seed gives the same initial encoder everywhere."""
+    torch.manual_seed(cfg.seed)
+    return MarketModel(model_config(cfg, catalog), torch.as_tensor(catalog.item_category))
+
+
+def initial_encoder(cfg: RunConfig, catalog: Catalog) -> dict[str, torch.Tensor]:
+    """The round-0 global encoder the server starts from."""
+    return encoder_state(build_model(cfg, catalog))
+
+
+def item_counts(split: MarketSplit, n_items: int) -> np.ndarray:
+    """(n_items + 1,) training interactions per item row in this market (pad row: 0)."""
+    return np.bincount(split.train_items, minlength=n_items + 1).astype(np.float32)
+
+
+def init_heads_from_data(model: MarketModel, split: MarketSplit) -> None:
+    """Fresh heads start with the market's log-popularity as item bias (no training needed)."""
+    counts = torch.from_numpy(item_counts(split, model.cfg.n_items))
+    bias = torch.log1p(counts)
+    bias = bias - bias[torch.as_tensor(split.items)].mean()
+    with torch.no_grad():
+        model.heads.item_bias.copy_(bias)
+
+
+def train_settings(cfg: RunConfig, seed: int) -> TrainSettings:
+    return TrainSettings(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                         encoder_lr_scale=cfg.encoder_lr_scale, weight_decay=cfg.weight_decay,
+                         negatives=cfg.train_negatives, loss=cfg.loss,
+                         proximal_mu=cfg.proximal_mu, seed=seed)
+
+
+class MarketNode:
+    """One market: its data split, model and private state. Nothing here is sent anywhere;
+    ``train_round`` returns the only thing that travels (an encoder update)."""
+
+    def __init__(self, cfg: RunConfig, market: str, state_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.market = market
+        self.catalog, self.split = load_market(cfg.dataset, cfg.data_dir or None, market,
+                                               seed=cfg.seed, n_neg=cfg.eval_negatives,
+                                               max_history=cfg.max_history)
+        self.device = resolve_device(cfg.device)
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        self.model = build_model(cfg, self.catalog)
+        init_heads_from_data(self.model, self.split)
+        self.state_path = Path(state_dir) / market / "private.pt" if state_dir else None
+        self.rounds_done = 0
+
+    # ------------------------------------------------------------------ private state
+    def restore(self, private: dict[str, torch.Tensor] | None) -> str:
+        """Restore heads from memory (``private``) or else the state dir; returns the source."""
+        if private is not None:
+            load_parts(self.model, private=private)
+            return "memory"
+        if self.state_path is not None and self.state_path.is_file():
+            state, self.rounds_done = load_private(self.state_path, self.market,
+                                                   self.catalog.fingerprint())
+            load_parts(self.model, private=state)
+            return "disk"
+        return "fresh"
+
+    def private(self) -> dict[str, torch.Tensor]:
+        return private_state(self.model)
+
+    def persist(self, server_round: int) -> None:
+        """Save heads atomically under the state dir (survives restarts of the node)."""
+        self.rounds_done = server_round
+        if self.state_path is not None:
+            save_private(self.state_path, self.private(), self.market,
+                         self.catalog.fingerprint(), server_round)
+
+    # ------------------------------------------------------------------ round work
+    def train_round(self, global_encoder: dict[str, torch.Tensor],
+                    server_round: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Load the global encoder, train locally, return (encoder update, train metrics)."""
+        load_parts(self.model, encoder=global_encoder)
+        s = self.split
+        result = train_local(self.model, s.train_users, s.train_items, s.train_histories,
+                             s.items, train_settings(self.cfg, self.cfg.seed * 1000 + server_round),
+                             self.device, global_encoder=global_encoder)
+        counts = (item_counts(s, self.catalog.n_items) if self.cfg.aggregation == "rowwise"
+                  else None)
+        update = make_update(encoder_state(self.model), global_encoder, s.n_train, counts)
+        metrics = {"num-examples": float(s.n_train), "train-loss": result.loss,
+                   "train-seconds": result.seconds, "train-steps": float(result.steps)}
+        return update, metrics
+
+    def evaluate(self, global_encoder: dict[str, torch.Tensor] | None,
+                 which: str = "test") -> dict[str, object]:
+        """nDCG@10/HR@10 of this market (overall and per category) on valid or test."""
+        if global_encoder is not None:
+            load_parts(self.model, encoder=global_encoder)
+        ev = self.split.test if which == "test" else self.split.valid
+        return evaluate(self.model, ev.histories, ev.candidates, self.catalog.item_category,
+                        self.catalog.categories, self.device)

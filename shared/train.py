@@ -1,0 +1,144 @@
+"""Local training and evaluation of one market's model (used by clients, baselines and join)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.metrics import ndcg_hr_at_k, summarize
+from shared.model import MarketModel
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 512
+    lr: float = 0.003
+    encoder_lr_scale: float = 1.0
+    weight_decay: float = 0.0
+    negatives: int = 4
+    loss: str = "bce"
+    proximal_mu: float = 0.0
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimiser steps (learning curves)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    examples: int
+    steps: int
+    seconds: float
+
+
+def ranking_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """logits: B x (1 + n) with the positive in column 0 -> scalar loss."""
+    if kind == "bce":
+        target = torch.zeros_like(logits)
+        target[:, 0] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, target)
+    if kind == "bpr":
+        return -F.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
+    if kind == "softmax":
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long,
+                                                    device=logits.device))
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def train_local(
+    model: MarketModel,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    train_histories: np.ndarray,
+    market_items: np.ndarray,
+    settings: TrainSettings,
+    device: torch.device,
+    global_encoder: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train on a market's interactions: each (user, item) is a positive scored against
+    ``settings.negatives`` items drawn uniformly from the market's items; the user's history
+    with the target masked out is the input. Only parameters with ``requires_grad`` move.
+    ``global_encoder`` with ``proximal_mu > 0`` adds FedProx's mu/2 * ||w - w_global||^2."""
+    t0 = time.perf_counter()
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(settings.seed)
+    users = torch.as_tensor(train_users, dtype=torch.long)
+    items = torch.as_tensor(train_items, dtype=torch.long)
+    hist_all = torch.as_tensor(train_histories, dtype=torch.long).to(device)
+    pool = torch.as_tensor(market_items, dtype=torch.long).to(device)
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    head_params = [p for n, p in model.named_parameters()
+                   if not n.startswith("encoder.") and p.requires_grad]
+    groups = [{"params": head_params, "lr": settings.lr}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": settings.lr * settings.encoder_lr_scale})
+    opt = torch.optim.Adam(groups, weight_decay=settings.weight_decay)
+    prox = None
+    if global_encoder is not None and settings.proximal_mu > 0:
+        prox = {n: global_encoder[f"encoder.{n}"].to(device)
+                for n, p in model.encoder.named_parameters() if p.requires_grad}
+    n = len(users)
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, settings.batch_size):
+            if settings.max_steps is not None and steps >= settings.max_steps:
+                break
+            idx = order[start:start + settings.batch_size]
+            u = users[idx].to(device)
+            pos = items[idx].to(device)
+            hist = hist_all[u]
+            hist = torch.where(hist == pos.unsqueeze(1), model.encoder.pad, hist)
+            neg = pool[torch.randint(len(pool), (len(idx), settings.negatives),
+                                     generator=gen).to(device)]
+            cands = torch.cat([pos.unsqueeze(1), neg], dim=1)
+            loss = ranking_loss(model(hist, cands), settings.loss)
+            if prox is not None:
+                loss = loss + settings.proximal_mu / 2 * sum(
+                    ((p - prox[n_]) ** 2).sum() for n_, p in model.encoder.named_parameters()
+                    if n_ in prox)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+            seen += len(idx)
+            steps += 1
+    return TrainResult(loss=total / max(seen, 1), examples=seen, steps=steps,
+                       seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def score_candidates(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,
+                     device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """histories U x L, candidates U x C -> logits U x C (CPU)."""
+    model.to(device).eval()
+    out = []
+    for s in range(0, len(candidates), batch_size):
+        h = torch.as_tensor(histories[s:s + batch_size], dtype=torch.long, device=device)
+        c = torch.as_tensor(candidates[s:s + batch_size], dtype=torch.long, device=device)
+        out.append(model(h, c).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, candidates.shape[1])
+
+
+def evaluate(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,
+             item_category: np.ndarray, category_names: tuple[str, ...],
+             device: torch.device) -> dict[str, object]:
+    """nDCG@10 / HR@10 overall and per category of the held-out positive (column 0)."""
+    if len(candidates) == 0:
+        return summarize(np.zeros(0), np.zeros(0))
+    scores = score_candidates(model, histories, candidates, device)
+    ndcg, hr = ndcg_hr_at_k(scores, 10)
+    return summarize(ndcg.numpy(), hr.numpy(), item_category[candidates[:, 0]], category_names)
