@@ -113,7 +113,7 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
             steps += 1
     return TrainResult(loss=total / max(seen, 1), examples=seen, steps=steps,
