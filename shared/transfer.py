@@ -1,0 +1,458 @@
+"""A new market joins: transfer-initialise from the global encoder, evaluate zero-shot, then
+fine-tune, and measure the head start against a model trained from scratch on the same data.
+
+Read top to bottom:
+
+* ``map_encoder``: a global encoder checkpoint is indexed by *its* catalog; the new market's
+  model is indexed by the market's catalog. Rows are matched by item id. Items the market has
+  that the checkpoint's catalog lacks, and rows the federation never trained (no source market
+  held the item, so the row is still the deterministic random init, recognised by rebuilding the
+  initial encoder from the checkpoint's own run config), get a fresh row: the mean of the
+  trained rows of the item's category (global mean when the category has none). A fresh item then
+  scores neutrally and the market's popularity bias ranks it, instead of a random direction.
+* ``join_model``: the new market's ``MarketModel``: mapped encoder + fresh heads whose item bias
+  is the market's log-popularity (``init_heads_from_data``; no training).
+* ``run_curve``: one optimiser loop over a schedule of phases (heads only with the encoder frozen
+  via ``set_encoder_trainable``, then optionally the encoder at a low lr scale), evaluating every
+  ``eval_every`` local optimiser steps -> ``[[steps, ndcg@10], ...]``. The ``adversarial``
+  variant adds a domain discriminator behind a gradient-reversal layer on the encoder's pooled
+  user vectors (DANN): source-domain inputs are pseudo-users whose histories are drawn from the
+  items the federation trained (the only view of the source markets a joining market has,
+  since their data never leaves them), target inputs are the new market's users.
+* ``join_market``: zero-shot + transfer curve + scratch curve (same data, same number of steps,
+  same popularity-initialised heads) -> the ``join.json`` document.
+
+The Reptile-style meta-learned initialisation is a property of how the encoder was produced
+(the federation's server step, run-config key ``server-lr``), so ``join`` accepts any encoder;
+``simulations/join_experiment.py`` compares encoders produced with and without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.checkpoint import EncoderCheckpoint, load_encoder, save_encoder, save_private
+from shared.config import RunConfig
+from shared.data import Catalog, MarketSplit
+from shared.errors import CheckpointError, ConfigError
+from shared.model import (
+    MarketModel,
+    ModelConfig,
+    encoder_state,
+    load_parts,
+    private_state,
+    set_encoder_trainable,
+)
+from shared.node import init_heads_from_data
+from shared.train import evaluate, ranking_loss
+
+ITEM_KEY = "encoder.item_emb.weight"
+VARIANTS = ("plain", "adversarial")
+FRESH_INITS = ("category-mean", "random")
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class JoinSettings:
+    """How a market joins. Steps are local optimiser steps (one mini-batch each)."""
+
+    variant: str = "plain"  # plain | adversarial
+    head_steps: int = 150  # phase 1: heads only, encoder frozen
+    encoder_steps: int = 150  # phase 2: encoder unfrozen at lr * encoder_lr_scale (0 = skip)
+    encoder_lr_scale: float = 0.1
+    scratch_steps: int = 0  # 0 = head_steps + encoder_steps (the same budget as transfer)
+    eval_every: int = 10
+    batch_size: int = 128
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    negatives: int = 4
+    loss: str = "bce"
+    seed: int = 0
+    adv_weight: float = 0.1  # weight of the domain loss (gradient reversal strength)
+    fresh_init: str = "category-mean"  # category-mean | random (keep checkpoint/random rows)
+    eval_split: str = "test"  # test | valid
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"join variant must be one of {', '.join(VARIANTS)}; "
+                              f"got {self.variant!r}")
+        if self.fresh_init not in FRESH_INITS:
+            raise ConfigError(f"join fresh-init must be one of {', '.join(FRESH_INITS)}; "
+                              f"got {self.fresh_init!r}")
+        if self.eval_split not in ("test", "valid"):
+            raise ConfigError(f"join eval split must be test or valid; got {self.eval_split!r}")
+        for name in ("head_steps", "encoder_steps", "scratch_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"join {name.replace('_', '-')} must be >= 0")
+        for name in ("eval_every", "batch_size", "negatives"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"join {name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0 or self.encoder_lr_scale < 0 or self.adv_weight < 0:
+            raise ConfigError("join lr must be > 0, encoder-lr-scale and adv-weight >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.head_steps + self.encoder_steps
+
+    @property
+    def scratch_budget(self) -> int:
+        return self.scratch_steps or self.total_steps
+
+
+@dataclass(frozen=True)
+class Phase:
+    steps: int
+    encoder_trainable: bool
+    encoder_lr_scale: float = 1.0
+
+
+# --------------------------------------------------------------------------- checkpoint mapping
+@dataclass(frozen=True)
+class EncoderMapping:
+    """How the checkpoint's item rows were mapped onto the market's catalog."""
+
+    copied: int  # rows taken over from the checkpoint (trained by the federation)
+    missing: int  # market-catalog items absent from the checkpoint's catalog (fresh rows)
+    untrained: int  # items present in the checkpoint but never trained (fresh rows)
+    known: np.ndarray = field(repr=False)  # (n_items,) bool: row came trained from the checkpoint
+    same_catalog: bool = False  # checkpoint catalog == market catalog (node can federate)
+
+    def summary(self) -> dict[str, int | bool]:
+        return {"copied": self.copied, "missing": self.missing, "untrained": self.untrained,
+                "same_catalog": self.same_catalog}
+
+
+def checkpoint_catalog(ck: EncoderCheckpoint) -> Catalog:
+    """The catalog an encoder checkpoint indexes."""
+    return Catalog(item_ids=tuple(ck.item_ids),
+                   item_category=np.asarray(ck.item_category, dtype=np.int64),
+                   categories=tuple(ck.categories))
+
+
+def untrained_rows(ck: EncoderCheckpoint) -> np.ndarray:
+    """(n_items,) bool: item rows still equal to the federation's deterministic initial encoder
+    (no source market held the item). All False when the checkpoint lacks its run config."""
+    cfg_map = ck.meta.get("config")
+    n = ck.model.n_items
+    if not isinstance(cfg_map, dict):
+        return np.zeros(n, dtype=bool)
+    try:
+        cfg = RunConfig.from_mapping(cfg_map, source="checkpoint meta")
+    except ConfigError:
+        return np.zeros(n, dtype=bool)
+    if cfg.embedding_dim != ck.model.dim:
+        return np.zeros(n, dtype=bool)
+    torch.manual_seed(cfg.seed)  # same recipe as shared.node.build_model
+    init = MarketModel(ck.model, torch.as_tensor(np.asarray(ck.item_category, dtype=np.int64)))
+    w0 = init.encoder.item_emb.weight.detach()[:n]
+    w = ck.state[ITEM_KEY].detach()[:n]
+    return torch.all(w == w0, dim=1).numpy()
+
+
+def map_encoder(ck: EncoderCheckpoint, catalog: Catalog, fresh_init: str = "category-mean",
+                path: str | Path = "checkpoint") -> tuple[dict[str, torch.Tensor],
+                                                          ModelConfig, EncoderMapping]:
+    """Encoder state for a model over ``catalog`` from checkpoint ``ck`` (see module doc).
+    Raises CheckpointError when the checkpoint shares no item with the catalog."""
+    src_index = {item: i for i, item in enumerate(ck.item_ids)}
+    src_rows = np.asarray([src_index.get(item, -1) for item in catalog.item_ids], dtype=np.int64)
+    present = src_rows >= 0
+    if not present.any():
+        raise CheckpointError(f"encoder checkpoint {path} shares no item with the market's "
+                              f"catalog ({catalog.n_items} items): saved for another dataset?")
+    w_src = ck.state[ITEM_KEY].detach().float()
+    untrained_src = untrained_rows(ck)
+    known = present.copy()
+    known[present] = ~untrained_src[src_rows[present]]
+    mcfg = ModelConfig(n_items=catalog.n_items, n_categories=len(catalog.categories),
+                       dim=ck.model.dim, n_experts=ck.model.n_experts)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(catalog.n_items + 1, mcfg.dim, generator=gen) * 0.1
+    w[torch.from_numpy(np.flatnonzero(present))] = w_src[torch.from_numpy(src_rows[present])]
+    w[catalog.n_items] = 0.0  # padding row
+    if fresh_init == "category-mean":
+        fresh = np.flatnonzero(~known)
+        if len(fresh):
+            known_idx = np.flatnonzero(known)
+            overall = w[torch.from_numpy(known_idx)].mean(dim=0) if len(known_idx) else \
+                torch.zeros(mcfg.dim)
+            cats = np.asarray(catalog.item_category, dtype=np.int64)
+            for c in np.unique(cats[fresh]).tolist():
+                members = known_idx[cats[known_idx] == c]
+                mean = w[torch.from_numpy(members)].mean(dim=0) if len(members) else overall
+                w[torch.from_numpy(fresh[cats[fresh] == c])] = mean
+    state = {k: v.detach().clone() for k, v in ck.state.items()}
+    state[ITEM_KEY] = w
+    same = (catalog.n_items == ck.model.n_items
+            and catalog.fingerprint() == ck.catalog_fingerprint)
+    mapping = EncoderMapping(copied=int(known.sum()), missing=int((~present).sum()),
+                             untrained=int((present & ~known).sum()), known=known,
+                             same_catalog=same)
+    return state, mcfg, mapping
+
+
+def load_join_encoder(path: str | Path, catalog: Catalog, fresh_init: str = "category-mean",
+                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, EncoderMapping,
+                                 EncoderCheckpoint]:
+    """Load + validate a checkpoint and map it onto ``catalog``; every failure is a
+    CheckpointError naming the file."""
+    ck = load_encoder(path)
+    probe = MarketModel(ck.model, torch.zeros(ck.model.n_items, dtype=torch.long))
+    try:
+        load_parts(probe, encoder=ck.state)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"encoder checkpoint {path} does not match its own model shape "
+                              f"{ck.model}: {exc}") from exc
+    if len(ck.item_category) != ck.model.n_items or any(
+            not 0 <= c < len(ck.categories) for c in ck.item_category):
+        raise CheckpointError(f"encoder checkpoint {path}: item categories do not match its "
+                              f"{len(ck.categories)} categories / {ck.model.n_items} items")
+    state, mcfg, mapping = map_encoder(ck, catalog, fresh_init, path)
+    return state, mcfg, mapping, ck
+
+
+def join_model(encoder: dict[str, torch.Tensor], mcfg: ModelConfig, catalog: Catalog,
+               split: MarketSplit) -> MarketModel:
+    """The joining market's model: mapped encoder, popularity-initialised fresh heads."""
+    model = MarketModel(mcfg, torch.as_tensor(np.asarray(catalog.item_category)))
+    load_parts(model, encoder=encoder)
+    init_heads_from_data(model, split)
+    return model
+
+
+def scratch_model(mcfg: ModelConfig, catalog: Catalog, split: MarketSplit,
+                  seed: int) -> MarketModel:
+    """The baseline: a freshly initialised model with the same popularity-initialised heads."""
+    torch.manual_seed(seed)
+    model = MarketModel(mcfg, torch.as_tensor(np.asarray(catalog.item_category)))
+    init_heads_from_data(model, split)
+    return model
+
+
+# --------------------------------------------------------------------------- adversarial parts
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN401
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN401
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``-scale`` backward."""
+    out: torch.Tensor = _GradReverse.apply(x, scale)
+    return out
+
+
+class DomainDiscriminator(nn.Module):
+    """Source-vs-target classifier on pooled user vectors (logit > 0: source)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+@dataclass
+class Adversary:
+    """Domain-adversarial term: pseudo-source users from federation-trained items."""
+
+    disc: DomainDiscriminator
+    source_items: torch.Tensor  # item indices whose rows the federation trained
+    weight: float
+
+    def loss(self, model: MarketModel, target_hist: torch.Tensor,
+             gen: torch.Generator) -> torch.Tensor:
+        pad = model.encoder.pad
+        lengths = (target_hist != pad).sum(dim=1).clamp(min=1)
+        b, width = target_hist.shape
+        pick = torch.randint(len(self.source_items), (b, width), generator=gen)
+        src = self.source_items[pick].to(target_hist.device)
+        cols = torch.arange(width, device=target_hist.device).unsqueeze(0)
+        src = torch.where(cols < lengths.unsqueeze(1), src, pad)
+        feats = torch.cat([model.encoder.pool(src), model.encoder.pool(target_hist)])
+        labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(feats.device)
+        logits = self.disc(grad_reverse(feats, 1.0))
+        return self.weight * F.binary_cross_entropy_with_logits(logits, labels)
+
+
+# --------------------------------------------------------------------------- training curves
+Evaluator = Callable[[MarketModel], float]
+
+
+def split_evaluator(split: MarketSplit, catalog: Catalog, which: str,
+                    device: torch.device) -> Callable[[MarketModel], dict[str, object]]:
+    """model -> evaluate() dict on the market's valid or test set."""
+    ev = split.test if which == "test" else split.valid
+
+    def run(model: MarketModel) -> dict[str, object]:
+        return evaluate(model, ev.histories, ev.candidates, catalog.item_category,
+                        catalog.categories, device)
+
+    return run
+
+
+def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
+              settings: JoinSettings, device: torch.device, evaluator: Evaluator,
+              adversary: Adversary | None = None) -> list[list[float]]:
+    """Train through ``phases`` (one continuous stream of shuffled mini-batches, a new Adam per
+    phase since the trainable set changes) and return ``[[steps, metric], ...]`` evaluated at
+    step 0, every ``eval_every`` steps and at the end. Same batch recipe as ``train_local``:
+    positive + ``negatives`` uniform market items, the target masked out of the history."""
+    model.to(device)
+    gen = torch.Generator().manual_seed(settings.seed)
+    users = torch.as_tensor(split.train_users, dtype=torch.long)
+    items = torch.as_tensor(split.train_items, dtype=torch.long)
+    hist_all = torch.as_tensor(split.train_histories, dtype=torch.long).to(device)
+    pool = torch.as_tensor(split.items, dtype=torch.long).to(device)
+    n = len(users)
+    curve: list[list[float]] = [[0, evaluator(model)]]
+    if n == 0:
+        return curve
+    steps, order, cursor = 0, torch.randperm(n, generator=gen), 0
+    if adversary is not None:
+        adversary.disc.to(device)
+    for phase in phases:
+        if phase.steps == 0:
+            continue
+        set_encoder_trainable(model, phase.encoder_trainable)
+        head_params = [p for k, p in model.named_parameters()
+                       if not k.startswith("encoder.") and p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": head_params, "lr": settings.lr}]
+        if phase.encoder_trainable:
+            groups.append({"params": list(model.encoder.parameters()),
+                           "lr": settings.lr * phase.encoder_lr_scale})
+        use_adv = adversary is not None and phase.encoder_trainable
+        if use_adv:
+            assert adversary is not None
+            groups.append({"params": list(adversary.disc.parameters()), "lr": settings.lr})
+        opt = torch.optim.Adam(groups, weight_decay=settings.weight_decay)
+        for _ in range(phase.steps):
+            model.train()
+            if cursor >= n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            idx = order[cursor:cursor + settings.batch_size]
+            cursor += settings.batch_size
+            u, pos = users[idx].to(device), items[idx].to(device)
+            hist = hist_all[u]
+            hist = torch.where(hist == pos.unsqueeze(1), model.encoder.pad, hist)
+            neg = pool[torch.randint(len(pool), (len(idx), settings.negatives),
+                                     generator=gen).to(device)]
+            loss = ranking_loss(model(hist, torch.cat([pos.unsqueeze(1), neg], dim=1)),
+                                settings.loss)
+            if use_adv:
+                assert adversary is not None
+                loss = loss + adversary.loss(model, hist, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if steps % settings.eval_every == 0:
+                curve.append([steps, evaluator(model)])
+    set_encoder_trainable(model, True)
+    if curve[-1][0] != steps:
+        curve.append([steps, evaluator(model)])
+    return curve
+
+
+def steps_to_target(curve: list[list[float]], target: float) -> int | None:
+    """First step count whose metric reaches ``target`` (None if never)."""
+    for steps, value in curve:
+        if value >= target - 1e-12:
+            return int(steps)
+    return None
+
+
+def transfer_phases(settings: JoinSettings) -> list[Phase]:
+    return [Phase(settings.head_steps, encoder_trainable=False),
+            Phase(settings.encoder_steps, encoder_trainable=True,
+                  encoder_lr_scale=settings.encoder_lr_scale)]
+
+
+# --------------------------------------------------------------------------- the join
+@dataclass
+class JoinOutcome:
+    doc: dict[str, Any]  # the join.json document (exact issue shape)
+    details: dict[str, Any]  # everything else (mapping, settings, timings, hr curves)
+    model: MarketModel  # the fine-tuned transfer model
+    mapping: EncoderMapping
+
+
+def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
+                settings: JoinSettings, device: torch.device,
+                with_scratch: bool = True) -> JoinOutcome:
+    """Zero-shot, transfer fine-tuning curve and scratch curve for one market."""
+    t0 = time.perf_counter()
+    state, mcfg, mapping, ck = load_join_encoder(encoder_path, catalog, settings.fresh_init)
+    model = join_model(state, mcfg, catalog, split)
+    full_eval = split_evaluator(split, catalog, settings.eval_split, device)
+    zero = full_eval(model)
+    zero_shot = {"ndcg@10": float(zero["ndcg@10"]),  # type: ignore[arg-type]
+                 "hr@10": float(zero["hr@10"])}  # type: ignore[arg-type]
+
+    def ndcg(m: MarketModel) -> float:
+        return float(full_eval(m)["ndcg@10"])  # type: ignore[arg-type]
+
+    adversary = None
+    if settings.variant == "adversarial":
+        torch.manual_seed(settings.seed)
+        adversary = Adversary(DomainDiscriminator(mcfg.dim),
+                              torch.from_numpy(np.flatnonzero(mapping.known)), settings.adv_weight)
+    t1 = time.perf_counter()
+    transfer = run_curve(model, split, transfer_phases(settings), settings, device, ndcg,
+                         adversary)
+    t2 = time.perf_counter()
+    scratch: list[list[float]] = []
+    if with_scratch:
+        base = scratch_model(mcfg, catalog, split, settings.seed)
+        scratch = run_curve(base, split, [Phase(settings.scratch_budget, True, 1.0)], settings,
+                            device, ndcg)
+    t3 = time.perf_counter()
+    best_s = max(v for _, v in scratch) if scratch else None
+    best_t = max(v for _, v in transfer)
+    doc: dict[str, Any] = {
+        "zero_shot": zero_shot,
+        "transfer": [[int(s), float(v)] for s, v in transfer],
+        "scratch": [[int(s), float(v)] for s, v in scratch],
+        "best": {"transfer": best_t, "scratch": best_s},
+        "steps_to_target": {
+            "transfer": steps_to_target(transfer, best_s) if best_s is not None else None,
+            "scratch": steps_to_target(scratch, best_s) if best_s is not None else None},
+    }
+    details = {"market": split.market, "encoder": str(encoder_path), "encoder_round": ck.round,
+               "mapping": mapping.summary(), "settings": asdict(settings),
+               "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
+               "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
+    return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
+
+
+def save_joined(out: str | Path, outcome: JoinOutcome, catalog: Catalog,
+                config: dict[str, Any]) -> dict[str, str]:
+    """Write the joined market's state under ``out`` in the layout a federation run uses:
+    ``out/encoder.pt`` (the encoder the heads were tuned with, over ``catalog``) and
+    ``out/state/<market>/private.pt`` (the heads, ``save_private``), so ``recommend`` reads it
+    and a node started with ``state-dir=out/state`` restores the heads (when the catalog is the
+    federation's: ``mapping.same_catalog``)."""
+    out = Path(out)
+    market = str(outcome.details["market"])
+    enc_path, priv_path = out / "encoder.pt", out / "state" / market / "private.pt"
+    model = outcome.model
+    save_encoder(enc_path, encoder_state(model), model.cfg, catalog.item_ids, catalog.categories,
+                 np.asarray(catalog.item_category).tolist(), catalog.fingerprint(), 0,
+                 meta={"config": config, "joined_market": market})
+    save_private(priv_path, private_state(model), market, catalog.fingerprint(), 0)
+    return {"encoder": str(enc_path), "private": str(priv_path)}

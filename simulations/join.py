@@ -1,0 +1,110 @@
+"""``storefed join``: a new market starts from the global encoder.
+
+Loads OUT-of-federation ``encoder.pt`` (written by ``storefed simulate``), maps its catalog onto
+the market's, evaluates zero-shot, fine-tunes (heads with the encoder frozen, then the encoder
+at a low lr scale), trains the same model from scratch on the same data for comparison, and
+writes ``OUT/join.json`` (the learning curves), ``OUT/join_details.json`` (mapping, settings,
+timings) plus the market's state (``OUT/encoder.pt``, ``OUT/state/<market>/private.pt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from shared.checkpoint import atomic_write_bytes
+from shared.data import DATASETS, available_markets, load_market
+from shared.errors import DataError
+from shared.train import resolve_device
+from shared.transfer import FRESH_INITS, VARIANTS, JoinSettings, join_market, save_joined
+
+log = logging.getLogger("storefed")
+
+
+def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
+    p = sub.add_parser("join", help="a new market joins from the global encoder",
+                       description="Transfer-initialise a new market from a global encoder "
+                                   "checkpoint; zero-shot, fine-tune and scratch curves -> "
+                                   "OUT/join.json; heads saved under OUT/state/<market>/.")
+    p.add_argument("--encoder", required=True, help="global encoder checkpoint (encoder.pt)")
+    p.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    p.add_argument("--data-dir", default="", help="directory holding the dataset's files")
+    p.add_argument("--market", required=True, help="the joining market")
+    p.add_argument("--out", required=True, help="output directory")
+    d = JoinSettings()
+    p.add_argument("--variant", choices=VARIANTS, default=d.variant,
+                   help="plain fine-tuning, or adversarial domain adaptation (gradient reversal)")
+    p.add_argument("--head-steps", type=int, default=d.head_steps,
+                   help="local steps training only the heads (encoder frozen)")
+    p.add_argument("--encoder-steps", type=int, default=d.encoder_steps,
+                   help="local steps then training the encoder too (0: keep it frozen)")
+    p.add_argument("--encoder-lr-scale", type=float, default=d.encoder_lr_scale,
+                   help="encoder lr = lr * this in the second phase")
+    p.add_argument("--scratch-steps", type=int, default=d.scratch_steps,
+                   help="steps of the scratch baseline (0: same as transfer)")
+    p.add_argument("--no-scratch", action="store_true", help="skip the scratch baseline")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight)
+    p.add_argument("--fresh-init", choices=FRESH_INITS, default=d.fresh_init,
+                   help="rows for items the encoder never trained")
+    p.add_argument("--eval-split", choices=("test", "valid"), default=d.eval_split)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-history", type=int, default=50)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return "join", run
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dataset != "synthetic" and not args.data_dir:
+        raise DataError(f"--data-dir is required for dataset {args.dataset!r}")
+    if args.dataset != "synthetic" and not Path(args.data_dir).is_dir():
+        raise DataError(f"data directory {args.data_dir} does not exist")
+    known = available_markets(args.dataset, args.data_dir or None)
+    if args.market not in known:
+        raise DataError(f"unknown market {args.market!r} in {args.dataset} "
+                        f"{args.data_dir or '(synthetic)'}; known: {', '.join(known)}")
+    settings = JoinSettings(
+        variant=args.variant, head_steps=args.head_steps, encoder_steps=args.encoder_steps,
+        encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
+        eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
+        adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
+        seed=args.seed)
+    catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
+                                 seed=args.seed, max_history=args.max_history)
+    device = resolve_device(args.device)
+    outcome = join_market(args.encoder, catalog, split, settings, device,
+                          with_scratch=not args.no_scratch)
+    out = Path(args.out)
+    config = {"dataset": args.dataset, "data-dir": args.data_dir, "markets": args.market,
+              "seed": args.seed, "max-history": args.max_history,
+              "embedding-dim": outcome.model.cfg.dim}
+    paths = save_joined(out, outcome, catalog, config)
+    outcome.details["saved"] = paths
+    atomic_write_bytes(out / "join.json", json.dumps(outcome.doc, indent=2).encode())
+    atomic_write_bytes(out / "join_details.json",
+                       json.dumps(outcome.details, indent=2).encode())
+    _print(outcome.doc, outcome.details)
+    if not outcome.mapping.same_catalog:
+        log.warning("the market's catalog differs from the encoder's (%d items missing from "
+                    "it): these heads cannot join that federation until its catalog is "
+                    "extended", outcome.mapping.missing)
+    print(f"wrote {out / 'join.json'}, {paths['encoder']} and {paths['private']}")
+    return 0
+
+
+def _print(doc: dict[str, Any], details: dict[str, Any]) -> None:
+    zs, best, reach = doc["zero_shot"], doc["best"], doc["steps_to_target"]
+    m = details["mapping"]
+    print(f"market {details['market']}: {m['copied']} item rows from the encoder, "
+          f"{m['missing'] + m['untrained']} fresh ({m['missing']} not in its catalog, "
+          f"{m['untrained']} never trained)")
+    print(f"zero-shot   ndcg@10 {zs['ndcg@10']:.4f}  hr@10 {zs['hr@10']:.4f}")
+    scratch = "-" if best["scratch"] is None else f"{best['scratch']:.4f}"
+    print(f"best        transfer {best['transfer']:.4f}  scratch {scratch}")
+    print(f"steps to scratch's best: transfer {reach['transfer']}  scratch {reach['scratch']}")
+

@@ -1,0 +1,150 @@
+"""``storefed recommend``: top-k items for a user from a market's saved state.
+
+``--state DIR`` is a run or join output directory: ``DIR/encoder.pt`` (the encoder with its
+catalog and run config) and ``DIR/state/<market>/private.pt`` (the market's heads). A known user
+is looked up in the market's data (dataset/data-dir from the checkpoint's run config unless
+given); a cold user is scored from ``--history`` alone. Items the user already has are never
+recommended; candidates are the market's items (or the whole catalog with ``--all-items``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.checkpoint import load_encoder, load_private
+from shared.data import DATASETS, Catalog, MarketSplit, load_market, pad_histories
+from shared.errors import CheckpointError, DataError
+from shared.model import MarketModel, load_parts
+from shared.transfer import checkpoint_catalog
+
+
+@dataclass
+class MarketState:
+    model: MarketModel
+    catalog: Catalog
+    config: dict[str, Any]
+
+
+def load_state(state_dir: str | Path, market: str) -> MarketState:
+    """The market's model (encoder + its heads) from a run/join output directory."""
+    d = Path(state_dir)
+    enc_path, priv_path = d / "encoder.pt", d / "state" / market / "private.pt"
+    ck = load_encoder(enc_path)
+    catalog = checkpoint_catalog(ck)
+    if catalog.fingerprint() != ck.catalog_fingerprint:
+        raise CheckpointError(f"encoder checkpoint {enc_path}: stored catalog does not match "
+                              "its fingerprint")
+    heads, _ = load_private(priv_path, market, ck.catalog_fingerprint)
+    model = MarketModel(ck.model, torch.as_tensor(catalog.item_category))
+    try:
+        load_parts(model, encoder=ck.state, private=heads)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{priv_path} does not fit {enc_path}: {exc}") from exc
+    model.eval()
+    cfg = ck.meta.get("config")
+    return MarketState(model=model, catalog=catalog, config=dict(cfg) if isinstance(
+        cfg, dict) else {})
+
+
+def user_items(split: MarketSplit, user: str) -> np.ndarray:
+    """All known items of ``user`` in chronological order (train, then valid, then test)."""
+    try:
+        u = split.user_ids.index(user)
+    except ValueError:
+        raise DataError(f"market {split.market}: unknown user {user!r} (pass --history for a "
+                        "cold user)") from None
+    items = list(split.train_items[split.train_users == u].tolist())
+    rows = np.flatnonzero(split.test.users == u)
+    if len(rows):
+        r = int(rows[0])
+        items += [int(split.valid.candidates[r, 0]), int(split.test.candidates[r, 0])]
+    return np.asarray(items, dtype=np.int64)
+
+
+def parse_history(catalog: Catalog, history: str) -> np.ndarray:
+    """Comma-separated raw item ids -> catalog indices (DataError naming an unknown id)."""
+    index = catalog.index_of()
+    out = []
+    for raw in (h.strip() for h in history.split(",")):
+        if not raw:
+            continue
+        if raw not in index:
+            raise DataError(f"--history: item {raw!r} is not in the catalog")
+        out.append(index[raw])
+    return np.asarray(out, dtype=np.int64)
+
+
+@torch.no_grad()
+def recommend(state: MarketState, history: np.ndarray, candidates: np.ndarray, k: int,
+              max_history: int = 50) -> list[tuple[str, float]]:
+    """Top-k (item id, score) among ``candidates`` minus ``history``."""
+    pool = np.setdiff1d(np.asarray(candidates, dtype=np.int64), history)
+    if len(pool) == 0:
+        return []
+    hist = pad_histories([history], max_history, state.catalog.pad_index)
+    scores = state.model(torch.as_tensor(hist), torch.as_tensor(pool).unsqueeze(0))[0]
+    top = torch.topk(scores, min(k, len(pool)))
+    return [(state.catalog.item_ids[int(pool[i])], float(s))
+            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+
+def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
+    p = sub.add_parser("recommend", help="top-k items for a user from a market's saved state",
+                       description="Top-k item ids for a known user (--user) or a cold user "
+                                   "(--history), excluding items the user already has.")
+    p.add_argument("--state", required=True,
+                   help="run/join output dir (encoder.pt + state/<market>/private.pt)")
+    p.add_argument("--market", required=True)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id of the market")
+    who.add_argument("--history", help="comma-separated item ids of a cold user")
+    p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: from the checkpoint's run config")
+    p.add_argument("--data-dir", default=None, help="default: from the checkpoint's run config")
+    p.add_argument("--all-items", action="store_true",
+                   help="rank the whole catalog instead of the market's items")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return "recommend", run
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise DataError(f"-k must be >= 1, got {args.k}")
+    state = load_state(args.state, args.market)
+    cfg = state.config
+    max_history = int(cfg.get("max-history", 50))
+    split = None
+    if args.user is not None or not args.all_items:
+        dataset = args.dataset or str(cfg.get("dataset", ""))
+        data_dir = args.data_dir if args.data_dir is not None else str(cfg.get("data-dir", ""))
+        if dataset not in DATASETS:
+            raise DataError(f"{args.state}: no dataset in the checkpoint's config; pass "
+                            "--dataset/--data-dir (or --all-items for a cold user)")
+        catalog, split = load_market(dataset, data_dir or None, args.market,
+                                     seed=int(cfg.get("seed", 0)), max_history=max_history)
+        if catalog.fingerprint() != state.catalog.fingerprint():
+            raise CheckpointError(f"{args.state}/encoder.pt was saved for another catalog "
+                                  f"than {dataset} {data_dir}")
+    if args.user is not None:
+        assert split is not None
+        history = user_items(split, args.user)
+    else:
+        history = parse_history(state.catalog, args.history)
+    candidates = (np.arange(state.catalog.n_items) if args.all_items or split is None
+                  else split.items)
+    top = recommend(state, history, candidates, args.k, max_history)
+    if args.json:
+        print(json.dumps({"market": args.market, "user": args.user,
+                          "items": [{"item": i, "score": s} for i, s in top]}))
+    else:
+        for rank, (item, score) in enumerate(top, 1):
+            print(f"{rank:>3}  {item}  {score:.4f}")
+    return 0
