@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,8 +63,8 @@ class EncoderFedAvg(FedAvg):
         for msg in valid:
             market = _market(msg)
             try:
-                update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-                metrics = dict(msg.content["metrics"])
+                update = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+                metrics = dict(msg.content.metric_records["metrics"])
             except (KeyError, TypeError, ValueError) as exc:
                 self._reject(server_round, market, f"malformed reply: {exc}")
                 continue
@@ -98,7 +98,8 @@ class EncoderFedAvg(FedAvg):
         self.last_markets = {}
         for msg in valid:
             try:
-                flat = {k: float(v) for k, v in msg.content["metrics"].items()}
+                flat = {k: float(cast(float, v))
+                        for k, v in msg.content.metric_records["metrics"].items()}
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("round %d: malformed evaluation reply from %s: %s", server_round,
                             _market(msg), exc)

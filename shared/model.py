@@ -49,13 +49,13 @@ class Encoder(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.1)
         with torch.no_grad():
             self.item_emb.weight[cfg.n_items].zero_()
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
-            for _ in range(cfg.n_experts)
-        )
-        for expert in self.experts:
-            nn.init.zeros_(expert[2].weight)  # residual experts start as the identity map
-            nn.init.zeros_(expert[2].bias)
+        experts = []
+        for _ in range(cfg.n_experts):
+            first, last = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+            nn.init.zeros_(last.weight)  # residual experts start as the identity map
+            nn.init.zeros_(last.bias)
+            experts.append(nn.Sequential(first, nn.GELU(), last))
+        self.experts = nn.ModuleList(experts)
 
     def pool(self, history: torch.Tensor) -> torch.Tensor:
         """history: B x L item indices (pad-filled) -> B x D masked mean of their embeddings."""
@@ -109,6 +109,7 @@ class MarketModel(nn.Module):
         self.heads = CategoryHeads(cfg)
         cats = torch.as_tensor(item_category, dtype=torch.long)
         # the padding row gets category 0; it is never a candidate
+        self.item_category: torch.Tensor
         self.register_buffer("item_category", torch.cat([cats, cats.new_zeros(1)]),
                              persistent=False)
 

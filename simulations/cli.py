@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 from shared.errors import StorefedError
 
@@ -28,7 +29,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     return parser, commands
 
 
-def _command_modules() -> list:  # type: ignore[type-arg]
+def _command_modules() -> list[ModuleType]:
     import importlib  # noqa: PLC0415
 
     mods = []

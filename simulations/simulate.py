@@ -112,7 +112,7 @@ def run_federated(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
-                   num_supernodes=len(markets), backend_config=backend,  # type: ignore[arg-type]
+                   num_supernodes=len(markets), backend_config=backend,
                    verbose_logging=verbose)
     metrics_path = out / "metrics.json"
     if not metrics_path.is_file():
@@ -137,7 +137,7 @@ def print_summary(doc: dict[str, Any]) -> None:
     print(f"{'average':<12}{avg['ndcg@10']:>10.4f}{avg['hr@10']:>10.4f}")
 
 
-def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p = sub.add_parser("simulate", help="federated simulation (Flower simulation engine)",
                        description="Run a federated simulation and write OUT/metrics.json and "
                                    "OUT/encoder.pt.")

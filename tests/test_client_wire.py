@@ -3,7 +3,6 @@
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_app
