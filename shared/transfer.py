@@ -383,6 +383,16 @@ def transfer_phases(settings: JoinSettings) -> list[Phase]:
                   encoder_lr_scale=settings.encoder_lr_scale)]
 
 
+# --------------------------------------------------------------------------- Reptile server step
+def reptile_step(before: dict[str, torch.Tensor], aggregated: dict[str, torch.Tensor],
+                 server_lr: float) -> dict[str, torch.Tensor]:
+    """Reptile's outer update over the source markets' round: ``before + server_lr *
+    (aggregated - before)``, where ``aggregated`` is FedAvg's result (the mean of the markets'
+    locally adapted encoders). ``server_lr = 1`` is FedAvg itself."""
+    return {k: (b.double() + server_lr * (aggregated[k].double() - b.double())).to(b.dtype)
+            for k, b in before.items()}
+
+
 # --------------------------------------------------------------------------- the join
 @dataclass
 class JoinOutcome:

@@ -1,0 +1,304 @@
+"""A new market joins from the global encoder: mapping, zero-shot, PEFT freeze, curves, the
+join.json document, saved heads, recommend (known and cold users), adversarial and Reptile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.checkpoint import load_encoder, save_encoder
+from shared.config import RunConfig
+from shared.data import Catalog, load_market
+from shared.errors import CheckpointError, DataError
+from shared.metrics import ndcg_hr_at_k
+from shared.model import encoder_state
+from shared.node import MarketNode, initial_encoder, model_config
+from shared.transfer import (
+    Adversary,
+    DomainDiscriminator,
+    JoinSettings,
+    Phase,
+    grad_reverse,
+    join_market,
+    join_model,
+    load_join_encoder,
+    map_encoder,
+    reptile_step,
+    run_curve,
+    split_evaluator,
+    steps_to_target,
+    untrained_rows,
+)
+from shared.wire import apply_summed_update, sum_updates
+from simulations import join as join_cmd
+from simulations import recommend as rec_cmd
+
+CPU = torch.device("cpu")
+SOURCES = ("m0", "m1", "m2")
+NEW = "m3"
+
+
+def _cfg() -> RunConfig:
+    return RunConfig(dataset="synthetic", markets=",".join(SOURCES), local_epochs=2,
+                     embedding_dim=32, batch_size=128, lr=0.01, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def encoder_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small global encoder federated (FedAvg on the wire format, no Flower) over m0..m2;
+    m3 never takes part."""
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    nodes = [MarketNode(cfg, m) for m in SOURCES]
+    catalog = nodes[0].catalog
+    state = initial_encoder(cfg, catalog)
+    for rnd in range(1, 5):
+        updates = [n.train_round(state, rnd)[0] for n in nodes]
+        state = apply_summed_update(state, sum_updates(updates))
+    path = tmp_path_factory.mktemp("fed") / "encoder.pt"
+    save_encoder(path, state, model_config(cfg, catalog), catalog.item_ids, catalog.categories,
+                 catalog.item_category.tolist(), catalog.fingerprint(), 4,
+                 meta={"config": cfg.to_mapping()})
+    return path
+
+
+def _market(name: str = NEW) -> tuple[Catalog, object]:
+    return load_market("synthetic", None, name)
+
+
+def _random_ndcg(candidates: np.ndarray) -> float:
+    scores = torch.rand(candidates.shape, generator=torch.Generator().manual_seed(0))
+    return float(ndcg_hr_at_k(scores, 10)[0].mean())
+
+
+# --------------------------------------------------------------------------- mapping
+def test_map_encoder_copies_known_rows_and_fills_fresh_ones_with_category_means(encoder_path):
+    catalog, _ = _market()
+    ck = load_encoder(encoder_path)
+    # a catalog with the items reversed plus two items the checkpoint never saw
+    ids = tuple(reversed(ck.item_ids)) + ("new-a", "new-b")
+    cats = np.concatenate([np.asarray(ck.item_category)[::-1], [0, 1]]).astype(np.int64)
+    other = Catalog(item_ids=ids, item_category=cats, categories=tuple(ck.categories))
+    state, mcfg, mapping = map_encoder(ck, other)
+    w, w_src = state["encoder.item_emb.weight"], ck.state["encoder.item_emb.weight"]
+    assert mcfg.n_items == len(ids) and w.shape == (len(ids) + 1, ck.model.dim)
+    assert mapping.missing == 2 and not mapping.same_catalog
+    known = mapping.known
+    j = int(np.flatnonzero(known[:-2])[0])  # a trained row: copied by id
+    assert torch.equal(w[j], w_src[ck.model.n_items - 1 - j])
+    for row, cat in ((len(ids) - 2, 0), (len(ids) - 1, 1)):
+        members = np.flatnonzero(known & (cats == cat))
+        assert torch.allclose(w[row], w[torch.from_numpy(members)].mean(0), atol=1e-6)
+    assert torch.count_nonzero(w[len(ids)]) == 0  # padding row
+    for k, v in ck.state.items():  # everything but the item table is taken over unchanged
+        if k != "encoder.item_emb.weight":
+            assert torch.equal(state[k], v)
+
+
+def test_untrained_rows_are_the_items_no_source_market_holds(encoder_path):
+    ck = load_encoder(encoder_path)
+    untrained = untrained_rows(ck)
+    held = np.zeros(ck.model.n_items, dtype=bool)
+    for m in SOURCES:
+        held[_market(m)[1].train_items] = True  # rowwise FedAvg: rows with train counts
+    assert untrained.any()
+    assert np.array_equal(untrained, ~held)
+    _, _, mapping = map_encoder(ck, _market()[0])
+    assert mapping.same_catalog and mapping.missing == 0
+    assert mapping.untrained == int(untrained.sum())
+
+
+def test_corrupted_or_mismatched_checkpoint_is_a_checkpoint_error(encoder_path, tmp_path):
+    catalog, _ = _market()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(encoder_path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_join_encoder(bad, catalog)
+    ck = load_encoder(encoder_path)
+    foreign = Catalog(item_ids=tuple(f"x{i}" for i in range(5)),
+                      item_category=np.zeros(5, dtype=np.int64), categories=("c0",))
+    with pytest.raises(CheckpointError, match="shares no item"):
+        load_join_encoder(encoder_path, foreign)
+    state = dict(ck.state)
+    key = next(k for k in state if k.startswith("encoder.experts"))
+    state[key] = torch.zeros(3, 3)
+    broken = tmp_path / "shape.pt"
+    save_encoder(broken, state, ck.model, ck.item_ids, ck.categories, list(ck.item_category),
+                 ck.catalog_fingerprint, ck.round, meta=ck.meta)
+    with pytest.raises(CheckpointError, match="shape.pt"):
+        load_join_encoder(broken, catalog)
+
+
+# --------------------------------------------------------------------------- training
+def test_heads_only_phase_leaves_the_encoder_untouched(encoder_path):
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    model = join_model(state, mcfg, catalog, split)
+    enc0 = encoder_state(model)
+    heads0 = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    curve = run_curve(model, split, [Phase(5, encoder_trainable=False)], JoinSettings(),
+                      CPU, lambda m: 0.0)
+    assert [s for s, _ in curve] == [0, 5]
+    for k, v in encoder_state(model).items():
+        assert torch.equal(v, enc0[k]), k
+    moved = [k for k, v in model.heads.state_dict().items() if not torch.equal(v, heads0[k])]
+    assert "proj" in moved and "item_bias" in moved
+    # the second phase does move the encoder
+    run_curve(model, split, [Phase(3, encoder_trainable=True, encoder_lr_scale=0.1)],
+              JoinSettings(), CPU, lambda m: 0.0)
+    assert not torch.equal(encoder_state(model)["encoder.item_emb.weight"],
+                           enc0["encoder.item_emb.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_zero_shot_beats_random_and_the_encoder_alone_carries_signal(encoder_path):
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    model = join_model(state, mcfg, catalog, split)
+    ev = split_evaluator(split, catalog, "test", CPU)
+    rand = _random_ndcg(split.test.candidates)
+    zero = float(ev(model)["ndcg@10"])
+    assert zero > rand + 0.05
+    # and beats the same fresh heads on an untrained encoder (popularity prior only)
+    pop_only = join_model(initial_encoder(_cfg(), catalog), mcfg, catalog, split)
+    assert zero > float(ev(pop_only)["ndcg@10"]) + 0.03
+    with torch.no_grad():  # no popularity prior: the transferred encoder on its own
+        model.heads.item_bias.zero_()
+    assert float(ev(model)["ndcg@10"]) > rand + 0.03
+
+
+def test_join_market_document_and_curves(encoder_path):
+    catalog, split = _market()
+    settings = JoinSettings(head_steps=6, encoder_steps=6, eval_every=4, batch_size=64)
+    out = join_market(encoder_path, catalog, split, settings, CPU)
+    doc = out.doc
+    assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target"}
+    assert doc["transfer"][0] == [0, doc["zero_shot"]["ndcg@10"]]
+    assert [s for s, _ in doc["transfer"]] == [0, 4, 8, 12]
+    assert [s for s, _ in doc["scratch"]] == [0, 4, 8, 12]
+    best_s = max(v for _, v in doc["scratch"])
+    assert doc["best"] == {"transfer": max(v for _, v in doc["transfer"]), "scratch": best_s}
+    assert doc["steps_to_target"]["scratch"] == steps_to_target(doc["scratch"], best_s)
+    assert doc["steps_to_target"]["transfer"] == steps_to_target(doc["transfer"], best_s)
+    json.dumps(doc)
+
+
+def test_steps_to_target():
+    curve = [[0, 0.1], [10, 0.3], [20, 0.25], [30, 0.4]]
+    assert steps_to_target(curve, 0.3) == 10
+    assert steps_to_target(curve, 0.4) == 30
+    assert steps_to_target(curve, 0.5) is None
+
+
+def test_gradient_reversal_and_adversarial_variant(encoder_path):
+    x = torch.ones(3, requires_grad=True)
+    (grad_reverse(x, 0.5) * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), -1.0))
+    catalog, split = _market()
+    state, mcfg, mapping, _ = load_join_encoder(encoder_path, catalog)
+    model = join_model(state, mcfg, catalog, split)
+    disc = DomainDiscriminator(mcfg.dim)
+    d0 = [p.clone() for p in disc.parameters()]
+    adv = Adversary(disc, torch.from_numpy(np.flatnonzero(mapping.known)), 1.0)
+    run_curve(model, split, [Phase(3, True)], JoinSettings(variant="adversarial"), CPU,
+              lambda m: 0.0, adv)
+    assert any(not torch.equal(a, b) for a, b in zip(d0, disc.parameters(), strict=True))
+
+
+def test_reptile_step():
+    before = {"encoder.w": torch.zeros(2)}
+    after = {"encoder.w": torch.tensor([1.0, -2.0])}
+    assert torch.equal(reptile_step(before, after, 1.0)["encoder.w"], after["encoder.w"])
+    assert torch.equal(reptile_step(before, after, 0.5)["encoder.w"], torch.tensor([0.5, -1.0]))
+
+
+# --------------------------------------------------------------------------- CLI: join, recommend
+def _run(module: object, argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    _, run = module.register(sub)  # type: ignore[attr-defined]
+    return int(run(p.parse_args(argv)))
+
+
+@pytest.fixture(scope="module")
+def joined(encoder_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("join")
+    rc = _run(join_cmd, ["join", "--encoder", str(encoder_path), "--dataset", "synthetic",
+                         "--market", NEW, "--out", str(out), "--head-steps", "8",
+                         "--encoder-steps", "8", "--eval-every", "4", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
+    doc = json.loads((joined / "join.json").read_text())
+    assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target"}
+    assert set(doc["zero_shot"]) == {"ndcg@10", "hr@10"}
+    assert set(doc["best"]) == set(doc["steps_to_target"]) == {"transfer", "scratch"}
+    for curve in (doc["transfer"], doc["scratch"]):
+        assert all(len(p) == 2 and isinstance(p[0], int) and 0 <= p[1] <= 1 for p in curve)
+        assert [p[0] for p in curve] == sorted(p[0] for p in curve)
+    for v in doc["steps_to_target"].values():
+        assert v is None or isinstance(v, int)
+    # the node of this market, started with state-dir=OUT/state, restores the saved heads
+    node = MarketNode(RunConfig(dataset="synthetic", markets=NEW, embedding_dim=32,
+                                device="cpu"), NEW, joined / "state")
+    assert node.restore(None) == "disk"
+    ck = load_encoder(joined / "encoder.pt")
+    assert ck.catalog_fingerprint == node.catalog.fingerprint()
+
+
+def test_join_cli_rejects_a_corrupted_encoder(tmp_path):
+    bad = tmp_path / "encoder.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="encoder.pt"):
+        _run(join_cmd, ["join", "--encoder", str(bad), "--dataset", "synthetic", "--market",
+                        NEW, "--out", str(tmp_path / "o")])
+    with pytest.raises(DataError, match="unknown market"):
+        _run(join_cmd, ["join", "--encoder", str(bad), "--dataset", "synthetic", "--market",
+                        "zz", "--out", str(tmp_path / "o")])
+
+
+def test_recommend_excludes_the_users_items(joined, capsys):
+    _, split = _market()
+    user = split.user_ids[int(split.test.users[0])]
+    state = rec_cmd.load_state(joined, NEW)
+    have = rec_cmd.user_items(split, user)
+    assert len(have) >= 3
+    top = rec_cmd.recommend(state, have, split.items, 10)
+    ids = [i for i, _ in top]
+    assert len(ids) == 10 and len(set(ids)) == 10
+    assert not set(ids) & {state.catalog.item_ids[i] for i in have}
+    assert set(ids) <= {state.catalog.item_ids[i] for i in split.items}
+    scores = [s for _, s in top]
+    assert scores == sorted(scores, reverse=True)
+    assert _run(rec_cmd, ["recommend", "--state", str(joined), "--market", NEW, "--user", user,
+                          "-k", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [x["item"] for x in printed["items"]] == ids[:5]
+
+
+def test_recommend_cold_user_from_history(joined, capsys):
+    catalog, split = _market()
+    history = [catalog.item_ids[i] for i in split.items[:3]]
+    assert _run(rec_cmd, ["recommend", "--state", str(joined), "--market", NEW, "--history",
+                          ",".join(history), "-k", "7", "--json"]) == 0
+    items = [x["item"] for x in json.loads(capsys.readouterr().out)["items"]]
+    assert len(items) == 7 and not set(items) & set(history)
+    # the history changes the ranking (no per-user parameters: history is all there is)
+    other = [catalog.item_ids[i] for i in split.items[-3:]]
+    _run(rec_cmd, ["recommend", "--state", str(joined), "--market", NEW, "--history",
+                   ",".join(other), "-k", "7", "--json"])
+    assert [x["item"] for x in json.loads(capsys.readouterr().out)["items"]] != items
+    with pytest.raises(DataError, match="nope"):
+        _run(rec_cmd, ["recommend", "--state", str(joined), "--market", NEW, "--history",
+                       "nope", "-k", "3"])
+    with pytest.raises(CheckpointError):
+        _run(rec_cmd, ["recommend", "--state", str(joined), "--market", "m0", "--history",
+                       history[0]])
+
