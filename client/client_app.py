@@ -6,19 +6,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from shared.config import RunConfig
+from shared.data import available_markets
 from shared.errors import ConfigError
 from shared.node import MarketNode
 from shared.report import flatten_eval
 
 log = logging.getLogger("storefed")
 PRIVATE_KEY = "private"
+MetricDict = dict[str, int | float | list[int] | list[float]]
 
 
 def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunConfig, str, Path]:
@@ -38,12 +41,13 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunCo
                                      source="node config")
     if "market" in node:
         market = str(node["market"])
-    elif "partition-id" in node and cfg.market_list:
+    elif "partition-id" in node:
+        markets = cfg.market_list or available_markets(cfg.dataset, cfg.data_dir or None)
         pid = int(node["partition-id"])
-        if pid >= len(cfg.market_list):
-            raise ConfigError(f"node config partition-id {pid} but only "
-                              f"{len(cfg.market_list)} markets in run-config key 'markets'")
-        market = cfg.market_list[pid]
+        if pid >= len(markets):
+            raise ConfigError(f"node config partition-id {pid} but only {len(markets)} markets "
+                              f"({', '.join(markets)}): set run-config key 'markets'")
+        market = markets[pid]
     else:
         raise ConfigError("node config has no 'market' (and no partition-id with run-config "
                           "'markets' set): start the SuperNode with --node-config \"market='..'\"")
@@ -56,26 +60,31 @@ def _open_node(msg: Message, context: Context,
     cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
     cfg, market, state_dir = node_settings(cfg, context.node_config)
     node = MarketNode(cfg, market, state_dir)
-    private = (context.state[PRIVATE_KEY].to_torch_state_dict()
-               if PRIVATE_KEY in context.state else None)
+    private = (context.state.array_records[PRIVATE_KEY].to_torch_state_dict()
+               if PRIVATE_KEY in context.state.array_records else None)
     node.restore(private)
-    return node, msg.content["arrays"].to_torch_state_dict()
+    return node, msg.content.array_records["arrays"].to_torch_state_dict()
 
 
-def make_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config is Flower's run config with ``overrides`` on top."""
-    app = ClientApp()
+def make_app(overrides: Mapping[str, Any] | None = None,
+             mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp whose run config is Flower's run config with ``overrides`` on top.
+
+    ``train.secagg`` messages (SecAgg+, ``client/secagg.py``) are served by the same app, so a
+    node needs no different setup when the server runs with ``secagg = true``. ``mods`` wrap
+    every handler (Flower client mods)."""
+    app = ClientApp(mods=mods)
     fixed = dict(overrides or {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node, global_encoder = _open_node(msg, context, fixed)
-        rnd = int(msg.content["config"]["server-round"])
+        rnd = int(cast(int, msg.content.config_records["config"]["server-round"]))
         update, metrics = node.train_round(global_encoder, rnd)
         context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
         node.persist(rnd)
         return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
-                                   "metrics": MetricRecord(metrics),
+                                   "metrics": MetricRecord(cast(MetricDict, metrics)),
                                    "info": ConfigRecord({"market": node.market})}),
                        reply_to=msg)
 
@@ -84,9 +93,15 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         node, global_encoder = _open_node(msg, context, fixed)
         flat = flatten_eval(node.evaluate(global_encoder, "test"))
         flat["num-examples"] = flat["examples"]
-        return Message(RecordDict({"metrics": MetricRecord(flat),
+        return Message(RecordDict({"metrics": MetricRecord(cast(MetricDict, flat)),
                                    "info": ConfigRecord({"market": node.market})}),
                        reply_to=msg)
+
+    @app.train("secagg")
+    def train_secagg(msg: Message, context: Context) -> Message:
+        from client.secagg import handle_secagg  # noqa: PLC0415 - imports this module
+
+        return handle_secagg(msg, context, fixed)
 
     return app
 

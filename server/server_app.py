@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +13,35 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.strategy import EncoderFedAvg
-from shared.checkpoint import load_encoder, save_encoder
+from shared.checkpoint import check_state, load_encoder, save_encoder
 from shared.config import RunConfig
-from shared.data import load_catalog
+from shared.data import Catalog, load_catalog
 from shared.errors import CheckpointError
+from shared.model import ModelConfig
 from shared.node import initial_encoder, model_config
 from shared.report import write_metrics
+from shared.transfer import reptile_step
 
 log = logging.getLogger("storefed")
 
 
-def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) ``cfg.num_rounds`` rounds; write ``encoder.pt`` and ``metrics.json``
-    under ``cfg.out_dir`` after every round (atomically). Returns the metrics document."""
+@dataclass
+class ServerRun:
+    """A server run's fixed parts and its progress (shared by the plain and SecAgg+ loops)."""
+
+    cfg: RunConfig
+    catalog: Catalog
+    mcfg: ModelConfig
+    ckpt_path: Path
+    metrics_path: Path
+    strategy: EncoderFedAvg
+    rounds: list[dict[str, Any]]
+    start: int
+    extra: dict[str, Any] = field(default_factory=dict)  # more top-level keys of metrics.json
+
+
+def prepare_run(cfg: RunConfig) -> ServerRun:
+    """Catalog, model shapes, the strategy with the initial (or resumed) global encoder."""
     catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
     mcfg = model_config(cfg, catalog)
     out = Path(cfg.out_dir)
@@ -37,6 +54,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         if ck.catalog_fingerprint != catalog.fingerprint() or ck.model != mcfg:
             raise CheckpointError(f"cannot resume from {ckpt_path}: it was saved for another "
                                   f"catalog or model shape ({ck.model} vs {mcfg})")
+        check_state(ckpt_path, ck.state, state)
         state, start = ck.state, ck.round
         rounds = [r for r in ck.meta.get("rounds", []) if r["round"] <= start]
         log.info("resuming from %s after round %d", ckpt_path, start)
@@ -47,42 +65,70 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         fraction_evaluate=1.0, min_train_nodes=min(min_nodes, max(1, int(
             n_markets * cfg.fraction_train)) if n_markets else min_nodes),
         min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+    return ServerRun(cfg, catalog, mcfg, ckpt_path, metrics_path, strategy, rounds, start)
+
+
+def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the new global encoder on every market, append the round (plus ``extra``
+    keys) and write ``encoder.pt`` + ``metrics.json``; returns the metrics document."""
+    cfg, strategy = run.cfg, run.strategy
+    ev_replies = grid.send_and_receive(
+        strategy.configure_evaluate(rnd, ArrayRecord(torch_state_dict=strategy.global_state),
+                                    ConfigRecord({"server-round": rnd}), grid),
+        timeout=cfg.round_timeout)
+    strategy.aggregate_evaluate(rnd, ev_replies)
+    markets = {}
+    for m, metrics in sorted(strategy.last_markets.items()):
+        train = strategy.last_train.get(m, {})
+        markets[m] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],
+                      "examples": metrics["examples"], "loss": train.get("train-loss"),
+                      "train_examples": train.get("num-examples"),
+                      "categories": metrics["categories"]}
+    seconds = time.perf_counter() - t0
+    run.rounds.append({"round": rnd, "markets": markets, "seconds": seconds,
+                       "train_seconds": t_train,
+                       "rejected": [{"market": m, "reason": why}
+                                    for r, m, why in strategy.rejected if r == rnd],
+                       **(extra or {})})
+    catalog = run.catalog
+    save_encoder(run.ckpt_path, strategy.global_state, run.mcfg, catalog.item_ids,
+                 catalog.categories, catalog.item_category.tolist(), catalog.fingerprint(),
+                 rnd, meta={"rounds": run.rounds, "config": cfg.to_mapping()})
+    doc = write_metrics(run.metrics_path, run.rounds,
+                        extra={"config": cfg.to_mapping(), **run.extra})
+    avg = doc["final"]["average"]
+    log.info("round %d/%d: %d markets, avg ndcg@10 %.4f hr@10 %.4f (%.1fs)", rnd,
+             cfg.num_rounds, len(markets), avg["ndcg@10"], avg["hr@10"], seconds)
+    return doc
+
+
+def final_doc(run: ServerRun, doc: dict[str, Any]) -> dict[str, Any]:
+    """The metrics document after the loop (written once if no round ran)."""
+    if doc:
+        return doc
+    return write_metrics(run.metrics_path, run.rounds,
+                         extra={"config": run.cfg.to_mapping(), **run.extra})
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) ``cfg.num_rounds`` rounds; write ``encoder.pt`` and ``metrics.json``
+    under ``cfg.out_dir`` after every round (atomically). Returns the metrics document."""
+    run = prepare_run(cfg)
+    strategy = run.strategy
     doc: dict[str, Any] = {}
-    for rnd in range(start + 1, cfg.num_rounds + 1):
+    for rnd in range(run.start + 1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         train_cfg = ConfigRecord({"server-round": rnd})
         replies = grid.send_and_receive(
             strategy.configure_train(rnd, ArrayRecord(torch_state_dict=strategy.global_state),
                                      train_cfg, grid), timeout=cfg.round_timeout)
+        before = strategy.global_state
         strategy.aggregate_train(rnd, replies)
-        t_train = time.perf_counter() - t0
-        ev_replies = grid.send_and_receive(
-            strategy.configure_evaluate(rnd, ArrayRecord(torch_state_dict=strategy.global_state),
-                                        ConfigRecord({"server-round": rnd}), grid),
-            timeout=cfg.round_timeout)
-        strategy.aggregate_evaluate(rnd, ev_replies)
-        markets = {}
-        for m, metrics in sorted(strategy.last_markets.items()):
-            train = strategy.last_train.get(m, {})
-            markets[m] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],
-                          "examples": metrics["examples"], "loss": train.get("train-loss"),
-                          "train_examples": train.get("num-examples"),
-                          "categories": metrics["categories"]}
-        seconds = time.perf_counter() - t0
-        rounds.append({"round": rnd, "markets": markets, "seconds": seconds,
-                       "train_seconds": t_train,
-                       "rejected": [{"market": m, "reason": why}
-                                    for r, m, why in strategy.rejected if r == rnd]})
-        save_encoder(ckpt_path, strategy.global_state, mcfg, catalog.item_ids,
-                     catalog.categories, catalog.item_category.tolist(), catalog.fingerprint(),
-                     rnd, meta={"rounds": rounds, "config": cfg.to_mapping()})
-        doc = write_metrics(metrics_path, rounds, extra={"config": cfg.to_mapping()})
-        avg = doc["final"]["average"]
-        log.info("round %d/%d: %d markets, avg ndcg@10 %.4f hr@10 %.4f (%.1fs)", rnd,
-                 cfg.num_rounds, len(markets), avg["ndcg@10"], avg["hr@10"], seconds)
-    if not doc:
-        doc = write_metrics(metrics_path, rounds, extra={"config": cfg.to_mapping()})
-    return doc
+        if cfg.server_lr != 1.0:  # Reptile-style outer step (shared/transfer.py)
+            strategy.global_state = reptile_step(before, strategy.global_state, cfg.server_lr)
+        doc = finish_round(grid, run, rnd, t0, time.perf_counter() - t0)
+    return final_doc(run, doc)
 
 
 def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -52,6 +52,21 @@ class RunConfig:
     round_timeout: float = 3600.0
     secagg: bool = False
     resume: bool = False  # server: continue from <out-dir>/encoder.pt if present
+    # SecAgg+ (server/secagg.py, shared/secagg.py): neighbourhood size (0 = everyone),
+    # reconstruction threshold as a fraction of it, fixed-point clip/levels, restarts per round
+    secagg_shares: int = 0
+    secagg_threshold: float = 0.5
+    secagg_clip_range: float = 1048576.0
+    secagg_quant_range: int = 4503599627370496  # 2**52 levels over [-clip, clip]
+    secagg_retries: int = 2
+    secagg_timeout: float = 300.0  # seconds per light protocol stage
+    # client-level DP over SecAgg+ (shared/dp.py): noise multiplier, L2 clip, target delta
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
+    dp_delta: float = 1e-5
+    # Reptile-style server step (shared/transfer.py): global += server-lr * mean update
+    # (1.0 = plain FedAvg); a meta-learned initialisation for markets that join later
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)
@@ -63,10 +78,12 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 1, "
                                   f"got {getattr(self, name)!r}")
-        for name in ("lr", "encoder_lr_scale", "weight_decay", "proximal_mu", "round_timeout"):
+        for name in ("lr", "encoder_lr_scale", "weight_decay", "proximal_mu", "round_timeout",
+                     "server_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, "
                                   f"got {getattr(self, name)!r}")
+        _check_secagg(self)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"run-config key 'fraction-train' must be in (0, 1], "
                               f"got {self.fraction_train!r}")
@@ -108,6 +125,26 @@ class RunConfig:
 
 def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
+
+
+def _check_secagg(c: RunConfig) -> None:
+    bad = None
+    if c.secagg_shares < 0 or c.secagg_retries < 0:
+        bad = "secagg-shares and secagg-retries must be >= 0"
+    elif not 0.0 < c.secagg_threshold <= 1.0:
+        bad = f"secagg-threshold must be in (0, 1], got {c.secagg_threshold!r}"
+    elif c.secagg_clip_range <= 0 or c.secagg_timeout <= 0:
+        bad = "secagg-clip-range and secagg-timeout must be > 0"
+    elif not 2 <= c.secagg_quant_range <= 2**62:
+        bad = f"secagg-quant-range must be in [2, 2**62], got {c.secagg_quant_range!r}"
+    elif c.dp_noise < 0 or c.dp_clip < 0 or not 0.0 < c.dp_delta < 1.0:
+        bad = "dp-noise and dp-clip must be >= 0 and dp-delta in (0, 1)"
+    elif c.dp_noise > 0 and c.dp_clip <= 0:
+        bad = "dp-noise > 0 needs dp-clip > 0 (the noise is scaled to the clipping norm)"
+    elif (c.dp_noise > 0 or c.dp_clip > 0) and not c.secagg:
+        bad = "dp-noise/dp-clip need secagg = true (the noise is calibrated for the secure sum)"
+    if bad:
+        raise ConfigError(f"run-config: {bad}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

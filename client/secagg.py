@@ -1,0 +1,253 @@
+"""Client side of storefed's SecAgg+ (the ``train.secagg`` messages; see ``shared/secagg.py``
+for the protocol and why it is not Flower's legacy ``secaggplus_mod``).
+
+One handler serves the four stages. At **setup** the market trains once per round (a restarted
+attempt of the same round reuses the update: no retraining), optionally clips and noises it
+(``shared/dp.py``), encodes it into one integer vector, and answers two fresh public keys. At
+**share keys** it Shamir-shares a fresh private-mask seed and its first secret key among its
+neighbours, each share encrypted for one neighbour. At **masked upload** it decrypts the shares it
+was forwarded and uploads ``vector + PRG(seed) +- PRG(pairwise keys)`` (mod 2**64) with its train
+metrics. At **unmask** it reveals seed shares of the neighbours that uploaded and secret-key shares
+of those that did not, never both for one node, and only after checking the stage order.
+The protocol state lives in ``context.state`` (same node, successive messages).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from shared.dp import client_noise_std, privatize
+from shared.model import encoder_state
+from shared.secagg import (
+    MASKED,
+    MASKED_KEY,
+    RECORD,
+    SETUP,
+    SHARE_KEYS,
+    STAGES,
+    VectorLayout,
+    encode,
+    pair_sign,
+    prg_mask,
+)
+from shared.wire import make_update
+
+STATE_KEY = "secagg-state"
+VECTOR_KEY = "secagg-vector"
+METRICS_KEY = "secagg-metrics"
+MARKET_KEY = "secagg-market"
+
+
+class SecAggRefusedError(ValueError):
+    """The client refuses a protocol step (wrong order, bad keys, unsafe request)."""
+
+
+def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any]) -> Message:
+    """Answer one ``train.secagg`` message (any stage)."""
+    rec = msg.content.config_records[RECORD]
+    stage = str(rec["stage"])
+    if stage not in STAGES:
+        raise SecAggRefusedError(f"unknown secagg stage {stage!r}")
+    rnd, attempt = int(cast(int, rec["round"])), int(cast(int, rec["attempt"]))
+    me = int(msg.metadata.dst_node_id)
+    if stage == SETUP:
+        st: dict[str, Any] = {"round": rnd, "attempt": attempt, "stage": SETUP, "nid": me}
+        res, extra = _setup(msg, context, fixed, st, rec)
+    else:
+        st = _load(context)
+        expected = STAGES[STAGES.index(stage) - 1]
+        if (st.get("round"), st.get("attempt"), st.get("stage")) != (rnd, attempt, expected):
+            raise SecAggRefusedError(f"secagg: {stage} for round {rnd} attempt {attempt} but this "
+                              f"node is at {st.get('stage')} of round {st.get('round')} "
+                              f"attempt {st.get('attempt')}")
+        st["stage"] = stage
+        extra = RecordDict()
+        if stage == SHARE_KEYS:
+            res = _share_keys(st, rec)
+        elif stage == MASKED:
+            res = _masked(st, rec, context)
+            metrics = dict(context.state.metric_records[METRICS_KEY])
+            extra = RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(res.pop("_vec"))}),
+                                "metrics": MetricRecord(metrics)})
+        else:
+            res = _unmask(st, rec)
+    _save(context, st)
+    content = RecordDict({RECORD: ConfigRecord(res)})
+    for k, v in extra.items():
+        content[k] = v
+    if MARKET_KEY in context.state:
+        market = str(context.state.config_records[MARKET_KEY]["market"])
+        content["info"] = ConfigRecord({"market": market})
+    return Message(content, reply_to=msg)
+
+
+# ---------------------------------------------------------------------------- stages
+def _setup(msg: Message, context: Context, fixed: Mapping[str, Any], st: dict[str, Any],
+           rec: ConfigRecord) -> tuple[dict[str, Any], RecordDict]:
+    rnd = int(cast(int, rec["round"]))
+    cached = (VECTOR_KEY in context.state
+              and int(cast(int, context.state.config_records[MARKET_KEY]["round"])) == rnd)
+    if not cached:
+        _train_and_encode(msg, context, fixed, rec)
+    size = int(context.state.array_records[VECTOR_KEY]["vec"].numpy().shape[0])
+    if size != int(cast(int, rec["size"])):
+        raise SecAggRefusedError("secagg: this node's update does not match the server's "
+                                 "vector layout (different aggregation or model config?)")
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    st.update(sk1=private_key_to_bytes(sk1), pk1=public_key_to_bytes(pk1),
+              sk2=private_key_to_bytes(sk2), pk2=public_key_to_bytes(pk2))
+    return {"pk1": st["pk1"], "pk2": st["pk2"]}, RecordDict()
+
+
+def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
+                      rec: ConfigRecord) -> None:
+    from client.client_app import PRIVATE_KEY, _open_node  # noqa: PLC0415 - no import cycle
+
+    rnd = int(cast(int, rec["round"]))
+    node, global_encoder = _open_node(msg, context, fixed)
+    cfg = node.cfg
+    update, metrics = node.train_round(global_encoder, rnd)
+    rng = np.random.default_rng()  # OS entropy: rounding and DP noise must not be predictable
+    if cfg.dp_clip > 0:
+        std = client_noise_std(cfg.dp_noise, cfg.dp_clip, int(cast(int, rec["sampled"])))
+        local, norm = privatize(encoder_state(node.model), global_encoder, cfg.dp_clip, std, rng)
+        update = make_update(local, global_encoder, 1, None)
+        metrics["dp-delta-norm"] = norm
+        metrics["dp-noise-std"] = std
+    context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
+    node.persist(rnd)
+    layout = VectorLayout.for_encoder(global_encoder, bool(rec["rowwise"]))
+    vec, clipped = encode(update, layout, float(cast(float, rec["clip-range"])),
+                          int(cast(int, rec["quant-range"])), rng)
+    metrics["secagg-clipped"] = float(clipped)
+    context.state[VECTOR_KEY] = ArrayRecord({"vec": Array(vec)})
+    context.state[METRICS_KEY] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    context.state[MARKET_KEY] = ConfigRecord({"market": node.market, "round": rnd})
+
+
+def _share_keys(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
+    me, t = st["nid"], int(cast(int, rec["threshold"]))
+    nids = [int(x) for x in cast(list[int], rec["neighbours"])]
+    pk1s, pk2s = cast(list[bytes], rec["pk1"]), cast(list[bytes], rec["pk2"])
+    if me not in nids or len(pk1s) != len(nids) or len(pk2s) != len(nids):
+        raise SecAggRefusedError("secagg share-keys: malformed neighbour list")
+    i = nids.index(me)
+    if pk1s[i] != st["pk1"] or pk2s[i] != st["pk2"]:
+        raise SecAggRefusedError("secagg share-keys: this node's public keys were altered")
+    if len(set(pk1s) | set(pk2s)) != 2 * len(nids):
+        raise SecAggRefusedError("secagg share-keys: repeated public keys")
+    if not 2 <= t <= len(nids):
+        raise SecAggRefusedError(f"secagg share-keys: threshold {t} for {len(nids)} neighbours")
+    st.update(neighbours=nids, npk1=list(pk1s), npk2=list(pk2s), threshold=t,
+              rd_seed=os.urandom(32))
+    b_shares = create_shares(st["rd_seed"], t, len(nids))
+    s_shares = create_shares(st["sk1"], t, len(nids))
+    sk2 = bytes_to_private_key(st["sk2"])
+    dsts, ctxts = [], []
+    for idx, nid in enumerate(nids):
+        if nid == me:
+            st["rd_shares"], st["sk_shares"] = {me: b_shares[idx]}, {me: s_shares[idx]}
+            continue
+        key = generate_shared_key(sk2, bytes_to_public_key(pk2s[idx]))
+        ctxts.append(encrypt(key, share_keys_plaintext_concat(me, nid, b_shares[idx],
+                                                              s_shares[idx])))
+        dsts.append(nid)
+    return {"dsts": dsts, "ctxts": ctxts}
+
+
+def _masked(st: dict[str, Any], rec: ConfigRecord, context: Context) -> dict[str, Any]:
+    me, nids = st["nid"], st["neighbours"]
+    srcs = [int(x) for x in cast(list[int], rec["srcs"])]
+    ctxts = cast(list[bytes], rec["ctxts"])
+    if len(srcs) != len(ctxts) or len(set(srcs)) != len(srcs) or me in srcs:
+        raise SecAggRefusedError("secagg masked-upload: malformed forwarded shares")
+    if len(srcs) + 1 < st["threshold"]:
+        raise SecAggRefusedError("secagg masked-upload: fewer neighbours than the threshold")
+    sk2 = bytes_to_private_key(st["sk2"])
+    for src, ct in zip(srcs, ctxts, strict=True):
+        if src not in nids:
+            raise SecAggRefusedError(f"secagg masked-upload: share from non-neighbour {src}")
+        key = generate_shared_key(sk2, bytes_to_public_key(st["npk2"][nids.index(src)]))
+        actual, dst, b_share, s_share = share_keys_plaintext_separate(decrypt(key, ct))
+        if actual != src or dst != me:
+            raise SecAggRefusedError(f"secagg masked-upload: share {actual}->{dst} forwarded as "
+                              f"{src}->{me}")
+        st["rd_shares"][src], st["sk_shares"][src] = b_share, s_share
+    st["partners"] = srcs
+    vec = context.state.array_records[VECTOR_KEY]["vec"].numpy().astype(np.uint64, copy=True)
+    vec += prg_mask(st["rd_seed"], vec.shape[0])
+    sk1 = bytes_to_private_key(st["sk1"])
+    for src in srcs:
+        key = generate_shared_key(sk1, bytes_to_public_key(st["npk1"][nids.index(src)]))
+        if pair_sign(me, src) > 0:
+            vec += prg_mask(key, vec.shape[0])
+        else:
+            vec -= prg_mask(key, vec.shape[0])
+    return {"_vec": vec}
+
+
+def _unmask(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
+    me = st["nid"]
+    active = [int(x) for x in cast(list[int], rec["active"])]
+    dead = [int(x) for x in cast(list[int], rec["dead"])]
+    held = set(st["partners"]) | {me}
+    if set(active) & set(dead) or me in dead or me not in active:
+        raise SecAggRefusedError("secagg unmask: a node cannot be both alive and dropped")
+    if not set(active) <= held or not set(dead) <= set(st["partners"]):
+        raise SecAggRefusedError("secagg unmask: asked about nodes this node did not share with")
+    if len(active) < st["threshold"]:
+        raise SecAggRefusedError("secagg unmask: fewer surviving neighbours than the threshold")
+    shares = [st["rd_shares"][n] for n in active] + [st["sk_shares"][n] for n in dead]
+    return {"nids": active + dead, "shares": shares}
+
+
+# ---------------------------------------------------------------------------- state
+_DICTS = ("rd_shares", "sk_shares")
+
+
+def _save(context: Context, st: dict[str, Any]) -> None:
+    flat: dict[str, Any] = {}
+    for k, v in st.items():
+        if k in _DICTS:
+            flat[k + ":k"], flat[k + ":v"] = list(v), list(v.values())
+        else:
+            flat[k] = v
+    context.state[STATE_KEY] = ConfigRecord(flat)
+
+
+def _load(context: Context) -> dict[str, Any]:
+    if STATE_KEY not in context.state:
+        return {}
+    flat = dict(context.state.config_records[STATE_KEY])
+    st: dict[str, Any] = {}
+    for k, v in flat.items():
+        if k.endswith(":k"):
+            name = k[:-2]
+            st[name] = dict(zip(cast(list[int], v), cast(list[bytes], flat[name + ":v"]),
+                                strict=True))
+        elif not k.endswith(":v"):
+            st[k] = list(v) if isinstance(v, list) else v
+    return st

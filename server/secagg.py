@@ -1,0 +1,340 @@
+"""Server side of storefed's SecAgg+: the round loop of ``run_server`` with the train step
+replaced by the four protocol stages, so the server only ever holds the *sum* of the markets'
+encoder updates (the protocol, its encoding and why it is built on Flower's secure-aggregation
+primitives rather than the legacy ``SecAggPlusWorkflow`` are described in ``shared/secagg.py``).
+
+Per round: sample nodes with the strategy (``EncoderFedAvg.configure_train``), then
+
+1. **setup** (``train.secagg``, carries the global encoder): nodes train, encode and answer two
+   public keys. Survivors U1; the SecAgg+ neighbour graph (a ring over shuffled U1) and the
+   reconstruction threshold are fixed now, so a setup dropout is simply not in the graph.
+2. **share keys**: each node gets its neighbours' keys, answers encrypted Shamir shares of its
+   mask seed and first secret key. Survivors U2; nodes that dropped here are never masked with.
+3. **masked upload**: each node gets the shares addressed to it (from U2 only) and uploads its
+   masked vector and train metrics. Survivors U3; their masked vectors are summed (mod 2**64).
+4. **unmask**: each node in U3 reveals seed shares of its neighbours in U3 and secret-key shares
+   of its neighbours in U2 - U3. The server removes every private mask and the pairwise masks of
+   the U2 - U3 dropouts, then decodes the sum (``apply_summed_update``).
+
+If a stage leaves fewer than two nodes, or a secret that will be needed has fewer holders than
+the threshold, the attempt is abandoned (no sum was revealed) and the round restarts from setup
+with the survivors, up to ``secagg-retries`` times; clients reuse the update they trained for the
+round. The round record in ``metrics.json`` gets a ``secagg`` entry: attempts, who dropped at
+which stage, how many values were clipped, the quantisation bound, and (DP mode) epsilon.
+Integrity: the decoded sum of dense weights must equal the sum of the ``num-examples`` the
+markets reported (the number of markets in DP mode), else the round's update is rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from server.server_app import ServerRun, final_doc, finish_round, prepare_run
+from shared.config import RunConfig
+from shared.dp import effective_multiplier, epsilon_spent
+from shared.secagg import (
+    MASKED,
+    MASKED_KEY,
+    MESSAGE_TYPE,
+    RECORD,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    VectorLayout,
+    check_capacity,
+    decode,
+    neighbourhood_size,
+    neighbours,
+    pair_sign,
+    prg_mask,
+    quant_step,
+    threshold_for,
+)
+from shared.wire import WEIGHT_PREFIX, apply_summed_update
+
+log = logging.getLogger("storefed")
+
+
+class AttemptFailedError(Exception):
+    """This attempt cannot finish; ``survivors`` may retry the round."""
+
+    def __init__(self, reason: str, survivors: set[int]) -> None:
+        super().__init__(reason)
+        self.survivors = survivors
+
+
+@dataclass
+class RoundResult:
+    """What one SecAgg+ round gives the server: the summed update (None if the round failed),
+    each aggregated market's train metrics, and the round's ``secagg`` report."""
+
+    summed: dict[str, np.ndarray] | None
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    n_sampled: int = 0
+    n_summed: int = 0
+
+
+class SecAggRound:
+    """One round of SecAgg+ over ``nodes`` (see module doc). ``received`` keeps every reply
+    the server got (tests inspect it: it must never contain a market's plain update)."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, rnd: int,
+                 global_state: dict[str, torch.Tensor], nodes: list[int]) -> None:
+        self.grid, self.cfg, self.rnd = grid, cfg, rnd
+        self.global_state = global_state
+        self.rowwise = cfg.aggregation == "rowwise" and cfg.dp_clip == 0
+        self.layout = VectorLayout.for_encoder(global_state, self.rowwise)
+        self.nodes = list(nodes)
+        self.markets: dict[int, str] = {}
+        self.dropped: dict[str, list[str]] = {}
+        self.attempts: list[dict[str, Any]] = []
+        self.received: list[Message] = []
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> RoundResult:
+        participants = set(self.nodes)
+        for attempt in range(self.cfg.secagg_retries + 1):
+            if len(participants) < 2:
+                self.attempts.append({"attempt": attempt, "failed": "fewer than 2 nodes left"})
+                break
+            try:
+                summed, train = self._attempt(attempt, participants)
+            except AttemptFailedError as exc:
+                log.warning("round %d: secagg attempt %d failed (%s); %d nodes left", self.rnd,
+                            attempt, exc, len(exc.survivors))
+                self.attempts.append({"attempt": attempt, "failed": str(exc)})
+                participants = exc.survivors
+                continue
+            self.attempts.append({"attempt": attempt, "aggregated": sorted(train)})
+            return RoundResult(summed, train, self._report(len(train)), len(self.nodes),
+                               len(train))
+        log.warning("round %d: secure aggregation failed; global encoder unchanged", self.rnd)
+        return RoundResult(None, {}, self._report(0), len(self.nodes), 0)
+
+    def _report(self, n: int) -> dict[str, Any]:
+        step = quant_step(self.cfg.secagg_clip_range, self.cfg.secagg_quant_range)
+        return {"attempts": self.attempts, "dropped": self.dropped, "aggregated_markets": n,
+                "sampled_markets": len(self.nodes), "quant_step": step,
+                "sum_error_bound": n * step, "vector_length": self.layout.size}
+
+    # ------------------------------------------------------------------ one attempt
+    def _attempt(self, attempt: int,
+                 nodes: set[int]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+        cfg = self.cfg
+        base = {"round": self.rnd, "attempt": attempt}
+        # 1. setup (+ local training on the first attempt)
+        setup = RecordDict({
+            "arrays": ArrayRecord(torch_state_dict=self.global_state),
+            "config": ConfigRecord({"server-round": self.rnd}),
+            RECORD: ConfigRecord({**base, "stage": SETUP, "sampled": len(self.nodes),
+                                  "size": self.layout.size, "rowwise": self.rowwise,
+                                  "clip-range": float(cfg.secagg_clip_range),
+                                  "quant-range": int(cfg.secagg_quant_range)})})
+        rep = self._send(SETUP, {n: setup for n in nodes}, cfg.round_timeout)
+        u1 = set(rep)
+        if len(u1) < 2:
+            raise AttemptFailedError(f"{len(u1)} node(s) answered setup", u1)
+        check_capacity(len(u1), cfg.secagg_quant_range)
+        pks = {n: (cast(bytes, m.content.config_records[RECORD]["pk1"]),
+                   cast(bytes, m.content.config_records[RECORD]["pk2"])) for n, m in rep.items()}
+        order = sorted(u1)
+        random.SystemRandom().shuffle(order)
+        graph = neighbours(order, cfg.secagg_shares)
+        t = threshold_for(neighbourhood_size(len(order), cfg.secagg_shares),
+                          cfg.secagg_threshold)
+
+        # 2. share keys
+        def share_msg(n: int) -> RecordDict:
+            nb = graph[n]
+            return RecordDict({RECORD: ConfigRecord({
+                **base, "stage": SHARE_KEYS, "threshold": t, "neighbours": nb,
+                "pk1": [pks[v][0] for v in nb], "pk2": [pks[v][1] for v in nb]})})
+
+        rep = self._send(SHARE_KEYS, {n: share_msg(n) for n in u1}, cfg.secagg_timeout)
+        u2 = set(rep)
+        fwd: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in u2}
+        for src, m in rep.items():
+            rec = m.content.config_records[RECORD]
+            for dst, ct in zip(cast(list[int], rec["dsts"]), cast(list[bytes], rec["ctxts"]),
+                               strict=True):
+                if dst in fwd and dst in graph[src]:
+                    fwd[dst][0].append(src)
+                    fwd[dst][1].append(ct)
+        self._check_holders(u2, graph, u2, t, "share keys")
+
+        # 3. masked upload
+        masked_msgs = {n: RecordDict({RECORD: ConfigRecord({
+            **base, "stage": MASKED, "srcs": fwd[n][0], "ctxts": fwd[n][1]})}) for n in u2}
+        rep = self._send(MASKED, masked_msgs, cfg.secagg_timeout)
+        total = np.zeros(self.layout.size, dtype=np.uint64)
+        train: dict[int, dict[str, float]] = {}
+        for n, m in rep.items():
+            try:
+                vec = m.content.array_records["arrays"][MASKED_KEY].numpy()
+                metrics = {k: float(cast(float, v))
+                           for k, v in m.content.metric_records["metrics"].items()}
+            except (KeyError, TypeError, ValueError) as exc:
+                self._drop(MASKED, n, f"malformed masked upload: {exc}")
+                continue
+            if vec.dtype != np.uint64 or vec.shape != (self.layout.size,):
+                self._drop(MASKED, n, f"masked vector {vec.dtype}{vec.shape}")
+                continue
+            total += vec
+            train[n] = metrics
+        u3 = set(train)
+        self._check_holders(u3, graph, u3, t, "masked upload")
+        self._check_holders(u2 - u3, graph, u3, t, "masked upload", min_alive=0)
+
+        # 4. unmask
+        dead = u2 - u3
+        unmask_msgs = {n: RecordDict({RECORD: ConfigRecord({
+            **base, "stage": UNMASK, "active": [v for v in graph[n] if v in u3],
+            "dead": [v for v in graph[n] if v in dead]})}) for n in u3}
+        rep = self._send(UNMASK, unmask_msgs, cfg.secagg_timeout)
+        shares: dict[int, list[bytes]] = {n: [] for n in u3 | dead}
+        for m in rep.values():
+            rec = m.content.config_records[RECORD]
+            for owner, share in zip(cast(list[int], rec["nids"]),
+                                    cast(list[bytes], rec["shares"]), strict=True):
+                if owner in shares:
+                    shares[owner].append(share)
+        short = [n for n, s in shares.items() if len(s) < t]
+        if short:
+            raise AttemptFailedError(f"too few shares to unmask {len(short)} node(s)", set(rep))
+        for n in u3:  # private masks of every aggregated node
+            total -= prg_mask(combine_shares(shares[n]), total.shape[0])
+        for d in dead:  # pairwise masks between aggregated nodes and a masked-upload dropout
+            sk1 = bytes_to_private_key(combine_shares(shares[d]))
+            for w in graph[d]:
+                if w in u3:
+                    mask = prg_mask(generate_shared_key(sk1, bytes_to_public_key(pks[w][0])),
+                                    total.shape[0])
+                    if pair_sign(w, d) > 0:
+                        total -= mask
+                    else:
+                        total += mask
+        summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
+        return summed, {self.markets[n]: train[n] for n in sorted(u3)}
+
+    # ------------------------------------------------------------------ helpers
+    def _send(self, stage: str, contents: dict[int, RecordDict],
+              timeout: float) -> dict[int, Message]:
+        msgs = [Message(content=c, dst_node_id=n, message_type=MESSAGE_TYPE,
+                        group_id=str(self.rnd)) for n, c in contents.items()]
+        ok: dict[int, Message] = {}
+        seen: set[int] = set()
+        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+            self.received.append(reply)
+            n = int(reply.metadata.src_node_id)
+            if n not in contents or n in seen:
+                continue
+            seen.add(n)
+            if reply.has_error():
+                self._drop(stage, n, str(reply.error.reason))
+            elif RECORD not in reply.content:
+                self._drop(stage, n, "reply without secagg record")
+            else:
+                if "info" in reply.content:
+                    self.markets[n] = str(reply.content.config_records["info"]["market"])
+                ok[n] = reply
+        for n in contents:
+            if n not in seen:
+                self._drop(stage, n, "no reply")
+        return ok
+
+    def _drop(self, stage: str, n: int, why: str) -> None:
+        label = self.markets.get(n, f"node-{n}")
+        self.dropped.setdefault(stage, []).append(label)
+        log.warning("round %d: secagg %s: %s dropped (%s)", self.rnd, stage, label, why[:200])
+
+    @staticmethod
+    def _check_holders(nodes: set[int], graph: dict[int, list[int]], holders: set[int],
+                       t: int, stage: str, min_alive: int = 2) -> None:
+        """Each of ``nodes`` must have >= t share holders among ``holders`` (else its secret
+        could not be rebuilt at unmask), and at least ``min_alive`` nodes must remain."""
+        if len(nodes) < min_alive:
+            raise AttemptFailedError(f"{len(nodes)} node(s) left after {stage}", holders)
+        weak = [n for n in nodes if len(set(graph[n]) & holders) < t]
+        if weak:
+            raise AttemptFailedError(f"{len(weak)} node(s) with fewer than {t} live neighbours "
+                                f"after {stage}", holders)
+
+
+def check_sum(summed: dict[str, np.ndarray], train: dict[str, dict[str, float]],
+              dp: bool) -> str | None:
+    """Why a decoded sum must be rejected (a client uploaded garbage), or None."""
+    dense = [k for k in summed if k.startswith(WEIGHT_PREFIX) and summed[k].size == 1]
+    expected = float(len(train)) if dp else sum(m.get("num-examples", 0.0)
+                                                 for m in train.values())
+    for k in dense:
+        if abs(float(summed[k][0]) - expected) > 0.5:
+            return f"summed {k} = {float(summed[k][0])} but the markets reported {expected}"
+    if any(np.any(v < 0) for k, v in summed.items() if k.startswith(WEIGHT_PREFIX)):
+        return "negative summed weights"
+    return None
+
+
+def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:
+    """``run_server`` with every encoder aggregation done by SecAgg+ (see module doc); writes
+    OUT/encoder.pt and OUT/metrics.json after every round. Returns the metrics document."""
+    del context  # the run config is already in ``cfg``
+    run = prepare_run(cfg)
+    strategy = run.strategy
+    dp = cfg.dp_clip > 0
+    multipliers = [float(r["secagg"]["dp_multiplier"]) for r in run.rounds
+                   if "dp_multiplier" in r.get("secagg", {})]
+    doc: dict[str, Any] = {}
+    for rnd in range(run.start + 1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        msgs = list(strategy.configure_train(
+            rnd, ArrayRecord(torch_state_dict=strategy.global_state),
+            ConfigRecord({"server-round": rnd}), grid))
+        nodes = [int(m.metadata.dst_node_id) for m in msgs]
+        result = SecAggRound(grid, cfg, rnd, strategy.global_state, nodes).run()
+        aggregate_round(run, rnd, result, dp)
+        if dp and result.summed is not None and cfg.dp_noise > 0:
+            multipliers.append(effective_multiplier(cfg.dp_noise, result.n_sampled,
+                                                    result.n_summed))
+            result.report["dp_multiplier"] = multipliers[-1]
+        if dp:
+            run.extra["privacy"] = {**epsilon_spent(multipliers, cfg.dp_delta,
+                                                    len(cfg.market_list) or len(nodes)),
+                                    "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip}
+            result.report["epsilon"] = run.extra["privacy"]["epsilon"]
+        doc = finish_round(grid, run, rnd, t0, time.perf_counter() - t0,
+                           extra={"secagg": result.report})
+    return final_doc(run, doc)
+
+
+def aggregate_round(run: ServerRun, rnd: int, result: RoundResult, dp: bool) -> None:
+    """Apply a SecAgg+ round's sum to the global encoder (or record why not)."""
+    strategy = run.strategy
+    strategy.last_train = result.train
+    result.report["clipped_values"] = sum(int(m.get("secagg-clipped", 0.0))
+                                          for m in result.train.values())
+    if result.report["clipped_values"]:
+        log.warning("round %d: %d update values exceeded secagg-clip-range %g and were "
+                    "clipped", rnd, result.report["clipped_values"], run.cfg.secagg_clip_range)
+    if result.summed is None:
+        strategy.rejected.append((rnd, "*", "secure aggregation failed"))
+        return
+    why = check_sum(result.summed, result.train, dp)
+    if why is not None:
+        strategy.rejected.append((rnd, "*", why))
+        log.warning("round %d: secagg sum rejected: %s", rnd, why)
+        result.summed = None
+        return
+    strategy.global_state = apply_summed_update(strategy.global_state, result.summed)

@@ -1,0 +1,206 @@
+"""SecAgg+ pieces shared by the server (``server/secagg.py``) and the client
+(``client/secagg.py``): message keys, the encoding of a wire-format update into one integer
+vector, the pseudo-random masks and the neighbour graph.
+
+Why storefed runs SecAgg+ on the Message API instead of Flower's ``SecAggPlusWorkflow``
+---------------------------------------------------------------------------------------
+Flower 1.42 ships SecAgg+ only on the legacy path: ``SecAggPlusWorkflow`` needs a
+``LegacyContext`` + legacy ``Strategy`` (``aggregate_fit`` over ``FitRes``) and its client mod
+``secaggplus_mod`` converts the reply with ``recorddict_to_fitres`` (it expects the legacy
+``fitres.*`` records, not storefed's ``arrays``/``metrics`` reply), so it cannot wrap a Message
+API ``@app.train`` handler. It also (a) weights *parameters* by ``num_examples / max_weight``
+itself, while storefed's wire format already sends weighted deltas + weights, (b) quantises into
+int32 with a target range below 2**31 and silently clips to ``clipping_range``, (c) derives each
+mask from a 32-bit seed (``pseudo_rand_gen`` xors the key down to 32 bits) and (d) halts the round
+when a node drops during setup or key sharing. So storefed runs the same four SecAgg+ stages
+(setup -> share keys -> collect masked vectors -> unmask; Bell et al. 2020) as its own
+``train.secagg`` messages, built from Flower's primitives: ECDH key pairs
+(``flwr.supercore.primitives.asymmetric``), shared-key derivation and authenticated encryption of
+shares (``flwr.common.secure_aggregation.crypto.symmetric_encryption``) and Shamir secret sharing
+(``flwr.common.secure_aggregation.crypto.shamir``). What differs:
+
+* **Encoding** (:class:`VectorLayout`): one int64 vector per client, arithmetic mod 2**64
+  (numpy uint64 wrap-around, no explicit modulus). The *weights* (example counts, item row
+  counts) go in exactly as integers (no ``max_weight``: sums of weights are exact). The weighted
+  deltas are clipped to ``[-clip_range, clip_range]`` and stochastically rounded to the grid
+  ``step = 2 * clip_range / quant_range`` (unbiased; the same scheme as Flower's ``quantize`` but
+  signed and in int64, so the default grid is 2**-31 instead of ~4e-6). Clipped values are
+  counted and reported per market and per round, never lost silently.
+* **Bound**: with no clipped value, each client's dequantised value is within one ``step`` of
+  its true value, so per coordinate ``|sum_secagg - sum_true| < n * step`` for ``n`` aggregated
+  clients and the averaged update is within ``n * step / sum(weights)`` of the plain average
+  (weights are exact). Decoding is exact as long as ``n * (quant_range / 2 + 1) < 2**63``.
+* **Masks** (:func:`prg_mask`): AES-256-CTR keystream (``cryptography``) keyed by the full
+  32-byte seed / ECDH-derived key, instead of a 32-bit-seeded numpy ``RandomState``.
+* **Dropouts**: the server tracks the survivor set of every stage: a node dropping at setup or
+  share-keys is simply left out (nobody masks with it), a node dropping at masked upload has its
+  pairwise masks removed from its ``sk1`` shares, a node dropping at unmask has its private mask
+  removed from its seed shares. When a stage leaves too few nodes (fewer than two, or fewer than
+  the reconstruction threshold a secret needs) the round restarts from setup with the survivors
+  (clients reuse the update they already trained for the round) up to ``secagg-retries`` times.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
+
+MESSAGE_TYPE = "train.secagg"
+RECORD = "secagg"  # ConfigRecord key carrying the protocol fields both ways
+SETUP, SHARE_KEYS, MASKED, UNMASK = "setup", "share-keys", "masked-upload", "unmask"
+STAGES = (SETUP, SHARE_KEYS, MASKED, UNMASK)
+MASKED_KEY = "masked"  # ArrayRecord key of the masked vector (uint64)
+MAX_SUM = 2**63
+
+
+@dataclass(frozen=True)
+class VectorLayout:
+    """Where each wire-format tensor lives in the flat integer vector.
+
+    Integers first (every ``weight/<k>``, exact), then every numerator ``<k>`` (fixed point).
+    Built identically on both sides from the global encoder's keys and shapes.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    weight_shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def for_encoder(cls, global_: dict[str, torch.Tensor], rowwise: bool) -> VectorLayout:
+        keys = tuple(sorted(global_))
+        shapes = tuple(tuple(global_[k].shape) for k in keys)
+        wshapes = tuple((global_[k].shape[0],) if (rowwise and k == ROWWISE_KEY) else (1,)
+                        for k in keys)
+        return cls(keys, shapes, wshapes)
+
+    @property
+    def n_weights(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.weight_shapes))
+
+    @property
+    def n_values(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.shapes))
+
+    @property
+    def size(self) -> int:
+        return self.n_weights + self.n_values
+
+    def flatten(self, update: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(weights float64, numerators float64) as flat vectors; checks keys and shapes."""
+        expected = set(self.keys) | {WEIGHT_PREFIX + k for k in self.keys}
+        if set(update) != expected:
+            raise ValueError(f"update keys differ from the layout: "
+                             f"{sorted(set(update) ^ expected)[:4]}")
+        ws, vs = [], []
+        for k, shape, wshape in zip(self.keys, self.shapes, self.weight_shapes, strict=True):
+            v, w = np.asarray(update[k]), np.asarray(update[WEIGHT_PREFIX + k])
+            if tuple(v.shape) != shape or tuple(w.shape) != wshape:
+                raise ValueError(f"{k}: shapes {v.shape}/{w.shape} != layout {shape}/{wshape}")
+            ws.append(w.astype(np.float64).ravel())
+            vs.append(v.astype(np.float64).ravel())
+        return np.concatenate(ws), np.concatenate(vs)
+
+    def unflatten(self, weights: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        wo = vo = 0
+        for k, shape, wshape in zip(self.keys, self.shapes, self.weight_shapes, strict=True):
+            n, nw = int(np.prod(shape)), int(np.prod(wshape))
+            out[k] = values[vo:vo + n].reshape(shape)
+            out[WEIGHT_PREFIX + k] = weights[wo:wo + nw].reshape(wshape)
+            vo, wo = vo + n, wo + nw
+        return out
+
+
+def quant_step(clip_range: float, quant_range: int) -> float:
+    """The fixed-point grid step: ``2 * clip_range / quant_range``."""
+    return 2.0 * clip_range / quant_range
+
+
+def check_capacity(n_clients: int, quant_range: int) -> None:
+    """Raise ValueError when a sum over ``n_clients`` could overflow int64."""
+    if n_clients * (quant_range // 2 + 1) >= MAX_SUM:
+        raise ValueError(f"secagg-quant-range {quant_range} is too large for {n_clients} "
+                         f"clients: n * (range/2 + 1) must stay below 2**63")
+
+
+def encode(update: dict[str, np.ndarray], layout: VectorLayout, clip_range: float,
+           quant_range: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Wire-format update -> (uint64 vector, number of clipped numerator values).
+
+    Weights must be non-negative integers (example / row counts) and travel exactly."""
+    weights, values = layout.flatten(update)
+    if np.any(weights < 0) or np.any(weights != np.round(weights)) or np.any(weights >= 2**52):
+        raise ValueError("secagg weights must be non-negative integers below 2**52")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("secagg: non-finite values in the update")
+    clipped = int(np.count_nonzero(np.abs(values) > clip_range))
+    scaled = np.clip(values, -clip_range, clip_range) / quant_step(clip_range, quant_range)
+    low = np.floor(scaled)
+    q = low + (rng.random(scaled.shape) < (scaled - low))  # unbiased stochastic rounding
+    vec = np.concatenate([weights.astype(np.int64), q.astype(np.int64)])
+    return vec.view(np.uint64), clipped
+
+
+def decode(summed: np.ndarray, layout: VectorLayout, clip_range: float,
+           quant_range: int) -> dict[str, np.ndarray]:
+    """Unmasked sum (uint64, mod 2**64) -> summed wire-format update (float64)."""
+    if summed.shape != (layout.size,):
+        raise ValueError(f"summed vector has shape {summed.shape}, expected ({layout.size},)")
+    signed = np.ascontiguousarray(summed, dtype=np.uint64).view(np.int64)
+    weights = signed[:layout.n_weights].astype(np.float64)
+    values = signed[layout.n_weights:].astype(np.float64) * quant_step(clip_range, quant_range)
+    return layout.unflatten(weights, values)
+
+
+def key_bytes(shared_key: bytes) -> bytes:
+    """32 raw bytes from a Flower shared key (url-safe base64 of 32 bytes) or a raw seed."""
+    return base64.urlsafe_b64decode(shared_key) if len(shared_key) == 44 else shared_key
+
+
+def prg_mask(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uniform uint64 values: the AES-256-CTR keystream under a 32-byte seed."""
+    key = key_bytes(seed)
+    if len(key) != 32:
+        raise ValueError(f"mask seed must be 32 bytes, got {len(key)}")
+    enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    return np.frombuffer(enc.update(bytes(8 * length)) + enc.finalize(), dtype=np.uint64).copy()
+
+
+def neighbourhood_size(n: int, shares: int) -> int:
+    """Nodes in each neighbourhood (itself included): all ``n`` when ``shares`` is 0 or covers
+    everyone, else ``shares`` made odd (a ring with ``shares // 2`` nodes on each side)."""
+    if shares <= 0 or shares >= n:
+        return n
+    return min(n, shares | 1)
+
+
+def threshold_for(k: int, fraction: float) -> int:
+    """Shares needed to rebuild a secret in a neighbourhood of ``k``: ``round(fraction*k)``,
+    at least 2 (one node alone must never reveal a secret) and at most ``k``."""
+    return min(k, max(2, round(fraction * k)))
+
+
+def neighbours(order: list[int], shares: int) -> dict[int, list[int]]:
+    """SecAgg+ graph over ``order`` (already shuffled): node -> sorted neighbourhood (itself
+    included), a ring of ``neighbourhood_size`` consecutive nodes; symmetric."""
+    n = len(order)
+    k = neighbourhood_size(n, shares)
+    half = k // 2
+    out: dict[int, list[int]] = {}
+    for i, nid in enumerate(order):
+        if k == n:
+            out[nid] = sorted(order)
+        else:
+            out[nid] = sorted({order[(i + off) % n] for off in range(-half, half + 1)})
+    return out
+
+
+def pair_sign(me: int, other: int) -> int:
+    """+1 if ``me`` adds the pairwise mask shared with ``other``, -1 if it subtracts it."""
+    return 1 if me > other else -1
