@@ -23,6 +23,13 @@ from shared.model import (
     load_parts,
     private_state,
 )
+from shared.mtl import (
+    SingleTaskModel,
+    category_histories,
+    center_item_bias,
+    single_task_update,
+    train_single_task,
+)
 from shared.train import TrainSettings, evaluate, resolve_device, train_local
 from shared.wire import make_update
 
@@ -39,6 +46,9 @@ def model_config(cfg: RunConfig, catalog: Catalog) -> ModelConfig:
 def build_model(cfg: RunConfig, catalog: Catalog) -> MarketModel:
     """A freshly initialised model; the same seed gives the same initial encoder everywhere."""
     torch.manual_seed(cfg.seed)
+    if cfg.mtl == "single-task":  # one independent model per category (shared/mtl.py)
+        return SingleTaskModel(model_config(cfg, catalog),
+                               torch.as_tensor(catalog.item_category))
     return MarketModel(model_config(cfg, catalog), torch.as_tensor(catalog.item_category))
 
 
@@ -83,6 +93,9 @@ class MarketNode:
             torch.set_num_threads(cfg.torch_threads)
         self.model = build_model(cfg, self.catalog)
         init_heads_from_data(self.model, self.split)
+        if cfg.mtl == "single-task":
+            assert isinstance(self.model, SingleTaskModel)
+            center_item_bias(self.model, self.split, item_counts(self.split, self.catalog.n_items))
         self.state_path = Path(state_dir) / market / "private.pt" if state_dir else None
         self.rounds_done = 0
 
@@ -115,6 +128,8 @@ class MarketNode:
         """Load the global encoder, train locally, return (encoder update, train metrics)."""
         load_parts(self.model, encoder=global_encoder)
         s = self.split
+        if self.cfg.mtl == "single-task":
+            return self._train_single_task(global_encoder, server_round)
         result = train_local(self.model, s.train_users, s.train_items, s.train_histories,
                              s.items, train_settings(self.cfg, self.cfg.seed * 1000 + server_round),
                              self.device, global_encoder=global_encoder)
@@ -131,5 +146,30 @@ class MarketNode:
         if global_encoder is not None:
             load_parts(self.model, encoder=global_encoder)
         ev = self.split.test if which == "test" else self.split.valid
-        return evaluate(self.model, ev.histories, ev.candidates, self.catalog.item_category,
-                        self.catalog.categories, self.device)
+        return evaluate(self.model, self.histories(which), ev.candidates,
+                        self.catalog.item_category, self.catalog.categories, self.device)
+
+    # ------------------------------------------------------------------ single-task (shared/mtl.py)
+    def histories(self, which: str) -> np.ndarray:
+        """Model input for ``which`` ("valid"/"test"): the eval histories, or per category
+        (rows x N x L) for the single-task model, which must not see other categories."""
+        ev = self.split.test if which == "test" else self.split.valid
+        if self.cfg.mtl != "single-task":
+            return ev.histories
+        return category_histories(self.split, which, self.catalog.item_category,
+                                  len(self.catalog.categories), self.cfg.max_history,
+                                  self.catalog.n_items)
+
+    def _train_single_task(self, global_encoder: dict[str, torch.Tensor],
+                           server_round: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        assert isinstance(self.model, SingleTaskModel)
+        s, base = self.split, self.cfg.seed * 1000 + server_round
+        result = train_single_task(self.model, s, self.cfg.max_history,
+                                   lambda c: train_settings(self.cfg, base * 1009 + c),
+                                   self.device, global_encoder)
+        counts = (item_counts(s, self.catalog.n_items) if self.cfg.aggregation == "rowwise"
+                  else None)
+        update = single_task_update(encoder_state(self.model), global_encoder, s,
+                                    self.catalog.item_category, counts)
+        return update, {"num-examples": float(s.n_train), "train-loss": result.loss,
+                        "train-seconds": result.seconds, "train-steps": float(result.steps)}
