@@ -79,7 +79,13 @@ class EncoderFedAvg(FedAvg):
             log.warning("round %d: no valid encoder update; global encoder unchanged",
                         server_round)
             return None, None
-        self.global_state = apply_summed_update(self.global_state, sum_updates(accepted))
+        new_state = apply_summed_update(self.global_state, sum_updates(accepted))
+        overflow = [k for k, v in new_state.items() if not bool(torch.isfinite(v).all())]
+        if overflow:  # each update was finite, but their average overflows float32
+            log.warning("round %d: aggregate has non-finite values in %s; global encoder "
+                        "unchanged", server_round, overflow[0])
+            return None, None
+        self.global_state = new_state
         total = sum(m.get("num-examples", 0.0) for m in self.last_train.values())
         loss = sum(m.get("train-loss", 0.0) * m.get("num-examples", 0.0)
                    for m in self.last_train.values()) / max(total, 1.0)

@@ -98,6 +98,13 @@ def load_encoder(path: str | Path) -> EncoderCheckpoint:
         if tuple(emb.shape) != (model.n_items + 1, model.dim):
             raise CheckpointError(f"encoder checkpoint {path}: item table {tuple(emb.shape)} "
                                   f"does not match n_items={model.n_items}, dim={model.dim}")
+        if not isinstance(state, dict) or not all(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"encoder checkpoint {path}: 'state' is not a dict of tensors")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(
+            torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"encoder checkpoint {path}: non-finite values in {bad[0]}")
         if len(obj["item_ids"]) != model.n_items:
             raise CheckpointError(f"encoder checkpoint {path}: {len(obj['item_ids'])} catalog "
                                   f"items but the model has {model.n_items}")
@@ -109,6 +116,19 @@ def load_encoder(path: str | Path) -> EncoderCheckpoint:
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"encoder checkpoint {path}: missing or malformed field "
                               f"{exc}") from exc
+
+
+def check_state(path: str | Path, state: dict[str, torch.Tensor],
+                expected: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless ``state`` has exactly the keys and shapes of ``expected``."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise CheckpointError(f"encoder checkpoint {path}: tensor keys differ from this model "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"encoder checkpoint {path}: key {k} has shape "
+                                  f"{tuple(state[k].shape)}, this model needs {tuple(v.shape)}")
 
 
 def save_private(path: str | Path, state: dict[str, torch.Tensor], market: str,

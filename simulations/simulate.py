@@ -12,10 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from flwr.clientapp.typing import Mod
+
 from client.client_app import make_app as make_client_app
 from server.server_app import make_app as make_server_app
+from server.server_app import prepare_run
+from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
-from shared.data import DATASETS, available_markets
+from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, DataError
 
 log = logging.getLogger("storefed")
@@ -81,8 +85,11 @@ def resolve_markets(cfg: RunConfig, markets_arg: str) -> list[str]:
     return wanted
 
 
-def run_federated(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
+def run_federated(cfg: RunConfig, verbose: bool = False,
+                  client_mods: list[Mod] | None = None) -> dict[str, Any]:
     """Run ``cfg`` through ``flwr.simulation.run_simulation``; returns metrics.json's content.
+
+    ``client_mods`` (Flower client mods) wrap every client's handlers, e.g. for fault tests.
 
     One virtual SuperNode per market (partition-id i -> markets[i]); clients run in Ray actors,
     as many at once as there are cores, each with cores/concurrency torch threads.
@@ -90,6 +97,7 @@ def run_federated(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy import
 
     markets = cfg.market_list
+    preflight(cfg)  # bad data/config/checkpoint fail here, before anything is written
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_dir = Path(cfg.state_dir) if cfg.state_dir else out / "state"
@@ -107,11 +115,12 @@ def run_federated(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
         "init_args": {"num_cpus": cores, "include_dashboard": False,
                       "logging_level": "warning", "log_to_driver": verbose},
     }
-    (out / "run_config.json").write_text(json.dumps(overrides, indent=2))
+    atomic_write_bytes(out / "run_config.json", json.dumps(overrides, indent=2).encode())
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+    run_simulation(server_app=make_server_app(overrides),
+                   client_app=make_client_app(overrides, mods=client_mods),
                    num_supernodes=len(markets), backend_config=backend,
                    verbose_logging=verbose)
     metrics_path = out / "metrics.json"
@@ -120,6 +129,16 @@ def run_federated(cfg: RunConfig, verbose: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(metrics_path.read_text())
     doc["wall_seconds"] = time.perf_counter() - t0
     return doc
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Everything the server and the clients will read, checked in this process before the
+    simulation starts: the catalog, each market's data and split, and (with ``resume``) the
+    checkpoint. A StorefedError here leaves the output directory untouched."""
+    prepare_run(cfg)
+    for market in cfg.market_list:
+        load_market(cfg.dataset, cfg.data_dir or None, market, seed=cfg.seed,
+                    n_neg=cfg.eval_negatives, max_history=cfg.max_history)
 
 
 def _cuda_available() -> bool:
