@@ -102,6 +102,7 @@ class SecAggRound:
         self.dropped: dict[str, list[str]] = {}
         self.attempts: list[dict[str, Any]] = []
         self.received: list[Message] = []
+        self.stage_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> RoundResult:
@@ -128,7 +129,8 @@ class SecAggRound:
         step = quant_step(self.cfg.secagg_clip_range, self.cfg.secagg_quant_range)
         return {"attempts": self.attempts, "dropped": self.dropped, "aggregated_markets": n,
                 "sampled_markets": len(self.nodes), "quant_step": step,
-                "sum_error_bound": n * step, "vector_length": self.layout.size}
+                "sum_error_bound": n * step, "vector_length": self.layout.size,
+                "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()}}
 
     # ------------------------------------------------------------------ one attempt
     def _attempt(self, attempt: int,
@@ -204,6 +206,7 @@ class SecAggRound:
             **base, "stage": UNMASK, "active": [v for v in graph[n] if v in u3],
             "dead": [v for v in graph[n] if v in dead]})}) for n in u3}
         rep = self._send(UNMASK, unmask_msgs, cfg.secagg_timeout)
+        t_unmask = time.perf_counter()
         shares: dict[int, list[bytes]] = {n: [] for n in u3 | dead}
         for m in rep.values():
             rec = m.content.config_records[RECORD]
@@ -227,7 +230,8 @@ class SecAggRound:
                     else:
                         total += mask
         summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
-        return summed, {self.markets[n]: train[n] for n in sorted(u3)}
+        self._time("server-unmask", t_unmask)
+        return summed, {self._label(n, u3): train[n] for n in sorted(u3)}
 
     # ------------------------------------------------------------------ helpers
     def _send(self, stage: str, contents: dict[int, RecordDict],
@@ -236,7 +240,10 @@ class SecAggRound:
                         group_id=str(self.rnd)) for n, c in contents.items()]
         ok: dict[int, Message] = {}
         seen: set[int] = set()
-        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+        t0 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        self._time(stage, t0)
+        for reply in replies:
             self.received.append(reply)
             n = int(reply.metadata.src_node_id)
             if n not in contents or n in seen:
@@ -254,6 +261,15 @@ class SecAggRound:
             if n not in seen:
                 self._drop(stage, n, "no reply")
         return ok
+
+    def _time(self, what: str, t0: float) -> None:
+        self.stage_seconds[what] = self.stage_seconds.get(what, 0.0) + time.perf_counter() - t0
+
+    def _label(self, n: int, among: set[int]) -> str:
+        """The node's market, suffixed with its id if another node serves the same market."""
+        m = self.markets.get(n, f"node-{n}")
+        clash = any(self.markets.get(o) == m for o in among if o != n)
+        return f"{m}@{n}" if clash else m
 
     def _drop(self, stage: str, n: int, why: str) -> None:
         label = self.markets.get(n, f"node-{n}")
@@ -325,6 +341,9 @@ def aggregate_round(run: ServerRun, rnd: int, result: RoundResult, dp: bool) -> 
     strategy.last_train = result.train
     result.report["clipped_values"] = sum(int(m.get("secagg-clipped", 0.0))
                                           for m in result.train.values())
+    norms = [m["dp-delta-norm"] for m in result.train.values() if "dp-delta-norm" in m]
+    if norms:  # how the DP clip compares with the markets' real update norms
+        result.report["dp_delta_norm_median"] = float(np.median(norms))
     if result.report["clipped_values"]:
         log.warning("round %d: %d update values exceeded secagg-clip-range %g and were "
                     "clipped", rnd, result.report["clipped_values"], run.cfg.secagg_clip_range)
@@ -337,4 +356,9 @@ def aggregate_round(run: ServerRun, rnd: int, result: RoundResult, dp: bool) -> 
         log.warning("round %d: secagg sum rejected: %s", rnd, why)
         result.summed = None
         return
-    strategy.global_state = apply_summed_update(strategy.global_state, result.summed)
+    before = strategy.global_state
+    strategy.global_state = apply_summed_update(before, result.summed)
+    if run.cfg.server_lr != 1.0:  # Reptile-style outer step, as in run_server
+        from shared.transfer import reptile_step  # noqa: PLC0415
+
+        strategy.global_state = reptile_step(before, strategy.global_state, run.cfg.server_lr)

@@ -33,8 +33,8 @@ def _command_modules() -> list[ModuleType]:
     import importlib  # noqa: PLC0415
 
     mods = []
-    for name in ("simulate", "benchmark", "mtl_bench", "join", "recommend", "deploy",
-                 "loadtest"):
+    for name in ("simulate", "benchmark", "mtl_bench", "secagg_bench", "join", "recommend",
+                 "deploy", "loadtest"):
         try:
             mods.append(importlib.import_module(f"simulations.{name}"))
         except ModuleNotFoundError as exc:
