@@ -1,8 +1,9 @@
 """``storefed join``: a new market starts from the global encoder.
 
-Loads OUT-of-federation ``encoder.pt`` (written by ``storefed simulate``), maps its catalog onto
-the market's, evaluates zero-shot, fine-tunes (heads with the encoder frozen, then the encoder
-at a low lr scale), trains the same model from scratch on the same data for comparison, and
+Loads a federation's ``encoder.pt`` (written by ``storefed simulate``), maps its catalog onto
+the market's, evaluates zero-shot, fine-tunes (by default the whole model at once; with
+``--head-steps`` first the heads alone with the encoder frozen, then the encoder at
+``--encoder-lr-scale``), trains the same model from scratch on the same data for comparison, and
 writes ``OUT/join.json`` (the learning curves), ``OUT/join_details.json`` (mapping, settings,
 timings) plus the market's state (``OUT/encoder.pt``, ``OUT/state/<market>/private.pt``).
 """

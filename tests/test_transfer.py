@@ -174,7 +174,8 @@ def test_zero_shot_beats_random_and_the_encoder_alone_carries_signal(encoder_pat
 
 def test_join_market_document_and_curves(encoder_path):
     catalog, split = _market()
-    settings = JoinSettings(head_steps=6, encoder_steps=6, eval_every=4, batch_size=64)
+    settings = JoinSettings(head_steps=6, encoder_steps=6, scratch_steps=0, eval_every=4,
+                            batch_size=64)
     out = join_market(encoder_path, catalog, split, settings, CPU)
     doc = out.doc
     assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target"}
@@ -230,7 +231,8 @@ def joined(encoder_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("join")
     rc = _run(join_cmd, ["join", "--encoder", str(encoder_path), "--dataset", "synthetic",
                          "--market", NEW, "--out", str(out), "--head-steps", "8",
-                         "--encoder-steps", "8", "--eval-every", "4", "--device", "cpu"])
+                         "--encoder-steps", "8", "--scratch-steps", "16", "--eval-every", "4",
+                         "--device", "cpu"])
     assert rc == 0
     return out
 
