@@ -1,0 +1,267 @@
+"""A whole deployment on one machine: a TLS + node-auth SuperLink and one SuperNode (plus its
+warm ClientApp executor) per market on 127.0.0.1, each a separate process started by PID and
+stopped by PID. Used by ``storefed deploy demo``, ``storefed deploy bench`` and the tests.
+
+Each process gets its own ``FLWR_HOME`` (as it would on its own host) and a log file under
+``<root>/logs``. Ports are free ports picked at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from simulations.deploy import (
+    DeployError,
+    flower_env,
+    generate_ca,
+    generate_node_keys,
+    generate_server_cert,
+    node_config_string,
+    register_node,
+    rounds_written,
+    stop_process,
+    submit_run,
+    superlink_command,
+    supernode_command,
+    wait_run,
+    write_app,
+    write_connection,
+)
+
+Proc = subprocess.Popen
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: Proc, timeout: float = 60.0) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:``port``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise DeployError(f"process {proc.pid} exited with {proc.returncode} before "
+                              f"listening on port {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeployError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+class LocalCluster:
+    """SuperLink + SuperNodes on loopback. Use as a context manager: every process it started
+    is stopped (SIGTERM, then SIGKILL, by PID / its own process group) on exit, even on errors.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.certs = self.root / "certs"
+        self.keys = self.root / "keys"
+        self.logs = self.root / "logs"
+        self.cli_home = self.root / "flwr-cli"
+        for d in (self.certs, self.keys, self.logs, self.cli_home):
+            d.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, Proc] = {}
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.cli_env = flower_env(self.cli_home)
+        self.app_dir = write_app(self.root / "app")
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.get(name)
+        if proc is None:
+            return
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process(proc)
+
+    def _spawn(self, name: str, cmd: list[str], home: Path) -> Proc:
+        if name in self.procs and self.procs[name].poll() is None:
+            raise DeployError(f"{name} is already running (pid {self.procs[name].pid})")
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        try:
+            proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self.root)
+        finally:
+            log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+    # ------------------------------------------------------------------ pieces
+    def make_certs(self, hosts: tuple[str, ...] = ()) -> None:
+        ca_crt, ca_key = generate_ca(self.certs)
+        generate_server_cert(self.certs, ca_crt, ca_key, hosts)
+        write_connection(self.cli_home, self.address, self.certs / "ca.crt")
+
+    def start_superlink(self) -> Proc:
+        """TLS + SuperNode auth; registrations/runs in ``<root>/superlink.db`` so a restarted
+        SuperLink keeps them. Returns once the port accepts connections."""
+        cmd = superlink_command(self.certs, "127.0.0.1", self.port, self.root / "superlink.db")
+        proc = self._spawn("superlink", cmd, self.root / "home-superlink")
+        wait_port(self.port, proc)
+        return proc
+
+    def node_keys(self, name: str, register: bool = True) -> tuple[Path, Path]:
+        priv, pub = generate_node_keys(self.keys, name)
+        if register:
+            register_node(pub, self.cli_env, name=name)
+        return priv, pub
+
+    def start_node(self, market: str, key: Path, state_dir: Path, data_dir: str = "",
+                   dataset: str = "", device: str = "cpu", threads: int = 1,
+                   fleet_poll: float = 0.5) -> Proc:
+        """``storefed deploy supernode`` for one market (SuperNode + warm executor)."""
+        cmd = [sys.executable, "-m", "simulations.cli", "deploy", "supernode",
+               "--superlink", self.address, "--ca", str(self.certs / "ca.crt"),
+               "--key", str(key), "--market", market, "--state-dir", str(state_dir),
+               "--runtime-port", str(free_port()), "--threads", str(threads),
+               "--fleet-poll", str(fleet_poll)]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        if dataset:
+            cmd += ["--dataset", dataset]
+        if device:
+            cmd += ["--device", device]
+        return self._spawn(f"node-{market}", cmd, self.root / f"home-{market}")
+
+    def start_bare_supernode(self, name: str, key: Path | None, ca: Path | None,
+                             max_wait: float = 20.0) -> Proc:
+        """A plain ``flower-supernode`` (no executor) that gives up after ``max_wait`` s: for
+        checking that the SuperLink refuses it."""
+        cmd = supernode_command(self.address, ca, key, node_config_string(name), free_port())
+        i = cmd.index("--max-wait-time")
+        cmd[i + 1] = str(max_wait)
+        cmd += ["--max-retries", "3"]
+        return self._spawn(name, cmd, self.root / f"home-{name}")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list`` as JSON (node-id, status: registered/online/offline...)."""
+        from simulations.deploy import CONNECTION, _flwr, _json_tail  # noqa: PLC0415
+
+        doc = _json_tail(_flwr(["supernode", "list", CONNECTION, "--format", "json"],
+                               self.cli_env).stdout)
+        return list(doc.get("nodes", []))
+
+    def run(self, values: dict[str, Any], timeout: float) -> tuple[int, str]:
+        """Submit a run and wait for it; (run id, final status)."""
+        run_id = submit_run(self.app_dir, values, self.cli_env)
+        alive = [p for n, p in self.procs.items() if n == "superlink"]
+        out, rounds = values.get("out-dir", ""), int(values.get("num-rounds", 1))
+        return run_id, wait_run(run_id, self.cli_env, timeout, poll=10.0, alive=alive,
+                                done_hint=lambda: bool(out) and rounds_written(out) >= rounds)
+
+
+# --------------------------------------------------------------------------- demo / bench
+def add_demo_parsers(dsub: argparse._SubParsersAction) -> None:
+    d = dsub.add_parser("demo", help="everything on 127.0.0.1: SuperLink + one SuperNode per "
+                                     "market over TLS with node auth; prints per-market metrics")
+    _cluster_options(d)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+")
+    d.add_argument("--keep", action="store_true", help="keep the work directory")
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="xmarket", help="dataset (default xmarket)")
+    p.add_argument("--data-dir", default="/work/shared/data/xmarket_forec_electronics",
+                   help="dataset directory")
+    p.add_argument("--markets", default="", help="comma-separated markets (default: all)")
+    p.add_argument("--work", default="", help="work directory (default: a temp dir)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="any [tool.flwr.app.config] key (repeatable)")
+    p.add_argument("--timeout", type=float, default=3600.0)
+
+
+def _markets(dataset: str, data_dir: str, wanted: str) -> list[str]:
+    from shared.data import available_markets  # noqa: PLC0415
+
+    found = available_markets(dataset, data_dir or None)
+    markets = [m.strip() for m in wanted.split(",") if m.strip()] or found
+    unknown = [m for m in markets if m not in found]
+    if unknown:
+        raise ConfigError(f"unknown market(s) {', '.join(unknown)}; known: {', '.join(found)}")
+    return markets
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    if args.deploy_command == "demo":
+        return _demo(args)
+    raise ConfigError(f"unknown deploy command {args.deploy_command}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile  # noqa: PLC0415
+
+    from simulations.simulate import parse_overrides, print_summary  # noqa: PLC0415
+
+    markets = _markets(args.dataset, args.data_dir, args.markets)
+    work = Path(args.work or tempfile.mkdtemp(prefix="storefed-deploy-"))
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+    values: dict[str, Any] = {"dataset": args.dataset, "data-dir": data_dir,
+                              "markets": ",".join(markets), "num-rounds": args.rounds,
+                              "out-dir": str(work / "out"), **parse_overrides(args.config)}
+    if args.secagg:
+        values["secagg"] = True
+    t0 = time.perf_counter()
+    with LocalCluster(work) as cluster:
+        try:
+            cluster.make_certs()
+            sl = cluster.start_superlink()
+            print(f"SuperLink pid {sl.pid} on https://{cluster.address} (TLS, node auth)")
+            for m in markets:
+                key, _ = cluster.node_keys(m)
+                p = cluster.start_node(m, key, work / "state" / m, data_dir, args.dataset)
+                print(f"SuperNode {m}: pid {p.pid}, key {key.name} registered")
+            run_id, status = cluster.run(values, args.timeout)
+        except BaseException:
+            for name in cluster.procs:
+                print(f"--- {name} log tail ---\n{cluster.log_tail(name, 1500)}",
+                      file=sys.stderr)
+            raise
+        print(f"run {run_id}: {status} in {time.perf_counter() - t0:.1f}s")
+    print("stopped: " + ", ".join(f"{n} (pid {p.pid})" for n, p in cluster.procs.items()))
+    doc = json.loads((work / "out" / "metrics.json").read_text())
+    print_summary(doc)
+    for r in doc["rounds"]:
+        print(f"round {r['round']}: {r['seconds']:.1f}s")
+    if not args.keep and not args.work:
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"work directory: {work}")
+    return 0 if status.endswith("completed") else 1

@@ -1,0 +1,163 @@
+"""A warm ClientApp executor for one SuperNode (``flower-supernode --isolation process``).
+
+Flower's default (``--isolation subprocess``) starts a fresh ``flwr-clientapp`` process for
+every message: each train/evaluate message pays the Python + torch import (~2 s CPU here), the
+market's data load and the model build again. This executor is the long-lived process that
+``--isolation process`` expects next to the SuperNode: it polls the SuperNode's local Runtime
+API for ClientApp tasks and runs each one *in this process* with the same steps as
+``flwr-clientapp`` (pull message/context/FAB, run the app, push reply + context). torch, the app
+module and the market's data (``shared.data.load_market`` is cached) are loaded once.
+
+The ClientApp that runs is the FAB's own ``[tool.flwr.app.components] clientapp`` - the same
+``client.client_app:app`` the simulation uses; its private state travels in the context the
+SuperNode keeps, exactly as with ``flwr-clientapp``. Tasks run one at a time (one market per
+node). It uses Flower 1.42's runtime client and the helpers of ``flwr-clientapp`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from types import ModuleType
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger("storefed")
+
+
+class WarmExecutor:
+    """Runs the ClientApp tasks of one SuperNode in this process, one after another."""
+
+    def __init__(self, runtime_api_address: str, poll_interval: float = 0.2) -> None:
+        self.address = runtime_api_address
+        self.poll_interval = poll_interval
+        self.tasks_done = 0
+        self._apps: dict[str, ClientApp] = {}
+        self._installed: set[str] = set()
+        self._load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+
+    def _client(self, token: str | None = None) -> RuntimeHttpClient:
+        interceptors: list[Any] = [
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token
+                                          else "SuperExec")]
+        if token:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Poll for tasks until ``stop`` is set (or forever)."""
+        stop = stop or threading.Event()
+        acquirer = self._client()
+        try:
+            while not stop.is_set():
+                try:
+                    res = acquirer.AcquireTask(AcquireTaskRequest(
+                        supported_task_types=[TaskType.CLIENT_APP.value]))
+                except Exception as exc:  # noqa: BLE001 - SuperNode (re)starting
+                    log.debug("runtime API not reachable yet: %s", exc)
+                    stop.wait(0.5)
+                    continue
+                if res.HasField("task") and res.token:
+                    self.run_task(res.token)
+                else:
+                    stop.wait(self.poll_interval)
+        finally:
+            acquirer.close()
+
+    def _app(self, fab_id: str, fab_version: str, fab_hash: str, content: bytes) -> ClientApp:
+        if fab_hash not in self._installed:
+            install_from_fab(content, skip_prompt=True)
+            self._installed.add(fab_hash)
+        if fab_hash not in self._apps:
+            self._apps[fab_hash] = self._load(fab_id, fab_version, fab_hash)
+        return self._apps[fab_hash]
+
+    def run_task(self, token: str) -> None:
+        """One task, as ``flwr-clientapp --token`` would run it (errors become Error replies)."""
+        client = self._client(token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        reply: Message | None = None
+        context: Context | None = None
+        sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            t0 = time.perf_counter()
+            reply = app(message=message, context=context)
+            log.info("%s message of run %s round %s handled in %.2fs",
+                     message.metadata.message_type, run.run_id,
+                     message.metadata.group_id or "-", time.perf_counter() - t0)
+            sub_status, details = SubStatus.COMPLETED, ""
+        except Exception as exc:  # noqa: BLE001 - report to the server, keep serving
+            code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, LoadClientAppError)
+                    else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+            details = f"{type(exc)}:<'{exc}'>"
+            log.exception("ClientApp raised an exception")
+            if message is not None:
+                reply = Message(Error(code=code, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception:  # noqa: BLE001
+                log.exception("failed to push the reply message")
+                sub_status = SubStatus.FAILED
+            push_task_output(client, context, sub_status, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+            self.tasks_done += 1
+
+
+class _CappedSleep(ModuleType):
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: ``sleep`` is capped."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__("time")
+        self.cap = cap
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def supernode_main(argv: list[str], fleet_poll: float) -> int:
+    """``flower-supernode`` with its idle Fleet poll shortened from Flower 1.42's fixed 3 s to
+    ``fleet_poll`` seconds (a message waits on average half that long before the node sees it).
+    Only the waits of the SuperNode's message loop change; everything else is Flower's."""
+    import flwr.supernode.start_client_internal as loop  # noqa: PLC0415
+    from flwr.supernode.cli import flower_supernode  # noqa: PLC0415
+
+    loop.time = _CappedSleep(fleet_poll)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    # python -m simulations.deploy_exec FLEET_POLL <flower-supernode args...>
+    sys.exit(supernode_main(sys.argv[2:], float(sys.argv[1])))

@@ -1,0 +1,237 @@
+"""Deployment: certificates/keys Flower accepts, and a real SuperLink (TLS + SuperNode auth) with
+three SuperNodes on 127.0.0.1: two rounds with per-market metrics, an unregistered node and a
+node with the wrong CA refused, and a server crash after round 2 of 4 resumed to round 4.
+
+Every process is started with its own process group and stopped by PID in the fixture's
+teardown (also when a test fails). Synthetic data, embedding-dim 16, one local epoch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+
+from shared.checkpoint import load_encoder
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from simulations.deploy import (
+    DeployError,
+    generate_ca,
+    generate_node_keys,
+    generate_server_cert,
+    node_config_string,
+    run_config_string,
+    write_app,
+    write_connection,
+)
+from simulations.deploy_demo import LocalCluster
+
+MARKETS = ["m0", "m1", "m2"]
+SMALL = {"dataset": "synthetic", "markets": ",".join(MARKETS), "embedding-dim": 16,
+         "local-epochs": 1, "torch-threads": 1}
+
+
+# --------------------------------------------------------------------------- fast checks
+def test_certificates_chain_and_sans(tmp_path):
+    ca_crt, ca_key = generate_ca(tmp_path)
+    crt, key = generate_server_cert(tmp_path, ca_crt, ca_key, ["link.example.org", "10.1.2.3"])
+    ca = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if not signed by the CA
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "link.example.org"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.1.2.3")}
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert key.stat().st_mode & 0o077 == 0 and ca_key.stat().st_mode & 0o077 == 0
+
+
+def test_node_keys_are_what_flower_loads(tmp_path):
+    from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+    priv, pub = generate_node_keys(tmp_path, "de")
+    private = load_ssh_private_key(priv.read_bytes(), None)  # as flower-supernode loads it
+    public = load_ssh_public_key(pub.read_bytes())  # as `flwr supernode register` loads it
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert isinstance(public, ec.EllipticCurvePublicKey) and uses_nist_ec_curve(public)
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert priv.stat().st_mode & 0o077 == 0
+    with pytest.raises(ConfigError):
+        generate_node_keys(tmp_path, "../x")
+
+
+def test_config_strings_round_trip_through_flowers_parser(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    nc = node_config_string("de", "/data/x market", str(tmp_path / "st"), "cuda")
+    assert parse_config_args([nc]) == {"market": "de", "data-dir": "/data/x market",
+                                       "state-dir": str(tmp_path / "st"), "device": "cuda"}
+    rc = run_config_string({"num-rounds": 3, "resume": True, "lr": 0.01, "out-dir": "/o"})
+    assert parse_config_args([rc]) == {"num-rounds": 3, "resume": True, "lr": 0.01,
+                                       "out-dir": "/o"}
+    with pytest.raises(ConfigError, match="num-round"):
+        run_config_string({"num-round": 3})
+    with pytest.raises(ConfigError, match="quotes"):
+        node_config_string("de", data_dir='/a"b')
+
+
+def test_connection_file_keeps_other_connections(tmp_path):
+    (tmp_path / "config.toml").write_text(
+        '[superlink]\ndefault = "other"\n\n[superlink.other]\naddress = "h:1"\ninsecure = true\n')
+    write_connection(tmp_path, "link:9092", tmp_path / "ca.crt")
+    import tomllib
+
+    doc = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert doc["superlink"]["default"] == "storefed"
+    assert doc["superlink"]["other"] == {"address": "h:1", "insecure": True}
+    assert doc["superlink"]["storefed"] == {"address": "link:9092",
+                                            "root-certificates": str(tmp_path / "ca.crt")}
+    (tmp_path / "config.toml").write_text("[superlink\n")
+    with pytest.raises(ConfigError, match="config.toml"):
+        write_connection(tmp_path, "link:9092", None)
+
+
+def test_app_directory_carries_code_and_defaults(tmp_path):
+    import tomllib
+
+    app = write_app(tmp_path / "app")
+    doc = tomllib.loads((app / "pyproject.toml").read_text())
+    assert doc["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    assert doc["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
+    for f in ("server/server_app.py", "client/client_app.py", "shared/node.py"):
+        assert (app / f).is_file()
+
+
+# --------------------------------------------------------------------------- real processes
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    c = LocalCluster(root)
+    try:
+        c.make_certs()
+        c.start_superlink()
+        for m in MARKETS:
+            key, _ = c.node_keys(m)
+            c.start_node(m, key, root / "state", dataset="synthetic")
+        yield c
+    finally:
+        c.close()
+        for name, proc in c.procs.items():
+            assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
+
+
+def _fail_with_logs(cluster: LocalCluster, what: str) -> None:
+    tails = "\n".join(f"--- {n} ---\n{cluster.log_tail(n, 2000)}" for n in cluster.procs)
+    pytest.fail(f"{what}\n{tails}")
+
+
+def _private_round(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["round"])
+
+
+def _rounds_seen(cluster: LocalCluster, market: str, run_id: int) -> list[str]:
+    """Message types the market's executor handled for ``run_id``, in order."""
+    lines = cluster.log_tail(f"node-{market}", 10**7).splitlines()
+    return [ln.split(" storefed: ")[1].split(" message")[0] for ln in lines
+            if f"of run {run_id} " in ln and " handled in " in ln]
+
+
+@pytest.mark.slow
+def test_tls_auth_two_rounds_and_refused_nodes(cluster):
+    root = cluster.root
+    rogue_key, _ = cluster.node_keys("rogue", register=False)  # never registered
+    other = root / "other-ca"
+    other.mkdir()
+    other_ca, _ = generate_ca(other)
+    wrong_key, _ = cluster.node_keys("wrongca")  # registered, but trusts another CA
+    rogue = cluster.start_bare_supernode("rogue", rogue_key, cluster.certs / "ca.crt")
+    wrong = cluster.start_bare_supernode("wrongca", wrong_key, other_ca)
+
+    out = root / "out-2"
+    try:
+        run_id, status = cluster.run({**SMALL, "num-rounds": 2, "out-dir": str(out)}, 600)
+    except DeployError as exc:
+        _fail_with_logs(cluster, f"run failed: {exc}")
+    assert status == "finished:completed"
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    for r in doc["rounds"]:
+        assert sorted(r["markets"]) == MARKETS
+        for m, v in r["markets"].items():
+            assert 0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0, (m, v)
+            assert v["examples"] > 0 and v["train_examples"] > 0 and v["categories"]
+    assert load_encoder(out / "encoder.pt").round == 2
+    for m in MARKETS:
+        assert _private_round(root / "state" / m / "private.pt") == 2
+        assert _rounds_seen(cluster, m, run_id) == ["train", "evaluate"] * 2
+
+    for proc in (rogue, wrong):
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            _fail_with_logs(cluster, f"refused SuperNode {proc.pid} still running")
+        assert proc.returncode != 0
+    assert "Failed to activate SuperNode" in cluster.log_tail("rogue")
+    assert "CERTIFICATE_VERIFY_FAILED" in cluster.log_tail("wrongca")
+    status_by_id = {n["node-id"]: n["status"] for n in cluster.nodes()}
+    assert sorted(status_by_id.values()) == ["online"] * 3 + ["registered"]  # wrongca never on
+
+
+@pytest.mark.slow
+def test_server_crash_after_round_2_resumes_rounds_3_and_4(cluster):
+    root = cluster.root
+    out = root / "out-4"
+    values = {**SMALL, "num-rounds": 4, "out-dir": str(out)}
+    from simulations.deploy import submit_run
+
+    first = submit_run(cluster.app_dir, values, cluster.cli_env)
+    ckpt = out / "encoder.pt"
+    end = time.monotonic() + 600
+    while not (ckpt.is_file() and load_encoder(ckpt).round >= 2):
+        if time.monotonic() > end or cluster.procs["superlink"].poll() is not None:
+            _fail_with_logs(cluster, "round 2 was never checkpointed")
+        time.sleep(0.05)
+    cluster.stop("superlink", signal.SIGKILL)  # the server side dies: SuperLink + ServerApp
+    crashed = load_encoder(ckpt)
+    assert crashed.round == 2, "killed too late: round 3 already finished"
+    snapshot = root / "encoder-round2.pt"
+    shutil.copy(ckpt, snapshot)
+    heads_before = {m: _private_round(root / "state" / m / "private.pt") for m in MARKETS}
+    assert all(r >= 2 for r in heads_before.values()), heads_before
+
+    cluster.start_superlink()  # same database: node registrations survive; nodes reconnect
+    try:
+        second, status = cluster.run({**values, "resume": True}, 600)
+    except DeployError as exc:
+        _fail_with_logs(cluster, f"resumed run failed: {exc}")
+    assert status == "finished:completed"
+    final = load_encoder(ckpt)
+    assert final.round == 4
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3, 4]
+    # rounds 1-2 are the crashed run's records (carried over, not re-run) ...
+    assert doc["rounds"][:2] == crashed.meta["rounds"]
+    assert all(sorted(r["markets"]) == MARKETS for r in doc["rounds"])
+    # ... and every node trained exactly rounds 3 and 4 in the resumed run, from its own heads
+    for m in MARKETS:
+        assert _rounds_seen(cluster, m, second) == ["train", "evaluate"] * 2, m
+        assert _private_round(root / "state" / m / "private.pt") == 4
+    # the encoder moved on from the round-2 checkpoint the restart loaded
+    start = load_encoder(snapshot).state
+    assert any(not torch.equal(start[k], final.state[k]) for k in start)
+    assert first != second
