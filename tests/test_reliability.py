@@ -28,6 +28,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from server.strategy import EncoderFedAvg
 from shared import checkpoint as C
@@ -494,3 +496,105 @@ def test_loadtest_writes_readable_storefronts(tmp_path):
     cat, split = D.load_market("xmarket", tmp_path, "s007", n_neg=5)
     assert split.n_users == 5 and cat.n_items == df["item"].nunique()
     assert isinstance(df, pd.DataFrame)
+
+
+# --------------------------------------------------------------------------- fuzz (readers the
+# data tests do not fuzz yet, the whole load path, and checkpoints)
+
+_FUZZ = settings(max_examples=30, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_TSV_TOKEN = st.sampled_from(["u1", "u2", "P1", "P2", "1.0", "x", "", "nan", "-1", "7", "P1,P2"])
+
+
+def _rows(token: st.SearchStrategy[str], sep: str) -> st.SearchStrategy[bytes]:
+    return st.one_of(st.binary(max_size=200),
+                     st.lists(st.lists(token, max_size=5), max_size=8).map(
+                         lambda rows: "\n".join(sep.join(r) for r in rows).encode()))
+
+
+@_FUZZ
+@given(raw=_rows(_TSV_TOKEN, "\t"), which=st.sampled_from(
+    ["train_5core.tsv", "valid_qrel.tsv", "valid_run.tsv"]))
+def test_fuzz_xmrec_only_data_error(tmp_path_factory, raw, which):
+    root = tmp_path_factory.mktemp("xmrec")
+    good = {"train_5core.tsv": "userId\titemId\trating\nu1\tP1\t1.0\nu1\tP2\t1.0\n",
+            "valid_qrel.tsv": "userId\titemId\trating\nu1\tP3\t1\n",
+            "valid_run.tsv": "u1\tP3,P1\n"}
+    (root / "s1").mkdir()
+    for name, text in good.items():
+        (root / "s1" / name).write_bytes(raw if name == which else text.encode())
+    try:
+        train, _, _ = D.read_xmrec(root)
+    except DataError:
+        return
+    assert tuple(train.columns) == D.CANONICAL_COLUMNS and len(train) > 0
+
+
+_AMZ_TOKEN = st.sampled_from(["0", "1", "2", "x", "", "-1", "1.5", "99999999999999999999"])
+
+
+@_FUZZ
+@given(raw=_rows(_AMZ_TOKEN, "\t"), which=st.sampled_from(["train.txt", "test.txt"]))
+def test_fuzz_amazon_pairs_only_data_error(tmp_path_factory, raw, which):
+    root = tmp_path_factory.mktemp("amz")
+    for pair in ("a_b", "b_a"):
+        (root / pair).mkdir()
+        for name in ("train.txt", "test.txt"):
+            ok = b"0\t0\t1\n1\t1\t1\n"
+            (root / pair / name).write_bytes(raw if (pair, name) == ("a_b", which) else ok)
+    try:
+        df = D.read_amazon_pairs(root)
+    except DataError:
+        return
+    assert tuple(df.columns) == D.CANONICAL_COLUMNS and len(df) > 0
+
+
+_XM_ROW = st.one_of(
+    st.tuples(st.sampled_from(["u1", "u2", "u3", "u4"]), st.sampled_from("ABCDEFGH"),
+              st.sampled_from(["5.0", "1", "4.5"]),
+              st.sampled_from(["2020-01-02", "2020-01-03", "2021-12-31"])).map(" ".join),
+    st.lists(st.sampled_from(["u1", "A", "x", "5.0", "1e999", "2020-02-30", ""]),
+             max_size=5).map(" ".join))
+
+
+@_FUZZ
+@given(rows=st.lists(_XM_ROW, max_size=30))
+def test_fuzz_whole_load_path_only_data_error(tmp_path_factory, rows):
+    """Random rows through reader, catalog and leave-one-out split (what a client loads)."""
+    d = tmp_path_factory.mktemp("xmload")
+    (d / "ca_5core.txt").write_text(XM_HEADER + "\n".join(rows) + "\n")
+    xmarket_dir(d, ("de",))
+    try:
+        ds = D.load_dataset("xmarket", d, n_neg=3, max_history=4)
+    except DataError:
+        return
+    for split in ds.markets.values():
+        assert split.test.candidates.shape[1] == 4
+        assert (split.test.candidates < ds.catalog.n_items).all()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory) -> bytes:
+    p = tmp_path_factory.mktemp("ck") / "encoder.pt"
+    save_synthetic_encoder(p, dim=4)
+    return p.read_bytes()
+
+
+@_FUZZ
+@given(data=st.data())
+def test_fuzz_corrupted_checkpoint_only_checkpoint_error(tmp_path_factory, checkpoint_bytes,
+                                                         data):
+    raw = bytearray(checkpoint_bytes)
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    p = tmp_path_factory.mktemp("ckf") / "encoder.pt"
+    p.write_bytes(bytes(raw))
+    try:
+        ck = C.load_encoder(p)
+    except CheckpointError as exc:
+        assert str(p) in str(exc)
+        return
+    assert all(bool(torch.isfinite(v).all()) for v in ck.state.values() if v.is_floating_point())
