@@ -109,6 +109,7 @@ def _truncated(path: Path) -> None:
 
 
 def _garbage(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(os.urandom(3000))
 
 
@@ -208,6 +209,21 @@ def test_market_with_all_items_outside_the_catalog(tmp_path, capsys):
                         "--data-dir", str(d), "--market", "ca", "--out", str(tmp_path / "j")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "enc.pt" in err, err
+    assert not (tmp_path / "j").exists()
+
+
+@pytest.mark.parametrize("writer", [_truncated, _garbage, _nan_state], ids=["trunc", "garbage",
+                                                                             "nan"])
+def test_join_and_recommend_refuse_a_bad_encoder(tmp_path, capsys, writer):
+    run = tmp_path / "run"
+    writer(run / "encoder.pt")
+    C.save_private(run / "state" / "m0" / "private.pt", {}, "m0", "fp", 1)
+    for argv in (["recommend", "--state", str(run), "--market", "m0", "--user", "m0_u0001"],
+                 ["join", "--encoder", str(run / "encoder.pt"), "--market", "m0",
+                  "--out", str(tmp_path / "j")]):
+        rc = storefed_main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and str(run / "encoder.pt") in err, err
     assert not (tmp_path / "j").exists()
 
 
