@@ -93,9 +93,13 @@ def make_app(overrides: Mapping[str, Any] | None = None,
         node, global_encoder = _open_node(msg, context, fixed)
         flat = flatten_eval(node.evaluate(global_encoder, "test"))
         flat["num-examples"] = flat["examples"]
-        return Message(RecordDict({"metrics": MetricRecord(cast(MetricDict, flat)),
-                                   "info": ConfigRecord({"market": node.market})}),
-                       reply_to=msg)
+        content = RecordDict({"metrics": MetricRecord(cast(MetricDict, flat)),
+                              "info": ConfigRecord({"market": node.market})})
+        if "secagg" in msg.content.config_records:  # SecAgg+ share-keys for the next round
+            from client.secagg import RECORD, piggyback  # noqa: PLC0415
+
+            content[RECORD] = piggyback(msg, context)
+        return Message(content, reply_to=msg)
 
     @app.train("secagg")
     def train_secagg(msg: Message, context: Context) -> Message:

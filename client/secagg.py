@@ -38,12 +38,14 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from shared.config import RunConfig
 from shared.dp import client_noise_std, privatize
 from shared.model import encoder_state
 from shared.secagg import (
     MASKED,
     MASKED_KEY,
     RECORD,
+    RECORD_NEXT,
     SETUP,
     SHARE_KEYS,
     STAGES,
@@ -65,28 +67,63 @@ class SecAggRefusedError(ValueError):
 
 
 def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any]) -> Message:
-    """Answer one ``train.secagg`` message (any stage)."""
-    rec = msg.content.config_records[RECORD]
+    """Answer one ``train.secagg`` message: its ``secagg`` stage, plus the next round's setup
+    when the server piggybacks it (``secagg-next``, on the unmask message)."""
+    content = RecordDict()
+    res, extra = _stage(msg, context, fixed, msg.content.config_records[RECORD])
+    content[RECORD] = ConfigRecord(res)
+    for k, v in extra.items():
+        content[k] = v
+    if RECORD_NEXT in msg.content.config_records:
+        nxt, _ = _stage(msg, context, fixed, msg.content.config_records[RECORD_NEXT])
+        content[RECORD_NEXT] = ConfigRecord(nxt)
+    content["info"] = ConfigRecord({"market": _market(context, fixed)})
+    return Message(content, reply_to=msg)
+
+
+def _market(context: Context, fixed: Mapping[str, Any]) -> str:
+    if MARKET_KEY in context.state:
+        return str(context.state.config_records[MARKET_KEY]["market"])
+    from client.client_app import node_settings  # noqa: PLC0415 - no import cycle
+
+    cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
+    return node_settings(cfg, context.node_config)[1]
+
+
+def piggyback(msg: Message, context: Context) -> ConfigRecord:
+    """The reply to the ``secagg`` record riding on another message (the next round's
+    share-keys on an evaluate message)."""
+    res, _ = _stage(msg, context, {}, msg.content.config_records[RECORD])
+    return ConfigRecord(res)
+
+
+def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
+           rec: ConfigRecord) -> tuple[dict[str, Any], RecordDict]:
     stage = str(rec["stage"])
     if stage not in STAGES:
         raise SecAggRefusedError(f"unknown secagg stage {stage!r}")
     rnd, attempt = int(cast(int, rec["round"])), int(cast(int, rec["attempt"]))
     me = int(msg.metadata.dst_node_id)
+    extra = RecordDict()
     if stage == SETUP:
+        _forget_before(context, rnd - 1)
         st: dict[str, Any] = {"round": rnd, "attempt": attempt, "stage": SETUP, "nid": me}
-        res, extra = _setup(msg, context, fixed, st, rec)
+        sk1, pk1 = generate_key_pairs()
+        sk2, pk2 = generate_key_pairs()
+        st.update(sk1=private_key_to_bytes(sk1), pk1=public_key_to_bytes(pk1),
+                  sk2=private_key_to_bytes(sk2), pk2=public_key_to_bytes(pk2))
+        res: dict[str, Any] = {"pk1": st["pk1"], "pk2": st["pk2"]}
     else:
-        st = _load(context)
+        st = _load(context, rnd, attempt)
         expected = STAGES[STAGES.index(stage) - 1]
-        if (st.get("round"), st.get("attempt"), st.get("stage")) != (rnd, attempt, expected):
-            raise SecAggRefusedError(f"secagg: {stage} for round {rnd} attempt {attempt} but this "
-                              f"node is at {st.get('stage')} of round {st.get('round')} "
-                              f"attempt {st.get('attempt')}")
+        if st.get("stage") != expected:
+            raise SecAggRefusedError(f"secagg: {stage} for round {rnd} attempt {attempt} but "
+                                     f"this node is at {st.get('stage') or 'no stage'} of it")
         st["stage"] = stage
-        extra = RecordDict()
         if stage == SHARE_KEYS:
             res = _share_keys(st, rec)
         elif stage == MASKED:
+            _ensure_update(msg, context, fixed, rec)
             res = _masked(st, rec, context)
             metrics = dict(context.state.metric_records[METRICS_KEY])
             extra = RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(res.pop("_vec"))}),
@@ -94,18 +131,13 @@ def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any]) -> M
         else:
             res = _unmask(st, rec)
     _save(context, st)
-    content = RecordDict({RECORD: ConfigRecord(res)})
-    for k, v in extra.items():
-        content[k] = v
-    if MARKET_KEY in context.state:
-        market = str(context.state.config_records[MARKET_KEY]["market"])
-        content["info"] = ConfigRecord({"market": market})
-    return Message(content, reply_to=msg)
+    return res, extra
 
 
 # ---------------------------------------------------------------------------- stages
-def _setup(msg: Message, context: Context, fixed: Mapping[str, Any], st: dict[str, Any],
-           rec: ConfigRecord) -> tuple[dict[str, Any], RecordDict]:
+def _ensure_update(msg: Message, context: Context, fixed: Mapping[str, Any],
+                   rec: ConfigRecord) -> None:
+    """Train and encode once per round (a restarted attempt reuses the encoded update)."""
     rnd = int(cast(int, rec["round"]))
     cached = (VECTOR_KEY in context.state
               and int(cast(int, context.state.config_records[MARKET_KEY]["round"])) == rnd)
@@ -115,11 +147,6 @@ def _setup(msg: Message, context: Context, fixed: Mapping[str, Any], st: dict[st
     if size != int(cast(int, rec["size"])):
         raise SecAggRefusedError("secagg: this node's update does not match the server's "
                                  "vector layout (different aggregation or model config?)")
-    sk1, pk1 = generate_key_pairs()
-    sk2, pk2 = generate_key_pairs()
-    st.update(sk1=private_key_to_bytes(sk1), pk1=public_key_to_bytes(pk1),
-              sk2=private_key_to_bytes(sk2), pk2=public_key_to_bytes(pk2))
-    return {"pk1": st["pk1"], "pk2": st["pk2"]}, RecordDict()
 
 
 def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
@@ -228,6 +255,10 @@ def _unmask(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
 _DICTS = ("rd_shares", "sk_shares")
 
 
+def _key(rnd: int, attempt: int) -> str:
+    return f"{STATE_KEY}/{rnd}/{attempt}"
+
+
 def _save(context: Context, st: dict[str, Any]) -> None:
     flat: dict[str, Any] = {}
     for k, v in st.items():
@@ -235,13 +266,14 @@ def _save(context: Context, st: dict[str, Any]) -> None:
             flat[k + ":k"], flat[k + ":v"] = list(v), list(v.values())
         else:
             flat[k] = v
-    context.state[STATE_KEY] = ConfigRecord(flat)
+    context.state[_key(st["round"], st["attempt"])] = ConfigRecord(flat)
 
 
-def _load(context: Context) -> dict[str, Any]:
-    if STATE_KEY not in context.state:
+def _load(context: Context, rnd: int, attempt: int) -> dict[str, Any]:
+    key = _key(rnd, attempt)
+    if key not in context.state:
         return {}
-    flat = dict(context.state.config_records[STATE_KEY])
+    flat = dict(context.state.config_records[key])
     st: dict[str, Any] = {}
     for k, v in flat.items():
         if k.endswith(":k"):
@@ -251,3 +283,10 @@ def _load(context: Context) -> dict[str, Any]:
         elif not k.endswith(":v"):
             st[k] = list(v) if isinstance(v, list) else v
     return st
+
+
+def _forget_before(context: Context, rnd: int) -> None:
+    """Drop the protocol state (keys, shares) of rounds before ``rnd``."""
+    for key in [k for k in context.state.config_records if k.startswith(STATE_KEY + "/")]:
+        if int(key.split("/")[1]) < rnd:
+            del context.state[key]

@@ -49,6 +49,7 @@ from shared.secagg import (
     MASKED_KEY,
     MESSAGE_TYPE,
     RECORD,
+    RECORD_NEXT,
     SETUP,
     SHARE_KEYS,
     UNMASK,
@@ -87,17 +88,44 @@ class RoundResult:
     n_summed: int = 0
 
 
+@dataclass
+class KeyRing:
+    """The outcome of setup + share-keys for one protocol instance (round, attempt): the
+    neighbour graph over the nodes that sent keys (``u1``), the threshold, the public keys,
+    the nodes that shared their secrets (``u2``) and the encrypted shares to forward."""
+
+    rnd: int
+    attempt: int
+    graph: dict[int, list[int]]
+    t: int
+    pks: dict[int, tuple[bytes, bytes]]
+    u1: set[int]
+    u2: set[int] = field(default_factory=set)
+    fwd: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+
+
 class SecAggRound:
     """One round of SecAgg+ over ``nodes`` (see module doc). ``received`` keeps every reply
-    the server got (tests inspect it: it must never contain a market's plain update)."""
+    the server got (tests inspect it: it must never contain a market's plain update).
+
+    ``prepared``: this round's keys, set up during the previous round (``pipeline``): then the
+    round needs only two message exchanges (masked upload, unmask) besides evaluation.
+    ``pipeline``: piggyback the next round's setup on this round's unmask messages and its
+    share-keys on this round's evaluate messages (``next_share_records`` / ``collect_next``).
+    """
 
     def __init__(self, grid: Grid, cfg: RunConfig, rnd: int,
-                 global_state: dict[str, torch.Tensor], nodes: list[int]) -> None:
+                 global_state: dict[str, torch.Tensor], nodes: list[int],
+                 prepared: KeyRing | None = None, pipeline: bool = False) -> None:
         self.grid, self.cfg, self.rnd = grid, cfg, rnd
         self.global_state = global_state
         self.rowwise = cfg.aggregation == "rowwise" and cfg.dp_clip == 0
         self.layout = VectorLayout.for_encoder(global_state, self.rowwise)
         self.nodes = list(nodes)
+        self.prepared, self.pipeline = prepared, pipeline
+        self.next_ring: KeyRing | None = None  # next round: keys received at unmask
+        self.next_prepared: KeyRing | None = None  # ... and shares received at evaluate
         self.markets: dict[int, str] = {}
         self.dropped: dict[str, list[str]] = {}
         self.attempts: list[dict[str, Any]] = []
@@ -112,14 +140,17 @@ class SecAggRound:
                 self.attempts.append({"attempt": attempt, "failed": "fewer than 2 nodes left"})
                 break
             try:
-                summed, train = self._attempt(attempt, participants)
+                ring = self._ring(attempt, participants)
+                summed, train = self._finish(ring, participants)
             except AttemptFailedError as exc:
                 log.warning("round %d: secagg attempt %d failed (%s); %d nodes left", self.rnd,
                             attempt, exc, len(exc.survivors))
                 self.attempts.append({"attempt": attempt, "failed": str(exc)})
                 participants = exc.survivors
+                self.next_ring = None
                 continue
-            self.attempts.append({"attempt": attempt, "aggregated": sorted(train)})
+            self.attempts.append({"attempt": attempt, "aggregated": sorted(train),
+                                  "pipelined": ring is self.prepared})
             return RoundResult(summed, train, self._report(len(train)), len(self.nodes),
                                len(train))
         log.warning("round %d: secure aggregation failed; global encoder unchanged", self.rnd)
@@ -132,55 +163,84 @@ class SecAggRound:
                 "sum_error_bound": n * step, "vector_length": self.layout.size,
                 "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()}}
 
-    # ------------------------------------------------------------------ one attempt
-    def _attempt(self, attempt: int,
-                 nodes: set[int]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-        cfg = self.cfg
-        base = {"round": self.rnd, "attempt": attempt}
-        # 1. setup (+ local training on the first attempt)
-        setup = RecordDict({
-            "arrays": ArrayRecord(torch_state_dict=self.global_state),
-            "config": ConfigRecord({"server-round": self.rnd}),
-            RECORD: ConfigRecord({**base, "stage": SETUP, "sampled": len(self.nodes),
-                                  "size": self.layout.size, "rowwise": self.rowwise,
-                                  "clip-range": float(cfg.secagg_clip_range),
-                                  "quant-range": int(cfg.secagg_quant_range)})})
-        rep = self._send(SETUP, {n: setup for n in nodes}, cfg.round_timeout)
+    def _ring(self, attempt: int, nodes: set[int]) -> KeyRing:
+        """This attempt's keys: the prepared ones if they cover every participant, else run
+        setup and share-keys now."""
+        ring = self.prepared
+        if attempt == 0 and ring is not None and ring.rnd == self.rnd and nodes <= ring.u1:
+            for stage, labels in ring.dropped.items():
+                self.dropped.setdefault(stage, []).extend(labels)
+            self._check_holders(ring.u2, ring.graph, ring.u2, ring.t, "share keys")
+            return ring
+        ring = self._setup(attempt, self._send(SETUP, {
+            n: RecordDict({RECORD: self._setup_record(self.rnd, attempt)}) for n in nodes},
+            self.cfg.secagg_timeout), RECORD)
+        self._share_keys(ring, self._send(SHARE_KEYS, {
+            n: RecordDict({RECORD: rec}) for n, rec in self._share_records(ring).items()},
+            self.cfg.secagg_timeout))
+        return ring
+
+    # ------------------------------------------------------------------ stages
+    @staticmethod
+    def _setup_record(rnd: int, attempt: int) -> ConfigRecord:
+        return ConfigRecord({"round": rnd, "attempt": attempt, "stage": SETUP})
+
+    def _setup(self, attempt: int, rep: dict[int, Message], key: str,
+               rnd: int | None = None) -> KeyRing:
+        """Public keys received -> the neighbour graph and threshold of the instance."""
         u1 = set(rep)
         if len(u1) < 2:
             raise AttemptFailedError(f"{len(u1)} node(s) answered setup", u1)
-        check_capacity(len(u1), cfg.secagg_quant_range)
-        pks = {n: (cast(bytes, m.content.config_records[RECORD]["pk1"]),
-                   cast(bytes, m.content.config_records[RECORD]["pk2"])) for n, m in rep.items()}
+        check_capacity(len(u1), self.cfg.secagg_quant_range)
+        pks = {n: (cast(bytes, m.content.config_records[key]["pk1"]),
+                   cast(bytes, m.content.config_records[key]["pk2"])) for n, m in rep.items()}
         order = sorted(u1)
         random.SystemRandom().shuffle(order)
-        graph = neighbours(order, cfg.secagg_shares)
-        t = threshold_for(neighbourhood_size(len(order), cfg.secagg_shares),
-                          cfg.secagg_threshold)
+        shares = self.cfg.secagg_shares
+        t = threshold_for(neighbourhood_size(len(order), shares), self.cfg.secagg_threshold)
+        return KeyRing(self.rnd if rnd is None else rnd, attempt, neighbours(order, shares), t,
+                       pks, u1)
 
-        # 2. share keys
-        def share_msg(n: int) -> RecordDict:
-            nb = graph[n]
-            return RecordDict({RECORD: ConfigRecord({
-                **base, "stage": SHARE_KEYS, "threshold": t, "neighbours": nb,
-                "pk1": [pks[v][0] for v in nb], "pk2": [pks[v][1] for v in nb]})})
+    @staticmethod
+    def _share_records(ring: KeyRing) -> dict[int, ConfigRecord]:
+        out = {}
+        for n in ring.u1:
+            nb = ring.graph[n]
+            out[n] = ConfigRecord({
+                "round": ring.rnd, "attempt": ring.attempt, "stage": SHARE_KEYS,
+                "threshold": ring.t, "neighbours": nb,
+                "pk1": [ring.pks[v][0] for v in nb], "pk2": [ring.pks[v][1] for v in nb]})
+        return out
 
-        rep = self._send(SHARE_KEYS, {n: share_msg(n) for n in u1}, cfg.secagg_timeout)
-        u2 = set(rep)
-        fwd: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in u2}
+    def _share_keys(self, ring: KeyRing, rep: dict[int, Message]) -> None:
+        """Encrypted shares received -> what to forward to whom (from ``u2`` only)."""
+        ring.u2 = set(rep)
+        ring.fwd = {n: ([], []) for n in ring.u2}
         for src, m in rep.items():
             rec = m.content.config_records[RECORD]
             for dst, ct in zip(cast(list[int], rec["dsts"]), cast(list[bytes], rec["ctxts"]),
                                strict=True):
-                if dst in fwd and dst in graph[src]:
-                    fwd[dst][0].append(src)
-                    fwd[dst][1].append(ct)
-        self._check_holders(u2, graph, u2, t, "share keys")
+                if dst in ring.fwd and dst in ring.graph[src]:
+                    ring.fwd[dst][0].append(src)
+                    ring.fwd[dst][1].append(ct)
+        self._check_holders(ring.u2, ring.graph, ring.u2, ring.t, "share keys")
 
-        # 3. masked upload
-        masked_msgs = {n: RecordDict({RECORD: ConfigRecord({
-            **base, "stage": MASKED, "srcs": fwd[n][0], "ctxts": fwd[n][1]})}) for n in u2}
-        rep = self._send(MASKED, masked_msgs, cfg.secagg_timeout)
+    def _finish(self, ring: KeyRing, participants: set[int],
+                ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+        """Masked upload (nodes train on the first attempt) and unmask; returns the sum."""
+        cfg = self.cfg
+        base = {"round": ring.rnd, "attempt": ring.attempt}
+        graph, t, u2 = ring.graph, ring.t, ring.u2 & participants
+        arrays = ArrayRecord(torch_state_dict=self.global_state)
+        config = ConfigRecord({"server-round": self.rnd})
+        masked_msgs = {n: RecordDict({
+            "arrays": arrays, "config": config,
+            RECORD: ConfigRecord({**base, "stage": MASKED, "srcs": ring.fwd[n][0],
+                                  "ctxts": ring.fwd[n][1], "sampled": len(self.nodes),
+                                  "size": self.layout.size, "rowwise": self.rowwise,
+                                  "clip-range": float(cfg.secagg_clip_range),
+                                  "quant-range": int(cfg.secagg_quant_range)})}) for n in u2}
+        rep = self._send(MASKED, masked_msgs, cfg.round_timeout)
         total = np.zeros(self.layout.size, dtype=np.uint64)
         train: dict[int, dict[str, float]] = {}
         for n, m in rep.items():
@@ -197,14 +257,19 @@ class SecAggRound:
             total += vec
             train[n] = metrics
         u3 = set(train)
+        dead = ring.u2 - u3
         self._check_holders(u3, graph, u3, t, "masked upload")
-        self._check_holders(u2 - u3, graph, u3, t, "masked upload", min_alive=0)
+        self._check_holders(dead, graph, u3, t, "masked upload", min_alive=0)
 
-        # 4. unmask
-        dead = u2 - u3
-        unmask_msgs = {n: RecordDict({RECORD: ConfigRecord({
-            **base, "stage": UNMASK, "active": [v for v in graph[n] if v in u3],
-            "dead": [v for v in graph[n] if v in dead]})}) for n in u3}
+        # unmask (+ the next round's setup, piggybacked)
+        unmask_msgs = {}
+        for n in u3:
+            content = RecordDict({RECORD: ConfigRecord({
+                **base, "stage": UNMASK, "active": [v for v in graph[n] if v in u3],
+                "dead": [v for v in graph[n] if v in dead]})})
+            if self.pipeline:
+                content[RECORD_NEXT] = self._setup_record(self.rnd + 1, 0)
+            unmask_msgs[n] = content
         rep = self._send(UNMASK, unmask_msgs, cfg.secagg_timeout)
         t_unmask = time.perf_counter()
         shares: dict[int, list[bytes]] = {n: [] for n in u3 | dead}
@@ -223,7 +288,7 @@ class SecAggRound:
             sk1 = bytes_to_private_key(combine_shares(shares[d]))
             for w in graph[d]:
                 if w in u3:
-                    mask = prg_mask(generate_shared_key(sk1, bytes_to_public_key(pks[w][0])),
+                    mask = prg_mask(generate_shared_key(sk1, bytes_to_public_key(ring.pks[w][0])),
                                     total.shape[0])
                     if pair_sign(w, d) > 0:
                         total -= mask
@@ -231,7 +296,44 @@ class SecAggRound:
                         total += mask
         summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
         self._time("server-unmask", t_unmask)
+        if self.pipeline:
+            nxt = {n: m for n, m in rep.items() if RECORD_NEXT in m.content.config_records}
+            try:
+                self.next_ring = self._setup(0, nxt, RECORD_NEXT, rnd=self.rnd + 1)
+            except AttemptFailedError:
+                self.next_ring = None
         return summed, {self._label(n, u3): train[n] for n in sorted(u3)}
+
+    # ------------------------------------------------------------------ pipelining
+    def next_share_records(self) -> dict[int, dict[str, ConfigRecord]]:
+        """The next round's share-keys requests, to ride on this round's evaluate messages."""
+        if self.next_ring is None:
+            return {}
+        return {n: {RECORD: rec} for n, rec in self._share_records(self.next_ring).items()}
+
+    def collect_next(self, replies: list[Message]) -> None:
+        """Read the next round's encrypted shares from the evaluate replies into
+        ``next_prepared``, the next round's ``prepared`` (None: it runs setup itself)."""
+        self.next_prepared = self._collect(replies)
+
+    def _collect(self, replies: list[Message]) -> KeyRing | None:
+        ring = self.next_ring
+        if ring is None:
+            return None
+        ok = {}
+        for r in replies:
+            n = int(r.metadata.src_node_id)
+            if n in ring.u1 and not r.has_error() and RECORD in r.content.config_records:
+                ok[n] = r
+        for n in ring.u1 - set(ok):
+            ring.dropped.setdefault(SHARE_KEYS, []).append(self.markets.get(n, f"node-{n}"))
+        try:
+            self._share_keys(ring, ok)
+        except AttemptFailedError as exc:
+            log.warning("round %d: pipelined share-keys failed (%s); next round runs setup",
+                        self.rnd, exc)
+            return None
+        return ring
 
     # ------------------------------------------------------------------ helpers
     def _send(self, stage: str, contents: dict[int, RecordDict],
@@ -313,13 +415,19 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
     multipliers = [float(r["secagg"]["dp_multiplier"]) for r in run.rounds
                    if "dp_multiplier" in r.get("secagg", {})]
     doc: dict[str, Any] = {}
+    prepared: KeyRing | None = None
+    # the next round's setup/share-keys ride on this round's unmask/evaluate messages when
+    # every node trains every round (with sampling the next round's nodes are not known yet)
+    pipeline = cfg.fraction_train >= 1.0
     for rnd in range(run.start + 1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         msgs = list(strategy.configure_train(
             rnd, ArrayRecord(torch_state_dict=strategy.global_state),
             ConfigRecord({"server-round": rnd}), grid))
         nodes = [int(m.metadata.dst_node_id) for m in msgs]
-        result = SecAggRound(grid, cfg, rnd, strategy.global_state, nodes).run()
+        sa = SecAggRound(grid, cfg, rnd, strategy.global_state, nodes, prepared,
+                         pipeline=pipeline and rnd < cfg.num_rounds)
+        result = sa.run()
         aggregate_round(run, rnd, result, dp)
         if dp and result.summed is not None and cfg.dp_noise > 0:
             multipliers.append(effective_multiplier(cfg.dp_noise, result.n_sampled,
@@ -331,7 +439,9 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
                                     "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip}
             result.report["epsilon"] = run.extra["privacy"]["epsilon"]
         doc = finish_round(grid, run, rnd, t0, time.perf_counter() - t0,
-                           extra={"secagg": result.report})
+                           extra={"secagg": result.report},
+                           eval_records=sa.next_share_records(), on_eval=sa.collect_next)
+        prepared = sa.next_prepared
     return final_doc(run, doc)
 
 

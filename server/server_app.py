@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from server.strategy import EncoderFedAvg
@@ -69,14 +69,27 @@ def prepare_run(cfg: RunConfig) -> ServerRun:
 
 
 def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None,
+                 eval_records: Mapping[int, Mapping[str, ConfigRecord]] | None = None,
+                 on_eval: Callable[[list[Message]], Any] | None = None) -> dict[str, Any]:
     """Evaluate the new global encoder on every market, append the round (plus ``extra``
-    keys) and write ``encoder.pt`` + ``metrics.json``; returns the metrics document."""
+    keys) and write ``encoder.pt`` + ``metrics.json``; returns the metrics document.
+
+    ``eval_records`` adds per-node records to the evaluate messages and ``on_eval`` sees the
+    replies (SecAgg+ piggybacks the next round's share-keys stage on evaluation)."""
     cfg, strategy = run.cfg, run.strategy
-    ev_replies = grid.send_and_receive(
-        strategy.configure_evaluate(rnd, ArrayRecord(torch_state_dict=strategy.global_state),
-                                    ConfigRecord({"server-round": rnd}), grid),
-        timeout=cfg.round_timeout)
+    msgs = list(strategy.configure_evaluate(
+        rnd, ArrayRecord(torch_state_dict=strategy.global_state),
+        ConfigRecord({"server-round": rnd}), grid))
+    if eval_records:
+        msgs = [Message(RecordDict({**dict(m.content.items()),
+                                    **eval_records.get(m.metadata.dst_node_id, {})}),
+                        dst_node_id=m.metadata.dst_node_id,
+                        message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+                for m in msgs]
+    ev_replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    if on_eval is not None:
+        on_eval(ev_replies)
     strategy.aggregate_evaluate(rnd, ev_replies)
     markets = {}
     for m, metrics in sorted(strategy.last_markets.items()):

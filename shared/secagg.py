@@ -53,6 +53,7 @@ from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
 
 MESSAGE_TYPE = "train.secagg"
 RECORD = "secagg"  # ConfigRecord key carrying the protocol fields both ways
+RECORD_NEXT = "secagg-next"  # the next round's setup, piggybacked on this round's unmask
 SETUP, SHARE_KEYS, MASKED, UNMASK = "setup", "share-keys", "masked-upload", "unmask"
 STAGES = (SETUP, SHARE_KEYS, MASKED, UNMASK)
 MASKED_KEY = "masked"  # ArrayRecord key of the masked vector (uint64)

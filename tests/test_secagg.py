@@ -137,17 +137,17 @@ def run(tmp_path, markets, mods=None, **cfg_extra):
 
 def updates_by_market(grid, recorded):
     """Recorded updates -> {market: update}; the spy records in the order the nodes trained,
-    which is the order of their first replies (one training per node and round)."""
-    markets = _setup_order(grid)
+    which is the order of their first masked uploads (one training per node and round)."""
+    markets = _train_order(grid)
     assert len(recorded) == len(markets)
     return dict(zip(markets, recorded, strict=True))
 
 
-def _setup_order(grid):
+def _train_order(grid):
     order = []
     for msg in grid.received:
-        if (not msg.has_error() and "info" in msg.content
-                and RECORD in msg.content.config_records):  # SecAgg+ replies only
+        if (not msg.has_error() and RECORD in msg.content.config_records
+                and "arrays" in msg.content.array_records):  # masked uploads: trained nodes
             m = str(msg.content.config_records["info"]["market"])
             if m not in order:
                 order.append(m)
@@ -286,10 +286,11 @@ def test_dropout_in_each_stage_completes_with_survivors(tmp_path, recorded, stag
     rep = doc["rounds"][0]["secagg"]
     # a node that fails at setup never said which market it serves
     assert rep["dropped"] == {stage: [f"node-{grid.ids[1]}" if stage == "setup" else "m1"]}
+    assert "pipelined" not in rep["attempts"][0] or not rep["attempts"][0]["pipelined"]
     # a node dropping at unmask already uploaded: its update is in the sum (its private mask is
     # rebuilt from its neighbours' shares); earlier dropouts are left out
     expected = markets if stage == "unmask" else ["m0", "m2", "m3"]
-    assert rep["attempts"] == [{"attempt": 0, "aggregated": expected}]
+    assert len(rep["attempts"]) == 1 and rep["attempts"][0]["aggregated"] == expected
     updates = updates_by_market(grid, recorded)
     check_average(cfg, glob, new, [updates[m] for m in expected], doc)
     assert sorted(doc["rounds"][0]["markets"]) == markets  # every market is still evaluated
@@ -349,12 +350,68 @@ def test_dp_mode_reports_epsilon_and_averages_clipped_updates(tmp_path, recorded
 def test_storefed_simulate_secagg_end_to_end(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--secagg",
-                          "--rounds", "1", "--markets", "m0,m1,m2", "--out", str(out),
+                          "--rounds", "2", "--markets", "m0,m1,m2", "--out", str(out),
                           "--config", "embedding-dim=8", "--config", "local-epochs=1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((out / "metrics.json").read_text())
-    rep = doc["rounds"][0]["secagg"]
-    assert rep["attempts"][-1]["aggregated"] == ["m0", "m1", "m2"]
-    assert rep["clipped_values"] == 0 and not doc["rounds"][0]["rejected"]
+    for r in doc["rounds"]:
+        rep = r["secagg"]
+        assert rep["attempts"][-1]["aggregated"] == ["m0", "m1", "m2"]
+        assert rep["clipped_values"] == 0 and not r["rejected"]
+    # round 2 used keys exchanged during round 1 (piggybacked through Flower's engine)
+    assert doc["rounds"][1]["secagg"]["attempts"][0]["pipelined"] is True
+    assert set(doc["rounds"][1]["secagg"]["stage_seconds"]) == {
+        "masked-upload", "unmask", "server-unmask"}
     assert doc["final"]["average"]["ndcg@10"] > 0.05
+
+
+def eval_drop_mod(market_index: int, rnd: int):
+    """Make one node fail its evaluate message of one round (it carries next round's
+    piggybacked share-keys stage)."""
+
+    def mod(msg, ctx, call_next):
+        if (msg.metadata.message_type == "evaluate"
+                and ctx.node_config["partition-id"] == market_index
+                and msg.content.config_records["config"]["server-round"] == rnd):
+            raise RuntimeError("injected dropout at evaluate")
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def round_start(grid, rnd):
+    for msg in grid.sent:
+        if (msg.metadata.message_type == MESSAGE_TYPE
+                and msg.content.config_records[RECORD]["stage"] == "masked-upload"
+                and msg.content.config_records[RECORD]["round"] == rnd):
+            return msg.content.array_records["arrays"].to_torch_state_dict()
+    raise AssertionError(f"no masked-upload message for round {rnd}")
+
+
+@pytest.mark.parametrize("fail", ["none", "piggybacked share-keys", "unmask + next setup"])
+def test_pipelined_rounds(tmp_path, recorded, fail):
+    """Round 2 reuses keys set up during round 1 (only masked upload + unmask exchanges);
+    dropouts in the piggybacked stages still leave a correct round 2."""
+    markets = ["m0", "m1", "m2"]
+    mods = {"none": [], "piggybacked share-keys": [eval_drop_mod(1, 1)],
+            "unmask + next setup": [drop_mod(1, "unmask", rounds=(1,))]}[fail]
+    cfg, grid, doc, glob, new = run(tmp_path, markets, mods=mods, **{"num-rounds": 2})
+    r1, r2 = (r["secagg"] for r in doc["rounds"])
+    assert r1["attempts"][0]["aggregated"] == markets
+    stages_r2 = [m.content.config_records[RECORD]["stage"] for m in grid.sent
+                 if m.metadata.message_type == MESSAGE_TYPE
+                 and m.content.config_records[RECORD]["round"] == 2]
+    if fail == "unmask + next setup":  # m1 sent no keys for round 2: full protocol, all in
+        assert r2["attempts"][0]["pipelined"] is False and "setup" in stages_r2
+        expected = markets
+    else:
+        assert r2["attempts"][0]["pipelined"] is True
+        assert set(stages_r2) == {"masked-upload", "unmask"}
+        expected = markets if fail == "none" else ["m0", "m2"]
+        if fail != "none":
+            assert r2["dropped"] == {"share-keys": ["m1"]}
+    assert r2["attempts"][0]["aggregated"] == expected
+    round2 = recorded[len(markets):]  # round-1 updates come first
+    assert len(round2) == len(expected)
+    check_average(cfg, round_start(grid, 2), new, round2, doc)
