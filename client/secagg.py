@@ -1,15 +1,18 @@
 """Client side of storefed's SecAgg+ (the ``train.secagg`` messages; see ``shared/secagg.py``
 for the protocol and why it is not Flower's legacy ``secaggplus_mod``).
 
-One handler serves the four stages. At **setup** the market trains once per round (a restarted
-attempt of the same round reuses the update: no retraining), optionally clips and noises it
-(``shared/dp.py``), encodes it into one integer vector, and answers two fresh public keys. At
+One handler serves the four stages. At **setup** the market answers two fresh public keys. At
 **share keys** it Shamir-shares a fresh private-mask seed and its first secret key among its
-neighbours, each share encrypted for one neighbour. At **masked upload** it decrypts the shares it
-was forwarded and uploads ``vector + PRG(seed) +- PRG(pairwise keys)`` (mod 2**64) with its train
-metrics. At **unmask** it reveals seed shares of the neighbours that uploaded and secret-key shares
-of those that did not, never both for one node, and only after checking the stage order.
-The protocol state lives in ``context.state`` (same node, successive messages).
+neighbours, each share encrypted for one neighbour. At **masked upload** it trains once per round
+(a restarted attempt of the same round reuses the encoded update: no retraining), optionally
+clips and noises the update (``shared/dp.py``), encodes it into one integer vector, decrypts the
+shares it was forwarded and uploads ``vector + PRG(seed) +- PRG(pairwise keys)`` (mod 2**64) with
+its train metrics. At **unmask** it reveals seed shares of the neighbours that uploaded and
+secret-key shares of those that did not, never both for one node, only after checking the stage
+order of that (round, attempt). The server may piggyback the next round's setup on an unmask
+message (``secagg-next``) and its share-keys on an evaluate message (``piggyback``).
+The protocol state lives in ``context.state`` (same node, successive messages), one record
+per (round, attempt); records of older rounds are dropped.
 """
 
 from __future__ import annotations

@@ -5,22 +5,31 @@ primitives rather than the legacy ``SecAggPlusWorkflow`` are described in ``shar
 
 Per round: sample nodes with the strategy (``EncoderFedAvg.configure_train``), then
 
-1. **setup** (``train.secagg``, carries the global encoder): nodes train, encode and answer two
-   public keys. Survivors U1; the SecAgg+ neighbour graph (a ring over shuffled U1) and the
-   reconstruction threshold are fixed now, so a setup dropout is simply not in the graph.
+1. **setup**: nodes answer two fresh public keys. Survivors U1; the SecAgg+ neighbour graph (a
+   ring over shuffled U1) and the reconstruction threshold are fixed now, so a setup dropout is
+   simply not in the graph.
 2. **share keys**: each node gets its neighbours' keys, answers encrypted Shamir shares of its
    mask seed and first secret key. Survivors U2; nodes that dropped here are never masked with.
-3. **masked upload**: each node gets the shares addressed to it (from U2 only) and uploads its
-   masked vector and train metrics. Survivors U3; their masked vectors are summed (mod 2**64).
+3. **masked upload** (carries the global encoder): each node trains (once per round), encodes,
+   decrypts the shares addressed to it (from U2 only) and uploads its masked vector and train
+   metrics. Survivors U3; their masked vectors are summed (mod 2**64).
 4. **unmask**: each node in U3 reveals seed shares of its neighbours in U3 and secret-key shares
    of its neighbours in U2 - U3. The server removes every private mask and the pairwise masks of
    the U2 - U3 dropouts, then decodes the sum (``apply_summed_update``).
 
+**Pipelining** (when every node trains every round, ``fraction-train = 1``): the next round's
+setup rides on this round's unmask messages and its share-keys on this round's evaluate
+messages, so from round 2 on a round costs two SecAgg+ exchanges (masked upload, unmask) plus
+the evaluation that plain FedAvg runs anyway, instead of four. A node missing from the
+prepared keys (it failed the piggybacked setup) makes that round run setup and share-keys
+itself; a node that failed the piggybacked share-keys is a share-keys dropout of the round.
+
 If a stage leaves fewer than two nodes, or a secret that will be needed has fewer holders than
 the threshold, the attempt is abandoned (no sum was revealed) and the round restarts from setup
-with the survivors, up to ``secagg-retries`` times; clients reuse the update they trained for the
-round. The round record in ``metrics.json`` gets a ``secagg`` entry: attempts, who dropped at
-which stage, how many values were clipped, the quantisation bound, and (DP mode) epsilon.
+with the survivors (fresh keys), up to ``secagg-retries`` times; clients reuse the update they
+trained for the round. The round record in ``metrics.json`` gets a ``secagg`` entry: attempts,
+who dropped at which stage, how many values were clipped, the quantisation bound, stage times
+and (DP mode) epsilon.
 Integrity: the decoded sum of dense weights must equal the sum of the ``num-examples`` the
 markets reported (the number of markets in DP mode), else the round's update is rejected.
 """

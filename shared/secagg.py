@@ -38,6 +38,13 @@ shares (``flwr.common.secure_aggregation.crypto.symmetric_encryption``) and Sham
   removed from its seed shares. When a stage leaves too few nodes (fewer than two, or fewer than
   the reconstruction threshold a secret needs) the round restarts from setup with the survivors
   (clients reuse the update they already trained for the round) up to ``secagg-retries`` times.
+* **Pipelining**: the next round's setup and share-keys ride on this round's unmask and evaluate
+  messages, so a steady-state round adds two message exchanges to plain FedAvg, not three.
+* **Threat model** (as SecAgg+): honest-but-curious server, clients honest; the server learns
+  only sums over at least two (and at least ``threshold``) clients per completed attempt. A
+  malicious server could fake dropouts or restarts to isolate a client; clients only check the
+  stage order, the threshold and that no node is reported both alive and dropped. In DP mode the
+  noise is calibrated with the sample size the server announces.
 """
 
 from __future__ import annotations
