@@ -29,6 +29,7 @@ The Reptile-style meta-learned initialisation is a property of how the encoder w
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ from shared.model import (
     private_state,
     set_encoder_trainable,
 )
-from shared.node import init_heads_from_data
+from shared.node import build_model, init_heads_from_data, model_config
 from shared.train import evaluate, ranking_loss
 
 ITEM_KEY = "encoder.item_emb.weight"
@@ -153,10 +154,10 @@ def untrained_rows(ck: EncoderCheckpoint) -> np.ndarray:
         cfg = RunConfig.from_mapping(cfg_map, source="checkpoint meta")
     except ConfigError:
         return np.zeros(n, dtype=bool)
-    if cfg.embedding_dim != ck.model.dim:
+    catalog = checkpoint_catalog(ck)
+    if model_config(cfg, catalog) != ck.model:
         return np.zeros(n, dtype=bool)
-    torch.manual_seed(cfg.seed)  # same recipe as shared.node.build_model
-    init = MarketModel(ck.model, torch.as_tensor(np.asarray(ck.item_category, dtype=np.int64)))
+    init = build_model(cfg, catalog)  # the server's round-0 encoder (seeded)
     w0 = init.encoder.item_emb.weight.detach()[:n]
     w = ck.state[ITEM_KEY].detach()[:n]
     return torch.all(w == w0, dim=1).numpy()
@@ -177,8 +178,8 @@ def map_encoder(ck: EncoderCheckpoint, catalog: Catalog, fresh_init: str = "cate
     untrained_src = untrained_rows(ck)
     known = present.copy()
     known[present] = ~untrained_src[src_rows[present]]
-    mcfg = ModelConfig(n_items=catalog.n_items, n_categories=len(catalog.categories),
-                       dim=ck.model.dim, n_experts=ck.model.n_experts)
+    mcfg = dataclasses.replace(ck.model, n_items=catalog.n_items,
+                               n_categories=len(catalog.categories))
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(catalog.n_items + 1, mcfg.dim, generator=gen) * 0.1
     w[torch.from_numpy(np.flatnonzero(present))] = w_src[torch.from_numpy(src_rows[present])]

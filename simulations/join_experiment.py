@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
     encoders = {"plain": Path(args.encoder) if args.encoder else federate(args, out / "fed")}
-    if args.reptile_server_lr:
+    if args.reptile_encoder:
+        encoders["reptile"] = Path(args.reptile_encoder)
+    elif args.reptile_server_lr:
         encoders["reptile"] = federate(args, out / "fed-reptile", args.reptile_server_lr)
     base = JoinSettings(seed=args.seed, eval_split=args.eval_split,
                         head_steps=args.head_steps, encoder_steps=args.encoder_steps,
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma list: adversarial")
     p.add_argument("--reptile-server-lr", type=float, default=0.0,
                    help="also federate with this Reptile server lr and join from it")
+    p.add_argument("--reptile-encoder", default="",
+                   help="reuse this Reptile-federated encoder instead of federating again")
     d = JoinSettings()
     p.add_argument("--head-steps", type=int, default=d.head_steps)
     p.add_argument("--encoder-steps", type=int, default=d.encoder_steps)
