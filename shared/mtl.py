@@ -270,16 +270,26 @@ def within_category_scores(scores: torch.Tensor, candidates: np.ndarray,
 def within_category_metrics(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,
                             item_category: np.ndarray, category_names: tuple[str, ...],
                             device: torch.device) -> dict[str, dict[str, object]]:
-    """``{"mixed": summary, "within": summary}`` (``summarize`` format, per category) on the
-    same candidate lists: mixed = the usual protocol, within = own-category negatives only."""
+    """``{"mixed": summary, "within": summary, "top10": counts}`` on the same candidate lists:
+    mixed = the usual protocol, within = own-category negatives only (``summarize`` format,
+    per category); top10 = per category, how many of all users' top-10 slots its items take
+    and how many candidates it had (a calibration check across categories)."""
     if len(candidates) == 0:
         empty = summarize(np.zeros(0), np.zeros(0))
-        return {"mixed": empty, "within": empty}
+        return {"mixed": empty, "within": empty, "top10": {}}
     scores = score_candidates(model, histories, candidates, device)
-    pos_cat = np.asarray(item_category)[candidates[:, 0]]
-    out = {}
+    cand_cat = np.asarray(item_category)[candidates]
+    pos_cat = cand_cat[:, 0]
+    out: dict[str, dict[str, object]] = {}
     for name, s in (("mixed", scores),
                     ("within", within_category_scores(scores, candidates, item_category))):
         ndcg, hr = ndcg_hr_at_k(s, 10)
         out[name] = summarize(ndcg.numpy(), hr.numpy(), pos_cat, category_names)
+    top = np.take_along_axis(cand_cat, torch.topk(scores, min(10, scores.shape[1]),
+                                                  dim=1).indices.numpy(), axis=1)
+    n = len(category_names)
+    slots, cands = np.bincount(top.ravel(), minlength=n), np.bincount(cand_cat.ravel(),
+                                                                      minlength=n)
+    out["top10"] = {category_names[c]: {"slots": int(slots[c]), "candidates": int(cands[c])}
+                    for c in range(n) if cands[c]}
     return out

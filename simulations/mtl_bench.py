@@ -171,6 +171,17 @@ def summarize_method(runs: list[dict[str, Any]]) -> dict[str, Any]:
             key = k if view == "mixed" else f"within_{k}"
             cat_avg[key], cat_avg[f"{key}_std"] = _mean_std(
                 [float(np.mean([p[c][k] for c in names])) for p in per_seed])
+    for c, e in cats.items():  # share of top-10 slots vs share of candidates / positives
+        shares = []
+        for r in runs:
+            tot = {k: sum(s["top10"].get(c, {}).get(k, 0) for s in r["scores"].values())
+                   for k in ("slots", "candidates")}
+            all_slots = sum(v["slots"] for s in r["scores"].values() for v in s["top10"].values())
+            all_cands = sum(v["candidates"] for s in r["scores"].values()
+                            for v in s["top10"].values())
+            shares.append((tot["slots"] / max(all_slots, 1), tot["candidates"] / max(all_cands, 1)))
+        e["top10_share"] = float(np.mean([a for a, _ in shares]))
+        e["candidate_share"] = float(np.mean([b for _, b in shares]))
     rounds = [rd for r in runs for rd in r["doc"]["rounds"]]
     return {"markets": markets, "average": average, "categories": cats,
             "category_average": cat_avg,
@@ -232,8 +243,11 @@ def compare(methods: dict[str, Any], train_examples: dict[str, int]) -> dict[str
                     entry["mmoe"] = mm["categories"][c][key]
                     entry["mmoe_fixes"] = mm["categories"][c][key] >= b
                 neg.append(entry)
-            out["by_category"].setdefault(c, {"train_examples": train_examples[c]})[
-                f"sb_gain_{view}"] = g
+            entry_c = out["by_category"].setdefault(c, {"train_examples": train_examples[c]})
+            entry_c[f"sb_gain_{view}"] = g
+            # share of the remaining error (1 - ndcg) that sharing removes: comparable across
+            # categories whose baselines differ (own-category lists differ in length)
+            entry_c[f"sb_error_reduction_{view}"] = 1.0 - (1.0 - s) / (1.0 - b) if b < 1 else None
         small_g = [gains[c] for c in small]
         rest_g = [gains[c] for c in names if c not in small]
         res["small_mean_gain"] = float(np.mean(small_g))
@@ -241,6 +255,10 @@ def compare(methods: dict[str, Any], train_examples: dict[str, int]) -> dict[str
         res["small_gain_most"] = bool(rest_g) and res["small_mean_gain"] > max(rest_g)
         res["small_gain_more_on_average"] = bool(rest_g) and res["small_mean_gain"] > float(
             np.mean(rest_g))
+        red = {c: out["by_category"][c][f"sb_error_reduction_{view}"] for c in names}
+        res["small_mean_error_reduction"] = float(np.mean([red[c] for c in small]))
+        rest_r = [red[c] for c in names if c not in small]
+        res["rest_mean_error_reduction"] = float(np.mean(rest_r)) if rest_r else None
         res["negative_transfer"] = neg
         out[view] = res
     return out
@@ -361,8 +379,15 @@ def print_report(doc: dict[str, Any]) -> None:
         small = 100 * r["small_mean_gain"]
         rest = 100 * (r["rest_mean_gain"] or 0.0)
         print(f"[{view}] shared-bottom vs single-task: {gain:+.1f}% avg ndcg@10; small "
-              f"{cmp_['small_categories']} {small:+.1f}% vs rest {rest:+.1f}%; "
-              f"negative transfer: {neg}")
+              f"{cmp_['small_categories']} {small:+.1f}% vs rest {rest:+.1f}%; error "
+              f"reduction small {100 * r['small_mean_error_reduction']:.1f}% vs rest "
+              f"{100 * (r['rest_mean_error_reduction'] or 0.0):.1f}%; negative transfer: {neg}")
+    print("\nshare of top-10 slots (calibration across categories) vs share of candidates")
+    print(f"{'category':<14}{'cands':>8}" + "".join(f"{m:>16}" for m in methods))
+    for c in names:
+        first = next(iter(methods.values()))["categories"][c]
+        print(f"{c:<14}{first['candidate_share']:>8.3f}"
+              + "".join(f"{v['categories'][c]['top10_share']:>16.3f}" for v in methods.values()))
 
 
 def add_mtl_options(p: argparse.ArgumentParser) -> None:
