@@ -275,7 +275,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     train = doc["train_examples"]
     names = sorted((c for c in train if all(c in m["categories"] for m in methods.values())),
                    key=lambda c: train[c])
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(names) + 3) * 1.6, 4.2))
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 1.1 * len(names) + 3), 7.5))
     width = 0.8 / max(1, len(methods))
     for ax, (key, title) in zip(axes, (("ndcg@10", "mixed candidates (protocol)"),
                                        ("within_ndcg@10", "own-category candidates only")),
