@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import atomic_write_bytes
+from shared.checkpoint import atomic_write_bytes, load_encoder
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import DataError
 from shared.train import resolve_device
@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="rows for items the encoder never trained")
     p.add_argument("--eval-split", choices=("test", "valid"), default=d.eval_split)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-history", type=int, default=50)
+    p.add_argument("--max-history", type=int, default=None,
+                   help="history window (default: the federation's, from the checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return "join", run
 
@@ -75,14 +76,18 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
         seed=args.seed)
+    ck = load_encoder(args.encoder)  # fail fast on a corrupted checkpoint, before the data
+    meta_cfg = ck.meta.get("config")
+    fed_cfg: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
+    max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
-                                 seed=args.seed, max_history=args.max_history)
+                                 seed=args.seed, max_history=max_history)
     device = resolve_device(args.device)
     outcome = join_market(args.encoder, catalog, split, settings, device,
                           with_scratch=not args.no_scratch)
     out = Path(args.out)
     config = {"dataset": args.dataset, "data-dir": args.data_dir, "markets": args.market,
-              "seed": args.seed, "max-history": args.max_history,
+              "seed": args.seed, "max-history": max_history,
               "embedding-dim": outcome.model.cfg.dim}
     paths = save_joined(out, outcome, catalog, config)
     outcome.details["saved"] = paths
