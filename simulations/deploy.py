@@ -178,15 +178,17 @@ def flower_env(flwr_home: str | Path | None = None,
 
 
 def superlink_command(certs: str | Path, host: str = "127.0.0.1", port: int = 9092,
-                      database: str | Path | None = None) -> list[str]:
+                      database: str | Path | None = None,
+                      plain_logs: bool = False) -> list[str]:
     """``flower-superlink`` with TLS (``certs``/ca.crt, server.crt, server.key) and SuperNode
     authentication. ``database`` keeps registrations and runs across SuperLink restarts."""
     c = Path(certs)
     for f in ("ca.crt", "server.crt", "server.key"):
         if not (c / f).is_file():
             raise DeployError(f"{c / f} is missing: run `storefed deploy certs --out {c}` first")
-    cmd = [str(Path(sys.executable).parent / "flower-superlink"),
-           "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
+    exe = ([sys.executable, "-m", "simulations.deploy_exec", "superlink"] if plain_logs
+           else [str(Path(sys.executable).parent / "flower-superlink")])
+    cmd = [*exe, "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
            "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
            "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
     if database:
@@ -217,14 +219,16 @@ def _toml_value(key: str, value: Any) -> str:
 
 def supernode_command(superlink: str, ca: str | Path | None, key: str | Path | None,
                       node_config: str, runtime_port: int = 9094,
-                      runtime_host: str = "127.0.0.1", fleet_poll: float = 3.0) -> list[str]:
+                      runtime_host: str = "127.0.0.1", fleet_poll: float = 3.0,
+                      isolation: str = "process") -> list[str]:
     """``flower-supernode`` over TLS (``ca`` verifies the SuperLink), authenticated with ``key``,
     ``--isolation process``: ClientApps run in the warm executor next to it. ``fleet_poll`` < 3
     runs it through ``simulations.deploy_exec`` with a shorter idle poll of the SuperLink."""
-    exe = ([sys.executable, "-m", "simulations.deploy_exec", str(fleet_poll)] if fleet_poll < 3
+    exe = ([sys.executable, "-m", "simulations.deploy_exec", "supernode", str(fleet_poll)]
+           if fleet_poll < 3
            else [str(Path(sys.executable).parent / "flower-supernode")])
     cmd = [*exe, "--superlink", superlink,
-           "--isolation", "process", "--host", runtime_host, "--port", str(runtime_port),
+           "--isolation", isolation, "--host", runtime_host, "--port", str(runtime_port),
            "--node-config", node_config, "--max-wait-time", "3600"]
     cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     if key:
@@ -406,14 +410,14 @@ def wait_run(run_id: int, env: Mapping[str, str], timeout: float, connection: st
     Raises DeployError on timeout or when one of ``alive`` (e.g. the SuperLink) exits."""
     watched = list(alive)
     end = time.monotonic() + timeout
-    next_check = 0.0
+    last_check = -1e9
     while time.monotonic() < end:
-        now = time.monotonic()
-        if now >= next_check or (done_hint is not None and done_hint()):
+        since = time.monotonic() - last_check
+        if since >= poll or (since >= 2.0 and done_hint is not None and done_hint()):
             status = run_status(run_id, env, connection)
             if status.startswith("finished"):
                 return status
-            next_check = time.monotonic() + poll
+            last_check = time.monotonic()
         for p in watched:
             if p.poll() is not None:
                 raise DeployError(f"process {p.pid} exited with {p.returncode} while run "
@@ -441,6 +445,9 @@ def run_supernode(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     import client.client_app  # noqa: F401, PLC0415 - warm the app (torch, storefed) up front
+    from simulations.deploy_exec import plain_logs  # noqa: PLC0415
+
+    plain_logs()
 
     for p in (args.ca, args.key):
         if p and not Path(p).is_file():
@@ -621,6 +628,9 @@ def _run(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from simulations.simulate import parse_overrides, print_summary  # noqa: PLC0415
 
+    if not Path(args.out).is_absolute():
+        raise ConfigError(f"--out {args.out!r} must be an absolute path: the ServerApp writes "
+                          f"it on the SuperLink host, relative to nothing you control")
     values = parse_overrides(args.config)
     values["markets"] = args.markets
     values["out-dir"] = args.out

@@ -130,7 +130,8 @@ class LocalCluster:
     def start_superlink(self) -> Proc:
         """TLS + SuperNode auth; registrations/runs in ``<root>/superlink.db`` so a restarted
         SuperLink keeps them. Returns once the port accepts connections."""
-        cmd = superlink_command(self.certs, "127.0.0.1", self.port, self.root / "superlink.db")
+        cmd = superlink_command(self.certs, "127.0.0.1", self.port, self.root / "superlink.db",
+                                plain_logs=True)
         proc = self._spawn("superlink", cmd, self.root / "home-superlink")
         wait_port(self.port, proc)
         return proc
@@ -156,6 +157,15 @@ class LocalCluster:
             cmd += ["--dataset", dataset]
         if device:
             cmd += ["--device", device]
+        return self._spawn(f"node-{market}", cmd, self.root / f"home-{market}")
+
+    def start_flower_node(self, market: str, key: Path, state_dir: Path, data_dir: str = "",
+                          dataset: str = "", device: str = "cpu") -> Proc:
+        """Flower's default layout, for comparison: plain ``flower-supernode --isolation
+        subprocess`` (a fresh ``flwr-clientapp`` process per message, 3 s Fleet poll)."""
+        nc = node_config_string(market, data_dir, str(state_dir), device, dataset)
+        cmd = supernode_command(self.address, self.certs / "ca.crt", key, nc, free_port(),
+                                isolation="subprocess")
         return self._spawn(f"node-{market}", cmd, self.root / f"home-{market}")
 
     def start_bare_supernode(self, name: str, key: Path | None, ca: Path | None,
@@ -195,6 +205,17 @@ def add_demo_parsers(dsub: argparse._SubParsersAction) -> None:
     d.add_argument("--keep", action="store_true", help="keep the work directory")
 
 
+    b = dsub.add_parser("bench", help="seconds per round: deployment vs simulation on the "
+                                      "same work (prints + writes JSON)")
+    _cluster_options(b)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--layouts", default="simulation,warm,flower",
+                   help="comma-separated: simulation (Flower simulation engine), warm (this "
+                        "deployment: warm executors, 0.5 s Fleet poll), flower (Flower's "
+                        "default SuperNode: a process per message, 3 s poll)")
+    b.add_argument("--out", default="runs/deploy-bench.json", help="JSON report")
+
+
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="xmarket", help="dataset (default xmarket)")
     p.add_argument("--data-dir", default="/work/shared/data/xmarket_forec_electronics",
@@ -220,6 +241,8 @@ def _markets(dataset: str, data_dir: str, wanted: str) -> list[str]:
 def run_demo_command(args: argparse.Namespace) -> int:
     if args.deploy_command == "demo":
         return _demo(args)
+    if args.deploy_command == "bench":
+        return _bench(args)
     raise ConfigError(f"unknown deploy command {args.deploy_command}")
 
 
@@ -265,3 +288,86 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         print(f"work directory: {work}")
     return 0 if status.endswith("completed") else 1
+
+
+def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir: str,
+                dataset: str, layout: str = "warm",
+                timeout: float = 3600.0) -> tuple[dict[str, Any], float]:
+    """One run on a fresh local cluster; (metrics.json, seconds from submit to finished)."""
+    with LocalCluster(work) as cluster:
+        try:
+            cluster.make_certs()
+            cluster.start_superlink()
+            for m in markets:
+                key, _ = cluster.node_keys(m)
+                start = cluster.start_node if layout == "warm" else cluster.start_flower_node
+                start(m, key, work / "state" / m, data_dir, dataset)
+            t0 = time.perf_counter()
+            _, status = cluster.run(values, timeout)
+            wall = time.perf_counter() - t0
+        except BaseException:
+            for name in cluster.procs:
+                print(f"--- {name} log tail ---\n{cluster.log_tail(name, 1500)}",
+                      file=sys.stderr)
+            raise
+    if not status.endswith("completed"):
+        raise DeployError(f"{layout} deployment run ended {status}; logs in {work / 'logs'}")
+    doc: dict[str, Any] = json.loads((Path(values["out-dir"]) / "metrics.json").read_text())
+    return doc, wall
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import statistics  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from shared.config import RunConfig  # noqa: PLC0415
+    from simulations.simulate import parse_overrides, run_federated  # noqa: PLC0415
+
+    markets = _markets(args.dataset, args.data_dir, args.markets)
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    bad = [x for x in layouts if x not in ("simulation", "warm", "flower")]
+    if bad:
+        raise ConfigError(f"--layouts: unknown layout(s) {', '.join(bad)}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="storefed-bench-"))
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+    base: dict[str, Any] = {"dataset": args.dataset, "data-dir": data_dir,
+                            "markets": ",".join(markets), "num-rounds": args.rounds,
+                            "torch-threads": 1, "device": "cpu", **parse_overrides(args.config)}
+    results: dict[str, Any] = {}
+    for layout in layouts:
+        values = {**base, "out-dir": str(work / layout / "out")}
+        t0 = time.perf_counter()
+        if layout == "simulation":
+            doc = run_federated(RunConfig.from_mapping(values, source="bench"))
+            wall = time.perf_counter() - t0
+        else:
+            doc, wall = deploy_once(work / layout, values, markets, data_dir, args.dataset,
+                                    layout, args.timeout)
+        secs = [float(r["seconds"]) for r in doc["rounds"]]
+        steady = secs[1:] or secs
+        results[layout] = {"round_seconds": secs, "first_round_seconds": secs[0],
+                           "steady_round_seconds": statistics.mean(steady),
+                           "mean_round_seconds": statistics.mean(secs),
+                           "run_wall_seconds": wall, "final_average": doc["final"]["average"]}
+        print(f"{layout:<11} rounds {', '.join(f'{x:.1f}' for x in secs)} s "
+              f"(steady {statistics.mean(steady):.1f} s/round)", flush=True)
+    if "simulation" in results:
+        ref = results["simulation"]["steady_round_seconds"]
+        for r in results.values():
+            r["vs_simulation"] = r["steady_round_seconds"] / ref if ref > 0 else None
+    report = {"config": base, "markets": markets, "cores": os.cpu_count(),
+              "load_average_at_end": list(os.getloadavg()), "layouts": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{'layout':<11}{'first':>8}{'steady':>9}{'x sim':>7}   (seconds per round)")
+    for layout, r in results.items():
+        ratio = r.get("vs_simulation")
+        print(f"{layout:<11}{r['first_round_seconds']:>8.1f}{r['steady_round_seconds']:>9.1f}"
+              f"{(f'{ratio:.2f}' if ratio else '-'):>7}")
+    print(f"wrote {out}")
+    if not args.work:
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0

@@ -153,11 +153,32 @@ def supernode_main(argv: list[str], fleet_poll: float) -> int:
     from flwr.supernode.cli import flower_supernode  # noqa: PLC0415
 
     loop.time = _CappedSleep(fleet_poll)
+    plain_logs()
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
     return 0
 
 
+def plain_logs() -> None:
+    """Flower's console log with timestamps and without colour codes (for log files)."""
+    from flwr.supercore.logger import update_console_handler  # noqa: PLC0415
+
+    update_console_handler(timestamps=True, colored=False)
+
+
+def superlink_main(argv: list[str]) -> int:
+    """``flower-superlink`` with timestamped, uncoloured logs (used by the local cluster)."""
+    from flwr.superlink.cli import flower_superlink  # noqa: PLC0415
+
+    plain_logs()
+    sys.argv = ["flower-superlink", *argv]
+    flower_superlink()
+    return 0
+
+
 if __name__ == "__main__":
-    # python -m simulations.deploy_exec FLEET_POLL <flower-supernode args...>
-    sys.exit(supernode_main(sys.argv[2:], float(sys.argv[1])))
+    # python -m simulations.deploy_exec supernode FLEET_POLL <flower-supernode args...>
+    # python -m simulations.deploy_exec superlink <flower-superlink args...>
+    if sys.argv[1:2] == ["superlink"]:
+        sys.exit(superlink_main(sys.argv[2:]))
+    sys.exit(supernode_main(sys.argv[3:], float(sys.argv[2])))

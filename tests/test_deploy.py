@@ -117,6 +117,21 @@ def test_app_directory_carries_code_and_defaults(tmp_path):
         assert (app / f).is_file()
 
 
+def test_cli_certs_keys_and_bad_input(tmp_path, capsys):
+    from simulations.cli import main
+
+    assert main(["deploy", "certs", "--out", str(tmp_path), "--host", "link.test"]) == 0
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+    assert main(["deploy", "certs", "--out", str(tmp_path)]) == 0  # reuses the CA
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    assert main(["deploy", "keys", "--out", str(tmp_path / "k"), "de", "fr"]) == 0
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "de.key", "de.pub", "fr.key", "fr.pub"]
+    assert main(["deploy", "run", "--markets", "de", "--out", "relative/out"]) == 2
+    assert "absolute path" in capsys.readouterr().err
+    assert main(["deploy", "superlink", "--certs", str(tmp_path / "nothing")]) == 2
+
+
 # --------------------------------------------------------------------------- real processes
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
