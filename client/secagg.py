@@ -196,12 +196,14 @@ def _share_keys(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
     b_shares = create_shares(st["rd_seed"], t, len(nids))
     s_shares = create_shares(st["sk1"], t, len(nids))
     sk2 = bytes_to_private_key(st["sk2"])
+    st["ss2"] = {}
     dsts, ctxts = [], []
     for idx, nid in enumerate(nids):
         if nid == me:
             st["rd_shares"], st["sk_shares"] = {me: b_shares[idx]}, {me: s_shares[idx]}
             continue
         key = generate_shared_key(sk2, bytes_to_public_key(pk2s[idx]))
+        st["ss2"][nid] = key  # reused to decrypt this neighbour's shares (one ECDH per pair)
         ctxts.append(encrypt(key, share_keys_plaintext_concat(me, nid, b_shares[idx],
                                                               s_shares[idx])))
         dsts.append(nid)
@@ -216,12 +218,10 @@ def _masked(st: dict[str, Any], rec: ConfigRecord, context: Context) -> dict[str
         raise SecAggRefusedError("secagg masked-upload: malformed forwarded shares")
     if len(srcs) + 1 < st["threshold"]:
         raise SecAggRefusedError("secagg masked-upload: fewer neighbours than the threshold")
-    sk2 = bytes_to_private_key(st["sk2"])
     for src, ct in zip(srcs, ctxts, strict=True):
-        if src not in nids:
+        if src not in nids or src not in st["ss2"]:
             raise SecAggRefusedError(f"secagg masked-upload: share from non-neighbour {src}")
-        key = generate_shared_key(sk2, bytes_to_public_key(st["npk2"][nids.index(src)]))
-        actual, dst, b_share, s_share = share_keys_plaintext_separate(decrypt(key, ct))
+        actual, dst, b_share, s_share = share_keys_plaintext_separate(decrypt(st["ss2"][src], ct))
         if actual != src or dst != me:
             raise SecAggRefusedError(f"secagg masked-upload: share {actual}->{dst} forwarded as "
                               f"{src}->{me}")
@@ -255,7 +255,7 @@ def _unmask(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- state
-_DICTS = ("rd_shares", "sk_shares")
+_DICTS = ("rd_shares", "sk_shares", "ss2")
 
 
 def _key(rnd: int, attempt: int) -> str:

@@ -8,6 +8,9 @@ nDCG@10 of both (relative difference). Clients are the dataset's markets, cycled
 than the number of markets (the synthetic data has 4: N = 20 runs each market on 5 nodes; the
 protocol treats them as 20 distinct parties). ``--dp-noise 0.5,1,2`` adds a DP sweep (secagg +
 client-level DP, ``--dp-clip``) reporting nDCG@10 against epsilon.
+``--engine inprocess`` instead runs server and clients in this process (no Ray) and reports CPU
+seconds per round: the protocol's computational cost, robust to other load on the machine
+(wall-clock ratios on a shared, overloaded machine are mostly noise).
 Prints a table and writes ``OUT/secagg_bench.json``.
 """
 
@@ -17,8 +20,13 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
@@ -43,11 +51,96 @@ def _stages(doc: dict[str, Any]) -> dict[str, float]:
             for k in names}
 
 
+class LocalGrid(Grid):
+    """In-process Grid: node ``i`` runs ``app`` with partition-id ``i`` (no Ray, no polling),
+    so the CPU time of a run is the server's plus every client's."""
+
+    def __init__(self, app: Any, n: int, run_config: dict[str, Any]) -> None:
+        self.app = app
+        self.ids = [1 + i for i in range(n)]
+        self.contexts = {nid: Context(run_id=1, node_id=nid,
+                                      node_config={"partition-id": i, "num-partitions": n},
+                                      state=RecordDict(), run_config=dict(run_config))
+                         for i, nid in enumerate(self.ids)}
+
+    def set_run(self, run: Any) -> None:
+        del run
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # noqa: BLE001 - a failing ClientApp = an error reply
+                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
+        return replies
+
+
+def cpu_run(cfg: RunConfig, out: Path) -> tuple[float, dict[str, Any]]:
+    """Run ``cfg`` in this process through ``LocalGrid``; (CPU seconds per round, doc)."""
+    from client.client_app import make_app  # noqa: PLC0415
+    from server.secagg import run_server_secagg  # noqa: PLC0415
+    from server.server_app import run_server  # noqa: PLC0415
+
+    cfg = cfg.replace(out_dir=str(out), state_dir=str(out / "state"), torch_threads=1)
+    overrides = cfg.to_mapping()
+    grid = LocalGrid(make_app(overrides), len(cfg.market_list), overrides)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    t0 = time.process_time()
+    doc = (run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg) if cfg.secagg
+           else run_server(grid, cfg))
+    return (time.process_time() - t0) / cfg.num_rounds, doc
+
+
+def run_cpu_bench(cfg: RunConfig, clients: list[int], out: Path) -> list[dict[str, Any]]:
+    """CPU seconds per round, plain vs SecAgg+, all in one process: what the protocol costs
+    in computation, independent of message latency and of other load on the machine."""
+    chosen = cfg.market_list
+    cpu_run(cfg.replace(markets=_markets(cfg, 2, chosen), num_rounds=1), out / "warmup")
+    rows = []
+    for n in clients:
+        base = cfg.replace(markets=_markets(cfg, n, chosen))
+        p, dp = cpu_run(base.replace(secagg=False), out / f"cpu-n{n}-plain")
+        s, ds = cpu_run(base.replace(secagg=True), out / f"cpu-n{n}-secagg")
+        rows.append({"clients": n, "plain_cpu_round_s": p, "secagg_cpu_round_s": s,
+                     "ratio_cpu": s / p,
+                     "ndcg@10_plain": dp["final"]["average"]["ndcg@10"],
+                     "ndcg@10_secagg": ds["final"]["average"]["ndcg@10"]})
+        print(f"N={n:>3}  CPU per round plain {p:.2f}s secagg {s:.2f}s ratio {s / p:.2f}x | "
+              f"ndcg@10 {rows[-1]['ndcg@10_plain']:.4f} vs {rows[-1]['ndcg@10_secagg']:.4f}",
+              flush=True)
+    return rows
+
+
 def run_bench(cfg: RunConfig, clients: list[int], out: Path, dp_noise: list[float],
-              dp_clip: float, verbose: bool = False) -> dict[str, Any]:
+              dp_clip: float, verbose: bool = False, engine: str = "simulation",
+              ) -> dict[str, Any]:
     """Plain vs SecAgg+ per client count (and the optional DP sweep); returns the report."""
     chosen = cfg.market_list
     rows: list[dict[str, Any]] = []
+    if engine == "inprocess":
+        rows = run_cpu_bench(cfg, clients, out)
+        clients = []
     for n in clients:
         base = cfg.replace(markets=_markets(cfg, n, chosen))
         docs = {}
@@ -85,8 +178,9 @@ def run_bench(cfg: RunConfig, clients: list[int], out: Path, dp_noise: list[floa
                             "hr@10": doc["final"]["average"]["hr@10"]})
             print(f"dp-noise {sigma:g}: epsilon {dp_rows[-1]['epsilon']:.2f} "
                   f"ndcg@10 {dp_rows[-1]['ndcg@10']:.4f}", flush=True)
-    report = {"config": cfg.to_mapping(), "rows": rows, "dp": dp_rows,
-              "note": "per-round seconds are medians over rounds 2..R (round 1 starts Ray); "
+    report = {"config": cfg.to_mapping(), "engine": engine, "rows": rows, "dp": dp_rows,
+              "note": "simulation: per-round wall seconds, medians over rounds 2..R (round 1 "
+                      "starts Ray); inprocess: CPU seconds per round of server + all clients; "
                       "ratio = secagg / plain"}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "secagg_bench.json", json.dumps(report, indent=2).encode())
@@ -110,6 +204,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--local-epochs", type=int, default=None)
     p.add_argument("--dp-noise", default="", help="comma-separated noise multipliers to sweep")
     p.add_argument("--dp-clip", type=float, default=0.5, help="L2 clip for the DP sweep")
+    p.add_argument("--engine", choices=("simulation", "inprocess"), default="simulation",
+                   help="simulation: wall time through Flower's simulation engine; inprocess: "
+                        "CPU time of server + clients in one process (robust to machine load)")
     p.add_argument("--out", default="runs/secagg-bench", help="output directory")
     return "benchmark-secagg", _run
 
@@ -118,6 +215,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs)
     clients = [int(x) for x in args.clients.split(",") if x.strip()]
     noise = [float(x) for x in args.dp_noise.split(",") if x.strip()]
-    run_bench(cfg, clients, Path(args.out), noise, args.dp_clip, verbose=args.verbose)
+    run_bench(cfg, clients, Path(args.out), noise, args.dp_clip, verbose=args.verbose,
+              engine=args.engine)
     print(f"wrote {Path(args.out) / 'secagg_bench.json'}")
     return 0
