@@ -56,6 +56,7 @@ from shared.secagg import (
     encode,
     pair_sign,
     prg_mask,
+    sk_scalar,
 )
 from shared.wire import make_update
 
@@ -194,7 +195,7 @@ def _share_keys(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
     st.update(neighbours=nids, npk1=list(pk1s), npk2=list(pk2s), threshold=t,
               rd_seed=os.urandom(32))
     b_shares = create_shares(st["rd_seed"], t, len(nids))
-    s_shares = create_shares(st["sk1"], t, len(nids))
+    s_shares = create_shares(sk_scalar(st["sk1"]), t, len(nids))
     sk2 = bytes_to_private_key(st["sk2"])
     st["ss2"] = {}
     dsts, ctxts = [], []

@@ -48,7 +48,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from server.server_app import ServerRun, final_doc, finish_round, prepare_run
 from shared.config import RunConfig
@@ -70,6 +70,7 @@ from shared.secagg import (
     pair_sign,
     prg_mask,
     quant_step,
+    sk_from_scalar,
     threshold_for,
 )
 from shared.wire import WEIGHT_PREFIX, apply_summed_update
@@ -291,10 +292,11 @@ class SecAggRound:
         short = [n for n, s in shares.items() if len(s) < t]
         if short:
             raise AttemptFailedError(f"too few shares to unmask {len(short)} node(s)", set(rep))
+        # t shares rebuild a secret (Lagrange over more points gives the same, slower)
         for n in u3:  # private masks of every aggregated node
-            total -= prg_mask(combine_shares(shares[n]), total.shape[0])
+            total -= prg_mask(combine_shares(shares[n][:t]), total.shape[0])
         for d in dead:  # pairwise masks between aggregated nodes and a masked-upload dropout
-            sk1 = bytes_to_private_key(combine_shares(shares[d]))
+            sk1 = sk_from_scalar(combine_shares(shares[d][:t]))
             for w in graph[d]:
                 if w in u3:
                     mask = prg_mask(generate_shared_key(sk1, bytes_to_public_key(ring.pks[w][0])),

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
@@ -123,6 +125,20 @@ class VectorLayout:
             out[WEIGHT_PREFIX + k] = weights[wo:wo + nw].reshape(wshape)
             vo, wo = vo + n, wo + nw
         return out
+
+
+def sk_scalar(pem: bytes) -> bytes:
+    """The 48-byte secret scalar of a Flower (P-384, PEM) private key: what is Shamir-shared
+    instead of the ~300-byte PEM (Shamir runs per 16-byte chunk, in pure Python)."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("expected an elliptic-curve private key")
+    return key.private_numbers().private_value.to_bytes(48, "big")
+
+
+def sk_from_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    """Inverse of :func:`sk_scalar`."""
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())
 
 
 def quant_step(clip_range: float, quant_range: int) -> float:
