@@ -14,7 +14,8 @@ from typing import Any
 
 from shared.errors import ConfigError
 
-LOSSES = ("bce", "bpr", "softmax")
+LOSSES = ("bce", "bpr", "softmax", "full-softmax")
+HISTORY_MODES = ("causal", "bag")
 MTL_MODES = ("shared-bottom", "mmoe", "single-task")
 AGGREGATIONS = ("rowwise", "fedavg")
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,6 +40,7 @@ class RunConfig:
     train_negatives: int = 4
     eval_negatives: int = 99
     loss: str = "bce"
+    train_history: str = "bag"  # causal: a positive's input is the items before it
     mtl: str = "shared-bottom"
     num_experts: int = 4
     aggregation: str = "rowwise"  # rowwise: item rows averaged over the markets that hold them
@@ -70,6 +72,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)
+        _choice("train-history", self.train_history, HISTORY_MODES)
         _choice("mtl", self.mtl, MTL_MODES)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("device", self.device, DEVICES)

@@ -33,14 +33,20 @@ class ModelConfig:
     n_categories: int
     dim: int = 64
     n_experts: int = 1
+    history_len: int = 50  # recency weights: one per position counted back from the latest
 
     def to_dict(self) -> dict[str, int]:
         return {"n_items": self.n_items, "n_categories": self.n_categories, "dim": self.dim,
-                "n_experts": self.n_experts}
+                "n_experts": self.n_experts, "history_len": self.history_len}
 
 
 class Encoder(nn.Module):
-    """Shared bottom. Item table: (n_items + 1) x D, the last row is the (zero) padding row."""
+    """Shared bottom. Item table: (n_items + 1) x D, the last row is the (zero) padding row.
+
+    The user tower pools the history with learned recency weights: the item ``r`` steps back
+    from the latest one weighs ``exp(recency[r])`` (positions beyond ``history_len`` share the
+    last weight). They start at 0, i.e. a plain (square-root normalised) sum.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -49,6 +55,7 @@ class Encoder(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.1)
         with torch.no_grad():
             self.item_emb.weight[cfg.n_items].zero_()
+        self.recency = nn.Parameter(torch.zeros(max(1, cfg.history_len)))
         experts = []
         for _ in range(cfg.n_experts):
             first, last = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
@@ -58,10 +65,15 @@ class Encoder(nn.Module):
         self.experts = nn.ModuleList(experts)
 
     def pool(self, history: torch.Tensor) -> torch.Tensor:
-        """history: B x L item indices (pad-filled) -> B x D masked mean of their embeddings."""
-        mask = (history != self.pad).unsqueeze(-1).to(self.item_emb.weight.dtype)
-        summed = (self.item_emb(history) * mask).sum(dim=1)
-        return summed / mask.sum(dim=1).clamp(min=1.0).sqrt()
+        """history: B x L item indices (right-padded, oldest first) -> B x D recency-weighted,
+        square-root normalised sum of their embeddings (zero for an empty history)."""
+        mask = (history != self.pad).to(self.item_emb.weight.dtype)
+        # steps back from the latest item = items at or after this position, minus one
+        back = mask.flip(1).cumsum(1).flip(1) - 1
+        back = back.clamp(min=0, max=len(self.recency) - 1).long()
+        weight = torch.exp(self.recency[back]) * mask  # B x L
+        summed = (self.item_emb(history) * weight.unsqueeze(-1)).sum(dim=1)
+        return summed / weight.sum(dim=1, keepdim=True).clamp(min=1e-6).sqrt()
 
     def users(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """history: B x L -> (pooled B x D, experts B x K x D)."""
@@ -85,14 +97,31 @@ class CategoryHeads(nn.Module):
         self.cat_bias = nn.Parameter(torch.zeros(cfg.n_categories))
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items + 1))
 
+    def user_vectors(self, pooled: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """pooled B x D, experts B x K x D -> the user's vector per category, B x N x D."""
+        gates = torch.softmax(torch.einsum("bd,nkd->bnk", pooled, self.gate) + self.gate_bias,
+                              dim=-1)  # B x N x K
+        mixed = torch.einsum("bnk,bkd->bnd", gates, experts)  # B x N x D
+        return torch.einsum("bnd,nde->bne", mixed, self.proj)  # B x N x D
+
+    def score_all(self, user_per_cat: torch.Tensor, item_vecs: torch.Tensor,
+                  items: torch.Tensor, item_cats: torch.Tensor) -> torch.Tensor:
+        """user_per_cat B x N x D, item_vecs I x D, items/item_cats I (one shared candidate
+        list) -> logits B x I, without materialising B x I x D."""
+        if user_per_cat.shape[1] == 1:
+            dots = user_per_cat[:, 0] @ item_vecs.T
+        else:
+            dots = user_per_cat.new_zeros(user_per_cat.shape[0], item_vecs.shape[0])
+            for c in torch.unique(item_cats).tolist():
+                sel = (item_cats == c).nonzero(as_tuple=True)[0]
+                dots[:, sel] = user_per_cat[:, c] @ item_vecs[sel].T
+        return dots + self.cat_bias[item_cats] + self.item_bias[items]
+
     def forward(self, pooled: torch.Tensor, experts: torch.Tensor, item_vecs: torch.Tensor,
                 items: torch.Tensor, item_cats: torch.Tensor) -> torch.Tensor:
         """pooled B x D, experts B x K x D, item_vecs B x C x D, items/item_cats B x C
         -> logits B x C (each candidate scored by the head of its own category)."""
-        gates = torch.softmax(torch.einsum("bd,nkd->bnk", pooled, self.gate) + self.gate_bias,
-                              dim=-1)  # B x N x K
-        mixed = torch.einsum("bnk,bkd->bnd", gates, experts)  # B x N x D
-        user_per_cat = torch.einsum("bnd,nde->bne", mixed, self.proj)  # B x N x D
+        user_per_cat = self.user_vectors(pooled, experts)  # B x N x D
         idx = item_cats.unsqueeze(-1).expand(-1, -1, user_per_cat.shape[-1])
         user_for_item = torch.gather(user_per_cat, 1, idx)  # B x C x D
         return ((user_for_item * item_vecs).sum(-1) + self.cat_bias[item_cats]
@@ -118,6 +147,13 @@ class MarketModel(nn.Module):
         pooled, experts = self.encoder.users(history)
         return self.heads(pooled, experts, self.encoder.items(items), items,
                           self.item_category[items])
+
+    def score_items(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history B x L, items I (one candidate list shared by the batch) -> logits B x I;
+        equals ``forward(history, items.expand(B, -1))`` at a fraction of the memory."""
+        pooled, experts = self.encoder.users(history)
+        return self.heads.score_all(self.heads.user_vectors(pooled, experts),
+                                    self.encoder.items(items), items, self.item_category[items])
 
 
 # --------------------------------------------------------------------- what travels, what stays

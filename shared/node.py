@@ -75,7 +75,7 @@ def train_settings(cfg: RunConfig, seed: int) -> TrainSettings:
     return TrainSettings(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          encoder_lr_scale=cfg.encoder_lr_scale, weight_decay=cfg.weight_decay,
                          negatives=cfg.train_negatives, loss=cfg.loss,
-                         proximal_mu=cfg.proximal_mu, seed=seed)
+                         proximal_mu=cfg.proximal_mu, seed=seed, history=cfg.train_history)
 
 
 class MarketNode:

@@ -34,6 +34,9 @@ class TrainSettings:
     proximal_mu: float = 0.0
     seed: int = 0
     max_steps: int | None = None  # stop after this many optimiser steps (learning curves)
+    # "causal": a positive's input is the user's items *before* it (what the test sees);
+    # "bag": all the user's other training items (order-free, leave-one-out)
+    history: str = "bag"
 
 
 @dataclass(frozen=True)
@@ -44,15 +47,19 @@ class TrainResult:
     seconds: float
 
 
+HISTORY_MODES = ("causal", "bag")
+
+
 def ranking_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """logits: B x (1 + n) with the positive in column 0 -> scalar loss."""
+    """logits: B x (1 + n) with the positive in column 0 -> scalar loss. ``full-softmax``
+    is softmax cross-entropy like ``softmax`` (its columns are then every market item)."""
     if kind == "bce":
         target = torch.zeros_like(logits)
         target[:, 0] = 1.0
         return F.binary_cross_entropy_with_logits(logits, target)
     if kind == "bpr":
         return -F.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
-    if kind == "softmax":
+    if kind in ("softmax", "full-softmax"):
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long,
                                                     device=logits.device))
     raise ValueError(f"unknown loss {kind!r}")
@@ -100,12 +107,9 @@ def train_local(
             idx = order[start:start + settings.batch_size]
             u = users[idx].to(device)
             pos = items[idx].to(device)
-            hist = hist_all[u]
-            hist = torch.where(hist == pos.unsqueeze(1), model.encoder.pad, hist)
-            neg = pool[torch.randint(len(pool), (len(idx), settings.negatives),
-                                     generator=gen).to(device)]
-            cands = torch.cat([pos.unsqueeze(1), neg], dim=1)
-            loss = ranking_loss(model(hist, cands), settings.loss)
+            hist = input_histories(hist_all[u], pos, model.encoder.pad, settings.history)
+            loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen),
+                                settings.loss)
             if prox is not None:
                 loss = loss + settings.proximal_mu / 2 * sum(
                     ((p - prox[n_]) ** 2).sum() for n_, p in model.encoder.named_parameters()
@@ -118,6 +122,87 @@ def train_local(
             steps += 1
     return TrainResult(loss=total / max(seen, 1), examples=seen, steps=steps,
                        seconds=time.perf_counter() - t0)
+
+
+def train_joint(
+    models: list[MarketModel],
+    data: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    settings: TrainSettings,
+    device: torch.device,
+) -> TrainResult:
+    """Pooled ("central") training of several markets' models that share parameters (e.g. one
+    encoder object): per epoch every market's batches, interleaved in a random order, under a
+    single optimiser. ``data[k]`` = (train_users, train_items, train_histories, market_items)
+    of ``models[k]``; batches, inputs and losses are built exactly as in ``train_local``."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(settings.seed)
+    params: dict[int, torch.nn.Parameter] = {}
+    for m in models:
+        m.to(device).train()
+        for p in m.parameters():
+            if p.requires_grad:
+                params.setdefault(id(p), p)
+    opt = torch.optim.Adam(list(params.values()), lr=settings.lr,
+                           weight_decay=settings.weight_decay)
+    tensors = [(torch.as_tensor(u, dtype=torch.long), torch.as_tensor(i, dtype=torch.long),
+                torch.as_tensor(h, dtype=torch.long).to(device),
+                torch.as_tensor(pool, dtype=torch.long).to(device)) for u, i, h, pool in data]
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(settings.epochs):
+        batches = []
+        for k, (users, _, _, _) in enumerate(tensors):
+            order = torch.randperm(len(users), generator=gen)
+            batches += [(k, order[s:s + settings.batch_size])
+                        for s in range(0, len(users), settings.batch_size)]
+        for j in torch.randperm(len(batches), generator=gen).tolist():
+            k, idx = batches[j]
+            users, items, hist_all, pool = tensors[k]
+            model = models[k]
+            pos = items[idx].to(device)
+            hist = input_histories(hist_all[users[idx].to(device)], pos, model.encoder.pad,
+                                   settings.history)
+            loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen),
+                                settings.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            steps += 1
+    return TrainResult(loss=total / max(seen, 1), examples=seen, steps=steps,
+                       seconds=time.perf_counter() - t0)
+
+
+def input_histories(hist: torch.Tensor, pos: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
+    """The model input for positives ``pos`` (B,) of users whose histories are ``hist`` (B x L,
+    oldest first, right-padded). ``bag``: the history without the positive. ``causal``: only
+    the items before the positive; a positive not in the window (it is older than the window)
+    falls back to ``bag``."""
+    at = hist == pos.unsqueeze(1)
+    if mode == "bag":
+        return torch.where(at, pad, hist)
+    if mode != "causal":
+        raise ValueError(f"unknown history mode {mode!r}; known: {', '.join(HISTORY_MODES)}")
+    found = at.any(dim=1, keepdim=True)
+    before = at.long().cumsum(dim=1) == 0  # strictly before the positive's position
+    return torch.where(torch.where(found, before, ~at), hist, pad)
+
+
+def _batch_logits(model: torch.nn.Module, hist: torch.Tensor, pos: torch.Tensor,
+                  pool: torch.Tensor, settings: TrainSettings,
+                  gen: torch.Generator) -> torch.Tensor:
+    """B x (1 + n) logits, positive first: ``full-softmax`` scores every item of ``pool`` (the
+    positive's own column masked out) when the model can (``score_items``), otherwise (and for
+    the other losses) ``settings.negatives`` items drawn uniformly from ``pool``."""
+    if (settings.loss == "full-softmax" and isinstance(model, MarketModel)
+            and type(model).forward is MarketModel.forward):
+        everything = model.score_items(hist, pool)  # B x I
+        everything = everything.masked_fill(pool.unsqueeze(0) == pos.unsqueeze(1),
+                                            float("-inf"))
+        return torch.cat([model(hist, pos.unsqueeze(1)), everything], dim=1)
+    neg = pool[torch.randint(len(pool), (len(pos), settings.negatives),
+                             generator=gen).to(pool.device)]
+    return model(hist, torch.cat([pos.unsqueeze(1), neg], dim=1))
 
 
 @torch.no_grad()

@@ -1,0 +1,217 @@
+"""Classical baselines, scored on exactly the same ``EvalSet`` candidates as the neural models.
+
+* ``popularity``: a market's own training interaction counts per item.
+* ``itemknn-pooled``: item-item cosine similarity over the training interactions of *all*
+  markets pooled (binary user x item matrix, users are market-local so they never merge);
+  a user's score for a candidate is the sum of its similarities to the user's history items.
+* ``bpr-mf-local``: matrix factorisation (user and item vectors + item bias) trained with the BPR
+  loss on one market's training interactions, negatives uniform over the market's items; the
+  dimension / L2 / number of epochs are picked on the validation split, then the test is scored.
+
+Ties in a score are broken by a tiny multiple of the market's item popularity (far below any
+real score difference), so a candidate the method cannot tell apart falls back to popularity
+rather than to the pessimistic tie rule of ``shared.metrics``; this is stated in the benchmark
+protocol line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.data import EvalSet, MarketSplit
+from shared.metrics import ndcg_hr_at_k, summarize
+
+TIE_BREAK = 1e-9
+
+
+def market_counts(split: MarketSplit, n_items: int) -> np.ndarray:
+    """(n_items + 1,) training interactions per item in this market (last row: padding)."""
+    return np.bincount(split.train_items, minlength=n_items + 1).astype(np.float64)
+
+
+def score_metrics(scores: np.ndarray) -> dict[str, object]:
+    """nDCG@10 / HR@10 summary of a U x C score matrix (positive in column 0)."""
+    if scores.shape[0] == 0:
+        return summarize(np.zeros(0), np.zeros(0))
+    ndcg, hr = ndcg_hr_at_k(torch.from_numpy(np.asarray(scores, dtype=np.float64)), 10)
+    return summarize(ndcg.numpy(), hr.numpy())
+
+
+def _tie_break(counts: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    pop = np.log1p(counts)
+    return TIE_BREAK * pop[candidates] / max(float(pop.max()), 1.0)
+
+
+# --------------------------------------------------------------------------- popularity
+def popularity_scores(split: MarketSplit, n_items: int, ev: EvalSet) -> np.ndarray:
+    """U x C scores: the candidate's training count in this market."""
+    return market_counts(split, n_items)[ev.candidates]
+
+
+# --------------------------------------------------------------------------- pooled item-kNN
+@dataclass(frozen=True)
+class ItemKNN:
+    """Sparse item-item co-occurrence (sorted keys ``i * n + j``) and item degrees."""
+
+    n_rows: int  # n_items + 1 (padding row included, never co-occurs)
+    keys: np.ndarray  # int64, sorted, unique
+    cooc: np.ndarray  # float64, users holding both items
+    degree: np.ndarray  # (n_rows,) float64, users holding each item
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity of item arrays ``a`` and ``b`` (same shape), 0 where unseen."""
+        k = a.astype(np.int64) * self.n_rows + b.astype(np.int64)
+        pos = np.searchsorted(self.keys, k.ravel())
+        pos = np.minimum(pos, len(self.keys) - 1) if len(self.keys) else pos
+        found = (self.keys[pos] == k.ravel()) if len(self.keys) else np.zeros(k.size, bool)
+        co = np.where(found, self.cooc[pos] if len(self.keys) else 0.0, 0.0).reshape(k.shape)
+        denom = np.sqrt(self.degree[a] * self.degree[b])
+        return np.where(denom > 0, co / np.where(denom > 0, denom, 1.0), 0.0)
+
+    def scores(self, histories: np.ndarray, candidates: np.ndarray,
+               batch: int = 512) -> np.ndarray:
+        """U x C: sum over the user's (non-padding) history items of sim(history, candidate)."""
+        pad = self.n_rows - 1
+        out = np.zeros(candidates.shape, dtype=np.float64)
+        for s in range(0, len(candidates), batch):
+            h = histories[s:s + batch]
+            c = candidates[s:s + batch]
+            sim = self.similarity(np.broadcast_to(h[:, :, None], h.shape + (c.shape[1],)),
+                                  np.broadcast_to(c[:, None, :], (c.shape[0],) + h.shape[1:]
+                                                  + (c.shape[1],)))
+            sim = np.where((h != pad)[:, :, None], sim, 0.0)
+            out[s:s + batch] = sim.sum(axis=1)
+        return out
+
+
+def fit_itemknn(splits: Sequence[MarketSplit], n_items: int) -> ItemKNN:
+    """Item-item cosine over the training interactions of all ``splits`` pooled."""
+    n_rows = n_items + 1
+    pair_keys: list[np.ndarray] = []
+    degree = np.zeros(n_rows, dtype=np.float64)
+    for split in splits:
+        u, it = split.train_users, split.train_items
+        ui = np.unique(u.astype(np.int64) * n_rows + it.astype(np.int64))  # distinct pairs
+        u, it = ui // n_rows, ui % n_rows
+        degree += np.bincount(it, minlength=n_rows)
+        counts = np.bincount(u)
+        starts = np.cumsum(counts) - counts
+        # all ordered pairs (i, j), i != j, of each user's items, built per user-size group
+        for size in np.unique(counts[counts > 1]).tolist():
+            users = np.flatnonzero(counts == size)
+            block = it[starts[users][:, None] + np.arange(size)]  # n_users x size
+            a = np.repeat(block, size, axis=1)
+            b = np.tile(block, (1, size))
+            keep = a != b
+            pair_keys.append((a[keep] * n_rows + b[keep]).astype(np.int64))
+    if pair_keys:
+        keys, cooc = np.unique(np.concatenate(pair_keys), return_counts=True)
+    else:
+        keys, cooc = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return ItemKNN(n_rows=n_rows, keys=keys, cooc=cooc.astype(np.float64), degree=degree)
+
+
+# --------------------------------------------------------------------------- BPR-MF per market
+@dataclass(frozen=True)
+class BPRResult:
+    dim: int
+    l2: float
+    epochs: int
+    valid_ndcg: float
+    test_scores: np.ndarray
+    valid_scores: np.ndarray
+
+
+def _bpr_scores(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor,
+                ev: EvalSet) -> np.ndarray:
+    with torch.no_grad():
+        u = p[torch.as_tensor(ev.users)]
+        c = torch.as_tensor(ev.candidates)
+        return ((u[:, None, :] * q[c]).sum(-1) + bias[c]).double().numpy()
+
+
+def train_bpr_mf(split: MarketSplit, n_items: int, *, dim: int, l2: float, max_epochs: int,
+                 seed: int, lr: float = 0.01, batch_size: int = 1024,
+                 eval_every: int = 5) -> BPRResult:
+    """BPR-MF on one market; keeps the epoch count with the best validation nDCG@10."""
+    gen = torch.Generator().manual_seed(seed)
+    n_users = split.n_users
+    p = (torch.randn(n_users, dim, generator=gen) * 0.1).requires_grad_()
+    q = (torch.randn(n_items + 1, dim, generator=gen) * 0.1).requires_grad_()
+    bias = torch.zeros(n_items + 1, requires_grad=True)
+    opt = torch.optim.Adam([p, q, bias], lr=lr)
+    users = torch.as_tensor(split.train_users)
+    items = torch.as_tensor(split.train_items)
+    pool = torch.as_tensor(split.items)
+    best: tuple[float, int, np.ndarray, np.ndarray] = (-1.0, 0, np.zeros(0), np.zeros(0))
+    for epoch in range(1, max_epochs + 1):
+        order = torch.randperm(len(users), generator=gen)
+        for s in range(0, len(users), batch_size):
+            idx = order[s:s + batch_size]
+            u, i = users[idx], items[idx]
+            j = pool[torch.randint(len(pool), (len(idx),), generator=gen)]
+            pu, qi, qj = p[u], q[i], q[j]
+            diff = (pu * (qi - qj)).sum(-1) + bias[i] - bias[j]
+            reg = l2 * (pu.pow(2).sum() + qi.pow(2).sum() + qj.pow(2).sum()) / len(idx)
+            loss = -F.logsigmoid(diff).mean() + reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if epoch % eval_every == 0 or epoch == max_epochs:
+            valid = _bpr_scores(p, q, bias, split.valid)
+            nd = float(score_metrics(valid)["ndcg@10"])  # type: ignore[arg-type]
+            if nd > best[0]:
+                best = (nd, epoch, valid, _bpr_scores(p, q, bias, split.test))
+    return BPRResult(dim=dim, l2=l2, epochs=best[1], valid_ndcg=best[0],
+                     valid_scores=best[2], test_scores=best[3])
+
+
+BPR_GRID: tuple[tuple[int, float], ...] = ((64, 0.0), (64, 1e-3), (64, 1e-2))
+
+
+def tune_bpr_mf(split: MarketSplit, n_items: int, seed: int,
+                grid: Sequence[tuple[int, float]] = BPR_GRID,
+                max_epochs: int = 40) -> BPRResult:
+    """The grid point (dim, l2) and epoch count with the best validation nDCG@10."""
+    results = [train_bpr_mf(split, n_items, dim=d, l2=l2, max_epochs=max_epochs, seed=seed)
+               for d, l2 in grid]
+    return max(results, key=lambda r: r.valid_ndcg)
+
+
+# --------------------------------------------------------------------------- per-market runners
+def run_popularity(splits: Mapping[str, MarketSplit], n_items: int,
+                   which: str = "test") -> dict[str, dict[str, object]]:
+    out = {}
+    for m, s in splits.items():
+        ev = s.test if which == "test" else s.valid
+        out[m] = score_metrics(popularity_scores(s, n_items, ev))
+    return out
+
+
+def run_itemknn_pooled(splits: Mapping[str, MarketSplit], n_items: int,
+                       which: str = "test") -> dict[str, dict[str, object]]:
+    knn = fit_itemknn(list(splits.values()), n_items)
+    out = {}
+    for m, s in splits.items():
+        ev = s.test if which == "test" else s.valid
+        scores = knn.scores(ev.histories, ev.candidates)
+        out[m] = score_metrics(scores + _tie_break(market_counts(s, n_items), ev.candidates))
+    return out
+
+
+def run_bpr_mf_local(splits: Mapping[str, MarketSplit], n_items: int, seed: int,
+                     grid: Sequence[tuple[int, float]] = BPR_GRID,
+                     max_epochs: int = 40) -> dict[str, dict[str, object]]:
+    out = {}
+    for m, s in splits.items():
+        res = tune_bpr_mf(s, n_items, seed, grid=grid, max_epochs=max_epochs)
+        summary = score_metrics(res.test_scores)
+        summary["tuned"] = {"dim": res.dim, "l2": res.l2, "epochs": res.epochs,
+                            "valid_ndcg@10": res.valid_ndcg}
+        out[m] = summary
+    return out
