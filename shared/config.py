@@ -54,7 +54,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     secagg: bool = False
     resume: bool = False  # server: continue from <out-dir>/encoder.pt if present
-    # SecAgg+ (server/secagg.py, shared/secagg.py): neighbourhood size (0 = everyone),
+    # SecAgg+ (server/secagg.py, shared/secagg.py): neighbourhood size (0 = automatic),
     # reconstruction threshold as a fraction of it, fixed-point clip/levels, restarts per round
     secagg_shares: int = 0
     secagg_threshold: float = 0.5

@@ -50,6 +50,7 @@ shares (``flwr.common.secure_aggregation.crypto.symmetric_encryption``) and Sham
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,10 +197,17 @@ def prg_mask(seed: bytes, length: int) -> np.ndarray:
     return np.frombuffer(enc.update(bytes(8 * length)) + enc.finalize(), dtype=np.uint64).copy()
 
 
+AUTO_MIN_NEIGHBOURS = 11
+
+
 def neighbourhood_size(n: int, shares: int) -> int:
-    """Nodes in each neighbourhood (itself included): all ``n`` when ``shares`` is 0 or covers
-    everyone, else ``shares`` made odd (a ring with ``shares // 2`` nodes on each side)."""
-    if shares <= 0 or shares >= n:
+    """Nodes in each neighbourhood (itself included), a ring with ``k // 2`` nodes on each
+    side. ``shares`` > 0: that many, made odd. ``shares`` = 0 (automatic): everyone up to 11
+    nodes, else ``max(11, 2 * ceil(log2 n) + 1)`` (SecAgg+'s logarithmic neighbourhoods: the
+    key agreement and secret sharing cost O(n k) instead of O(n^2))."""
+    if shares <= 0:
+        shares = max(AUTO_MIN_NEIGHBOURS, 2 * math.ceil(math.log2(max(n, 2))) + 1)
+    if shares >= n:
         return n
     return min(n, shares | 1)
 

@@ -214,6 +214,9 @@ def test_masks_cancel_and_graph_is_symmetric():
     assert all(len(v) == 3 and k in v for k, v in g.items())
     assert all(k in g[v] for k, nb in g.items() for v in nb)
     assert all(len(v) == 7 for v in neighbours([1, 2, 3, 4, 5, 6, 7], 0).values())
+    auto = neighbours(list(range(100, 120)), 0)  # 20 nodes: automatic ring of 11
+    assert all(len(v) == 11 for v in auto.values())
+    assert all(k in auto[v] for k, nb in auto.items() for v in nb)
 
 
 def test_config_rejects_unsafe_secagg_and_dp_settings():
