@@ -67,10 +67,11 @@ class JoinSettings:
     """How a market joins. Steps are local optimiser steps (one mini-batch each)."""
 
     variant: str = "plain"  # plain | adversarial
-    # Defaults chosen on the *valid* split of XMarket in/jp (see simulations/join_experiment):
-    # a heads-only warm-up (encoder frozen) and a low encoder lr both slowed the transfer curve
-    # (steps to scratch's best x1.3-2.4 for 20-50 frozen steps / scale 0.3), so the default
-    # fine-tunes everything at once; --head-steps/--encoder-lr-scale keep the PEFT schedule.
+    # Defaults chosen on the *valid* split of XMarket in/jp (encoder federated over
+    # ca,de,fr,mx,uk): a heads-only warm-up (encoder frozen) and a low encoder lr both slowed
+    # the transfer curve (steps to scratch's best x1.3-1.7 for 20 frozen steps, x2.4-3.7 for
+    # 50 frozen + scale 0.3, x5.7-8 for 150 frozen + scale 0.1), so the default fine-tunes
+    # everything at once; --head-steps/--encoder-lr-scale keep the PEFT schedule.
     head_steps: int = 0  # phase 1: heads only, encoder frozen
     encoder_steps: int = 300  # phase 2: encoder unfrozen at lr * encoder_lr_scale (0 = skip)
     encoder_lr_scale: float = 1.0
