@@ -55,13 +55,16 @@ class LocalGrid(Grid):
     """In-process Grid: node ``i`` runs ``app`` with partition-id ``i`` (no Ray, no polling),
     so the CPU time of a run is the server's plus every client's."""
 
-    def __init__(self, app: Any, n: int, run_config: dict[str, Any]) -> None:
+    def __init__(self, app: Any, n: int, run_config: dict[str, Any],
+                 state_dir: Path | None = None) -> None:
         self.app = app
         self.ids = [1 + i for i in range(n)]
-        self.contexts = {nid: Context(run_id=1, node_id=nid,
-                                      node_config={"partition-id": i, "num-partitions": n},
-                                      state=RecordDict(), run_config=dict(run_config))
-                         for i, nid in enumerate(self.ids)}
+        # one private state dir per node: replicas of one market must not share heads
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={
+            "partition-id": i, "num-partitions": n,
+            **({"state-dir": str(state_dir / f"node{i}")} if state_dir else {})},
+            state=RecordDict(), run_config=dict(run_config))
+            for i, nid in enumerate(self.ids)}
 
     def set_run(self, run: Any) -> None:
         del run
@@ -104,7 +107,7 @@ def cpu_run(cfg: RunConfig, out: Path) -> tuple[float, dict[str, Any]]:
 
     cfg = cfg.replace(out_dir=str(out), state_dir=str(out / "state"), torch_threads=1)
     overrides = cfg.to_mapping()
-    grid = LocalGrid(make_app(overrides), len(cfg.market_list), overrides)
+    grid = LocalGrid(make_app(overrides), len(cfg.market_list), overrides, out / "state")
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     t0 = time.process_time()
     doc = (run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg) if cfg.secagg
