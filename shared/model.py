@@ -64,14 +64,16 @@ class Encoder(nn.Module):
             experts.append(nn.Sequential(first, nn.GELU(), last))
         self.experts = nn.ModuleList(experts)
 
-    def pool(self, history: torch.Tensor) -> torch.Tensor:
+    def pool(self, history: torch.Tensor, recency: torch.Tensor | None = None) -> torch.Tensor:
         """history: B x L item indices (right-padded, oldest first) -> B x D recency-weighted,
-        square-root normalised sum of their embeddings (zero for an empty history)."""
+        square-root normalised sum of their embeddings (zero for an empty history).
+        ``recency``: other weights than ``self.recency`` (the single-task towers' own)."""
+        rec = self.recency if recency is None else recency
         mask = (history != self.pad).to(self.item_emb.weight.dtype)
         # steps back from the latest item = items at or after this position, minus one
         back = mask.flip(1).cumsum(1).flip(1) - 1
-        back = back.clamp(min=0, max=len(self.recency) - 1).long()
-        weight = torch.exp(self.recency[back]) * mask  # B x L
+        back = back.clamp(min=0, max=len(rec) - 1).long()
+        weight = torch.exp(rec[back]) * mask  # B x L
         summed = (self.item_emb(history) * weight.unsqueeze(-1)).sum(dim=1)
         return summed / weight.sum(dim=1, keepdim=True).clamp(min=1e-6).sqrt()
 

@@ -7,7 +7,8 @@ baseline keeps categories apart completely: category ``c``'s model sees only cat
   ``max_history`` of them; ``category_histories``),
 * its **parameters** are the item-embedding rows of category-``c`` items (every item belongs to
   exactly one category, so the one item table is N disjoint per-category tables), its own user
-  tower ``encoder.experts.<c>`` and its own head slice (projection, category bias, item biases),
+  tower (``encoder.recencies.<c>`` pooling weights, ``encoder.experts.<c>`` MLP) and its own
+  head slice (projection, category bias, item biases),
 * it is **trained** on category-``c`` interactions only, against negatives drawn from the
   market's category-``c`` items, in its own pass with its own seed (``train_single_task``); a
   pass starts from the round's snapshot and keeps only what category ``c`` owns, so weight
@@ -37,18 +38,23 @@ from shared.model import Encoder, MarketModel, ModelConfig
 from shared.train import TrainResult, TrainSettings, score_candidates, train_local
 from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
 
-EXPERT_PREFIX = "encoder.experts."
+PER_CATEGORY_PREFIXES = ("encoder.experts.", "encoder.recencies.")  # then "<c>" or "<c>.*"
 
 
 class SingleTaskEncoder(Encoder):
-    """The item table plus one user tower per category (``experts[c]`` is category c's)."""
+    """The item table plus, per category c, its own user tower: recency weights
+    ``recencies[c]`` for pooling and the residual MLP ``experts[c]`` (no shared ``recency``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(dataclasses.replace(cfg, n_experts=cfg.n_categories))
+        n_pos = len(self.recency)
+        del self.recency
+        self.recencies = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(n_pos)) for _ in range(cfg.n_categories)])
 
     def category_user(self, history: torch.Tensor, category: int) -> torch.Tensor:
         """history B x L (category-``category`` items only) -> B x D user vector."""
-        h = self.pool(history)
+        h = self.pool(history, self.recencies[category])
         return h + self.experts[category](h)
 
 
@@ -74,6 +80,10 @@ class SingleTaskModel(MarketModel):
         return ((self.encoder.items(items) * user.unsqueeze(1)).sum(-1)
                 + self.heads.cat_bias[category] + self.heads.item_bias[items])
 
+    def score_items(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history B x (N x) L, items I shared by the batch -> logits B x I."""
+        return self.forward(history, items.unsqueeze(0).expand(history.shape[0], -1))
+
     def forward(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         n = self.cfg.n_categories
         if history.dim() == 2:
@@ -91,13 +101,15 @@ class SingleTaskModel(MarketModel):
 
 
 class _EncoderView(torch.nn.Module):
-    """Category c's encoder parameters under the owner's names (``item_emb``, ``experts.c``)."""
+    """Category c's encoder parameters under the owner's names (``item_emb``, ``experts.c``,
+    ``recencies.c``), so train_local's optimiser and proximal term see exactly those."""
 
     def __init__(self, owner: SingleTaskEncoder, category: int) -> None:
         super().__init__()
         self.pad = owner.pad
         self.item_emb = owner.item_emb
         self.experts = torch.nn.ModuleDict({str(category): owner.experts[category]})
+        self.recencies = torch.nn.ParameterDict({str(category): owner.recencies[category]})
 
 
 class _CategoryView(torch.nn.Module):
@@ -171,6 +183,14 @@ def center_item_bias(model: SingleTaskModel, split: MarketSplit, counts: np.ndar
 
 
 # --------------------------------------------------------------------- training and the wire
+def _tower_category(key: str) -> int | None:
+    """The category whose tower holds state key ``key`` (None: not a per-category tensor)."""
+    for prefix in PER_CATEGORY_PREFIXES:
+        if key.startswith(prefix):
+            return int(key[len(prefix):].split(".", 1)[0])
+    return None
+
+
 def _owned_mask(key: str, tensor: torch.Tensor, category: int,
                 item_category: torch.Tensor) -> torch.Tensor | None:
     """Which entries of a state tensor belong to ``category`` (None: none of it)."""
@@ -178,9 +198,9 @@ def _owned_mask(key: str, tensor: torch.Tensor, category: int,
         mask = item_category == category
         mask[-1] = False  # padding row
         return mask
-    if key.startswith(EXPERT_PREFIX):
-        return (torch.ones((), dtype=torch.bool)
-                if key[len(EXPERT_PREFIX):].split(".", 1)[0] == str(category) else None)
+    owner = _tower_category(key)
+    if owner is not None:
+        return torch.ones((), dtype=torch.bool) if owner == category else None
     if key.startswith("heads."):  # proj, cat_bias, gate, gate_bias: dim 0 is the category
         mask = torch.zeros(tensor.shape[0], dtype=torch.bool)
         mask[category] = True
@@ -248,8 +268,8 @@ def single_task_update(local: dict[str, torch.Tensor], global_: dict[str, torch.
             out[k] = (delta * w[:, None]).astype(np.float32)
         else:
             n = float(split.n_train)
-            if k.startswith(EXPERT_PREFIX):
-                c = int(k[len(EXPERT_PREFIX):].split(".", 1)[0])
+            c = _tower_category(k)
+            if c is not None:
                 n = float(per_cat[c]) if c < len(per_cat) else 0.0
             w = np.asarray([n], dtype=np.float32)
             out[k] = (delta * w[0]).astype(np.float32)

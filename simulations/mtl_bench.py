@@ -299,9 +299,28 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------- the command
+def _kept_methods(out: Path, base: RunConfig, seeds: int, engine: str,
+                  rerun: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Methods of an earlier OUT/benchmark.json run with the same settings, minus ``rerun``."""
+    path = out / "benchmark.json"
+    if not path.is_file():
+        return {}, {}
+    old = json.loads(path.read_text())
+    same = {k: v for k, v in base.to_mapping().items()
+            if k not in ("mtl", "seed", "out-dir", "state-dir")}
+    if old.get("config") != same or old.get("seeds") != seeds or old.get("engine") != engine:
+        raise ConfigError(f"--keep-existing: {path} was made with other settings; use another "
+                          "--out or drop --keep-existing")
+    kept = {m: v for m, v in old["methods"].items() if m not in rerun}
+    return kept, dict(old.get("train_examples", {}))
+
+
 def mtl_compare(base: RunConfig, seeds: int, out: Path, methods: tuple[str, ...] = METHODS,
-                engine: str = "inprocess", verbose: bool = False) -> dict[str, Any]:
-    """Run every method x seed federated; write OUT/benchmark.json and OUT/mtl_compare.png."""
+                engine: str = "inprocess", verbose: bool = False,
+                keep_existing: bool = False) -> dict[str, Any]:
+    """Run every method x seed federated; write OUT/benchmark.json and OUT/mtl_compare.png.
+    ``keep_existing``: methods already in OUT/benchmark.json (same settings) and not in
+    ``methods`` are kept, so one method can be rerun alone."""
     for meth in methods:
         if meth not in MTL_MODES:
             raise ConfigError(f"--methods: unknown method {meth!r}; known: {', '.join(METHODS)}")
@@ -311,6 +330,8 @@ def mtl_compare(base: RunConfig, seeds: int, out: Path, methods: tuple[str, ...]
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     results: dict[str, Any] = {}
     train_examples: dict[str, int] = {}
+    if keep_existing:
+        results, train_examples = _kept_methods(out, base, seeds, engine, methods)
     for meth in methods:
         runs = []
         for k in range(seeds):
@@ -326,7 +347,7 @@ def mtl_compare(base: RunConfig, seeds: int, out: Path, methods: tuple[str, ...]
                 doc, nodes = run_inprocess(cfg)
             wall = time.perf_counter() - t0
             scores = final_scores(nodes)
-            if not train_examples:
+            if not train_examples or not k:
                 train_examples = train_examples_per_category(nodes)
             runs.append({"doc": doc, "scores": scores, "wall": wall,
                          "mixed_diff": mixed_difference(doc, scores),
@@ -336,6 +357,8 @@ def mtl_compare(base: RunConfig, seeds: int, out: Path, methods: tuple[str, ...]
         log.info("%s: avg over categories ndcg@10 %.4f (within %.4f)", meth,
                  results[meth]["category_average"]["ndcg@10"],
                  results[meth]["category_average"]["within_ndcg@10"])
+    order = [m for m in METHODS if m in results] + [m for m in results if m not in METHODS]
+    results = {m: results[m] for m in order}
     doc_out: dict[str, Any] = {
         "methods": results, "seeds": seeds, "protocol": PROTOCOL, "dataset": base.dataset,
         "markets": base.market_list, "engine": engine, "train_examples": train_examples,
@@ -409,6 +432,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--local-epochs", type=int, default=None, help="local epochs per round")
     p.add_argument("--out", default="runs/mtl", help="output directory")
     add_mtl_options(p)
+    p.add_argument("--keep-existing", action="store_true",
+                   help="keep the other methods of an earlier OUT/benchmark.json (same "
+                        "settings) and rerun only --methods")
     return "benchmark-mtl", _run
 
 
@@ -418,7 +444,8 @@ def _run(args: argparse.Namespace) -> int:
         base = base.replace(torch_threads=1)
     torch.set_num_threads(base.torch_threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    doc = mtl_compare(base, args.seeds, Path(args.out), methods, args.engine, args.verbose)
+    doc = mtl_compare(base, args.seeds, Path(args.out), methods, args.engine, args.verbose,
+                      args.keep_existing)
     print_report(doc)
     print(f"wrote {Path(args.out) / 'benchmark.json'} and {Path(args.out) / 'mtl_compare.png'}")
     return 0

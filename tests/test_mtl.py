@@ -89,7 +89,8 @@ def owned(model, category, item_category):
            "item_bias": state["heads.item_bias"][:-1][rows],
            "proj": state["heads.proj"][category], "cat_bias": state["heads.cat_bias"][category]}
     out.update({k: v for k, v in state.items()
-                if k.startswith(f"encoder.experts.{category}.")})
+                if k.startswith(f"encoder.experts.{category}.")
+                or k == f"encoder.recencies.{category}"})
     return out
 
 
@@ -108,8 +109,11 @@ def test_single_task_category_unaffected_by_other_categories_data(weight_decay, 
         a, b = owned(m1, c, catalog.item_category), owned(m2, c, catalog.item_category)
         for k in a:
             assert torch.equal(a[k], b[k]), (c, k)
-        w = WEIGHT_PREFIX + f"encoder.experts.{c}.0.weight"
-        assert u1[w][0] == u2[w][0] == (catalog.item_category[s1.train_items] == c).sum()
+        n_c = (catalog.item_category[s1.train_items] == c).sum()
+        for key in (f"encoder.experts.{c}.0.weight", f"encoder.recencies.{c}"):
+            assert u1[WEIGHT_PREFIX + key][0] == u2[WEIGHT_PREFIX + key][0] == n_c
+        rec = a[f"encoder.recencies.{c}"]
+        assert not torch.equal(rec, torch.zeros_like(rec))  # it trains
     # ...while category 1's model did change (the test can fail)
     a, b = owned(m1, 1, catalog.item_category), owned(m2, 1, catalog.item_category)
     assert not torch.equal(a["encoder.experts.1.0.weight"], b["encoder.experts.1.0.weight"])
