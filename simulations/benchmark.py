@@ -410,12 +410,19 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:  # type: ignor
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the overhead measurements (Flower vs in-process, bare loop)")
     p.add_argument("--out", default="runs/benchmark", help="output directory")
+    p.add_argument("--mtl-compare", action="store_true",
+                   help="instead: single-task vs shared-bottom vs mmoe per category, federated "
+                        "(simulations/mtl_bench.py; --methods may name a subset of those)")
     return "benchmark", _run
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.mtl_compare:
+        from simulations.mtl_bench import run_from_benchmark_args  # noqa: PLC0415
+
+        return run_from_benchmark_args(args)
     cfg = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)

@@ -438,6 +438,16 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     return "benchmark-mtl", _run
 
 
+def run_from_benchmark_args(args: argparse.Namespace) -> int:
+    """``storefed benchmark --mtl-compare``: its ``--methods`` counts only if it names mtl
+    modes (otherwise all three); in-process engine; no keep-existing."""
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    chosen = [m for m in names if m in MTL_MODES]
+    args.methods = ",".join(chosen if chosen and len(chosen) == len(names) else METHODS)
+    args.engine, args.keep_existing = "inprocess", False
+    return _run(args)
+
+
 def _run(args: argparse.Namespace) -> int:
     base = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs)
     if base.torch_threads == 0:
