@@ -168,7 +168,6 @@ def flower_env(flwr_home: str | Path | None = None,
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env["PYTHONUNBUFFERED"] = "1"
     if flwr_home is not None:
@@ -401,7 +400,7 @@ def run_status(run_id: int, env: Mapping[str, str], connection: str = CONNECTION
 
 
 def wait_run(run_id: int, env: Mapping[str, str], timeout: float, connection: str = CONNECTION,
-             poll: float = 10.0, alive: Iterable[subprocess.Popen] = (),
+             poll: float = 30.0, alive: Iterable[subprocess.Popen] = (),
              done_hint: Callable[[], bool] | None = None) -> str:
     """Wait until the run is finished; returns its status (``finished:completed`` on success).
 

@@ -91,6 +91,12 @@ class LocalCluster:
         self.close()
 
     def close(self) -> None:
+        """Stop every started process: SIGTERM to all first (they shut down in parallel), then
+        each is waited for and SIGKILLed (with its group) if it lingers."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         for name in reversed(list(self.procs)):
             self.stop(name)
 
@@ -116,6 +122,25 @@ class LocalCluster:
             log.close()
         self.procs[name] = proc
         return proc
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each started process and the live
+        members of its process group (Linux /proc; empty elsewhere)."""
+        proc_dir = Path("/proc")
+        if not proc_dir.is_dir():
+            return {}
+        tick = os.sysconf("SC_CLK_TCK")
+        by_group: dict[int, float] = {}
+        for entry in proc_dir.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pgid, used = int(fields[2]), int(fields[11]) + int(fields[12])
+            by_group[pgid] = by_group.get(pgid, 0.0) + used / tick
+        return {name: round(by_group.get(p.pid, 0.0), 2) for name, p in self.procs.items()}
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.logs / f"{name}.log"
@@ -191,7 +216,7 @@ class LocalCluster:
         run_id = submit_run(self.app_dir, values, self.cli_env)
         alive = [p for n, p in self.procs.items() if n == "superlink"]
         out, rounds = values.get("out-dir", ""), int(values.get("num-rounds", 1))
-        return run_id, wait_run(run_id, self.cli_env, timeout, poll=10.0, alive=alive,
+        return run_id, wait_run(run_id, self.cli_env, timeout, poll=30.0, alive=alive,
                                 done_hint=lambda: bool(out) and rounds_written(out) >= rounds)
 
 
@@ -292,8 +317,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir: str,
                 dataset: str, layout: str = "warm",
-                timeout: float = 3600.0) -> tuple[dict[str, Any], float]:
-    """One run on a fresh local cluster; (metrics.json, seconds from submit to finished)."""
+                timeout: float = 3600.0) -> tuple[dict[str, Any], float, dict[str, float]]:
+    """One run on a fresh local cluster; (metrics.json, seconds from submit to finished,
+    CPU seconds per process over the run)."""
     with LocalCluster(work) as cluster:
         try:
             cluster.make_certs()
@@ -302,9 +328,11 @@ def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir
                 key, _ = cluster.node_keys(m)
                 start = cluster.start_node if layout == "warm" else cluster.start_flower_node
                 start(m, key, work / "state" / m, data_dir, dataset)
+            cpu0 = cluster.cpu_seconds()
             t0 = time.perf_counter()
             _, status = cluster.run(values, timeout)
             wall = time.perf_counter() - t0
+            cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster.cpu_seconds().items()}
         except BaseException:
             for name in cluster.procs:
                 print(f"--- {name} log tail ---\n{cluster.log_tail(name, 1500)}",
@@ -313,7 +341,7 @@ def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir
     if not status.endswith("completed"):
         raise DeployError(f"{layout} deployment run ended {status}; logs in {work / 'logs'}")
     doc: dict[str, Any] = json.loads((Path(values["out-dir"]) / "metrics.json").read_text())
-    return doc, wall
+    return doc, wall, cpu
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -337,18 +365,20 @@ def _bench(args: argparse.Namespace) -> int:
     for layout in layouts:
         values = {**base, "out-dir": str(work / layout / "out")}
         t0 = time.perf_counter()
+        cpu: dict[str, float] = {}
         if layout == "simulation":
             doc = run_federated(RunConfig.from_mapping(values, source="bench"))
             wall = time.perf_counter() - t0
         else:
-            doc, wall = deploy_once(work / layout, values, markets, data_dir, args.dataset,
-                                    layout, args.timeout)
+            doc, wall, cpu = deploy_once(work / layout, values, markets, data_dir,
+                                         args.dataset, layout, args.timeout)
         secs = [float(r["seconds"]) for r in doc["rounds"]]
         steady = secs[1:] or secs
         results[layout] = {"round_seconds": secs, "first_round_seconds": secs[0],
                            "steady_round_seconds": statistics.mean(steady),
                            "mean_round_seconds": statistics.mean(secs),
-                           "run_wall_seconds": wall, "final_average": doc["final"]["average"]}
+                           "run_wall_seconds": wall, "final_average": doc["final"]["average"],
+                           "cpu_seconds_during_run": cpu}
         print(f"{layout:<11} rounds {', '.join(f'{x:.1f}' for x in secs)} s "
               f"(steady {statistics.mean(steady):.1f} s/round)", flush=True)
     if "simulation" in results:
