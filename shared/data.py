@@ -436,7 +436,16 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 
 
 def _xmarket_files(d: Path) -> dict[str, list[tuple[Path, str]]]:
-    """market -> [(file, category)]; when both ``x.txt`` and ``x.txt.gz`` exist, ``x.txt``."""
+    """market -> [(file, category)]; when both ``x.txt`` and ``x.txt.gz`` exist, ``x.txt``.
+
+    Cached per directory until its mtime changes (a file added, removed or renamed): every
+    client of every market calls this, and a directory of N markets holds O(N) files."""
+    return _xmarket_files_cached(str(d), d.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _xmarket_files_cached(dir_name: str, mtime_ns: int) -> dict[str, list[tuple[Path, str]]]:
+    d = Path(dir_name)
     by_base: dict[str, Path] = {}
     for p in sorted(d.iterdir()):
         if p.is_file():
