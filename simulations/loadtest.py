@@ -179,6 +179,7 @@ def load_run(n: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "peak_processes": mem.peak_processes,
         "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_avg_ndcg@10": doc["final"]["average"]["ndcg@10"],
+        "load_avg_1min_at_end": os.getloadavg()[0],  # other work on the machine skews times
         "interactions": n * args.users * args.interactions,
     }
 
