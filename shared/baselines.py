@@ -171,12 +171,12 @@ def train_bpr_mf(split: MarketSplit, n_items: int, *, dim: int, l2: float, max_e
                      valid_scores=best[2], test_scores=best[3])
 
 
-BPR_GRID: tuple[tuple[int, float], ...] = ((64, 0.0), (64, 1e-3), (64, 1e-2))
+BPR_GRID: tuple[tuple[int, float], ...] = ((64, 0.0), (64, 1e-2))
 
 
 def tune_bpr_mf(split: MarketSplit, n_items: int, seed: int,
                 grid: Sequence[tuple[int, float]] = BPR_GRID,
-                max_epochs: int = 40) -> BPRResult:
+                max_epochs: int = 30) -> BPRResult:
     """The grid point (dim, l2) and epoch count with the best validation nDCG@10."""
     results = [train_bpr_mf(split, n_items, dim=d, l2=l2, max_epochs=max_epochs, seed=seed)
                for d, l2 in grid]
@@ -206,7 +206,7 @@ def run_itemknn_pooled(splits: Mapping[str, MarketSplit], n_items: int,
 
 def run_bpr_mf_local(splits: Mapping[str, MarketSplit], n_items: int, seed: int,
                      grid: Sequence[tuple[int, float]] = BPR_GRID,
-                     max_epochs: int = 40) -> dict[str, dict[str, object]]:
+                     max_epochs: int = 30) -> dict[str, dict[str, object]]:
     out = {}
     for m, s in splits.items():
         res = tune_bpr_mf(s, n_items, seed, grid=grid, max_epochs=max_epochs)

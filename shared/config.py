@@ -39,8 +39,8 @@ class RunConfig:
     max_history: int = 50
     train_negatives: int = 4
     eval_negatives: int = 99
-    loss: str = "bce"
-    train_history: str = "bag"  # causal: a positive's input is the items before it
+    loss: str = "full-softmax"  # softmax over the market's items (sampled above 2048)
+    train_history: str = "causal"  # causal: a positive's input is the items before it
     mtl: str = "shared-bottom"
     num_experts: int = 4
     aggregation: str = "rowwise"  # rowwise: item rows averaged over the markets that hold them

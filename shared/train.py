@@ -48,6 +48,9 @@ class TrainResult:
 
 
 HISTORY_MODES = ("causal", "bag")
+#: ``full-softmax`` over a market with more items than this scores a uniform sample of this
+#: many of them per batch (shared by the batch) instead: same estimator, bounded cost
+FULL_SOFTMAX_MAX_ITEMS = 2048
 
 
 def ranking_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -196,6 +199,9 @@ def _batch_logits(model: torch.nn.Module, hist: torch.Tensor, pos: torch.Tensor,
     the other losses) ``settings.negatives`` items drawn uniformly from ``pool``."""
     if (settings.loss == "full-softmax" and isinstance(model, MarketModel)
             and type(model).forward is MarketModel.forward):
+        if len(pool) > FULL_SOFTMAX_MAX_ITEMS:
+            pick = torch.randperm(len(pool), generator=gen)[:FULL_SOFTMAX_MAX_ITEMS]
+            pool = pool[pick.to(pool.device)]
         everything = model.score_items(hist, pool)  # B x I
         everything = everything.masked_fill(pool.unsqueeze(0) == pos.unsqueeze(1),
                                             float("-inf"))

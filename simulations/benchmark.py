@@ -385,6 +385,8 @@ def run_benchmark(cfg: RunConfig, out: Path, seeds: int, methods: list[str],
                      time.perf_counter() - t0)
         else:
             results[name] = runs
+        partial = build_document(results, cfg, seeds, None)  # progress survives an abort
+        atomic_write_bytes(out / "benchmark.partial.json", json.dumps(partial, indent=2).encode())
     ov = None
     if overhead:
         sf = results.get("storefed")
@@ -396,7 +398,7 @@ def run_benchmark(cfg: RunConfig, out: Path, seeds: int, methods: list[str],
     return doc
 
 
-def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p = sub.add_parser("benchmark", help="all methods on the same splits/negatives/seeds",
                        description="Benchmark local / central / fedavg-full / storefed "
                                    "(+ secagg) and classical baselines; writes "

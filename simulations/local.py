@@ -46,10 +46,11 @@ def _doc(nodes: list[MarketNode], seconds: float, rounds: int, bytes_per_round: 
          examples: int, train_seconds: float, which: str = "test") -> dict[str, Any]:
     markets = {n.market: n.evaluate(None, which) for n in nodes}
     k = max(len(markets), 1)
+    nd = [float(v["ndcg@10"]) for v in markets.values()]  # type: ignore[arg-type]
+    hr = [float(v["hr@10"]) for v in markets.values()]  # type: ignore[arg-type]
     return {
         "markets": markets,
-        "average": {"ndcg@10": sum(float(v["ndcg@10"]) for v in markets.values()) / k,  # type: ignore[arg-type]
-                    "hr@10": sum(float(v["hr@10"]) for v in markets.values()) / k},  # type: ignore[arg-type]
+        "average": {"ndcg@10": sum(nd) / k, "hr@10": sum(hr) / k},
         "seconds": seconds, "rounds": rounds, "seconds_per_round": seconds / max(rounds, 1),
         "bytes_per_client_round": bytes_per_round, "train_examples": examples,
         "train_seconds": train_seconds,
@@ -129,9 +130,10 @@ def _initial_full_state(nodes: list[MarketNode],
     bias is the example-weighted mean of the markets' popularity initialisations."""
     heads = nodes[0].private()
     weights = np.asarray([n.split.n_train for n in nodes], dtype=np.float64)
-    bias = sum(float(w) * n.private()["heads.item_bias"].double()
-               for w, n in zip(weights, nodes, strict=True)) / max(float(weights.sum()), 1.0)
-    heads["heads.item_bias"] = bias.float()
+    bias = torch.zeros_like(heads["heads.item_bias"], dtype=torch.float64)
+    for w, n in zip(weights, nodes, strict=True):
+        bias += float(w) * n.private()["heads.item_bias"].double()
+    heads["heads.item_bias"] = (bias / max(float(weights.sum()), 1.0)).float()
     return {**encoder, **heads}
 
 
