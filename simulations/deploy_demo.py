@@ -78,6 +78,7 @@ class LocalCluster:
         for d in (self.certs, self.keys, self.logs, self.cli_home):
             d.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, Proc] = {}
+        self.node_ids: dict[str, int] = {}  # registered key name -> SuperLink node id
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.cli_env = flower_env(self.cli_home)
@@ -164,7 +165,7 @@ class LocalCluster:
     def node_keys(self, name: str, register: bool = True) -> tuple[Path, Path]:
         priv, pub = generate_node_keys(self.keys, name)
         if register:
-            register_node(pub, self.cli_env, name=name)
+            self.node_ids[name] = register_node(pub, self.cli_env, name=name)
         return priv, pub
 
     def start_node(self, market: str, key: Path, state_dir: Path, data_dir: str = "",
