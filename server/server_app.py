@@ -12,6 +12,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from server.exchange import send_and_receive
 from server.strategy import EncoderFedAvg
 from shared.checkpoint import check_state, load_encoder, save_encoder
 from shared.config import RunConfig
@@ -87,7 +88,7 @@ def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float
                         dst_node_id=m.metadata.dst_node_id,
                         message_type=m.metadata.message_type, group_id=m.metadata.group_id)
                 for m in msgs]
-    ev_replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    ev_replies = send_and_receive(grid, msgs, timeout=cfg.round_timeout)
     if on_eval is not None:
         on_eval(ev_replies)
     strategy.aggregate_evaluate(rnd, ev_replies)
@@ -133,9 +134,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     for rnd in range(run.start + 1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         train_cfg = ConfigRecord({"server-round": rnd})
-        replies = grid.send_and_receive(
-            strategy.configure_train(rnd, ArrayRecord(torch_state_dict=strategy.global_state),
-                                     train_cfg, grid), timeout=cfg.round_timeout)
+        replies = send_and_receive(
+            grid, strategy.configure_train(rnd, ArrayRecord(
+                torch_state_dict=strategy.global_state), train_cfg, grid),
+            timeout=cfg.round_timeout)
         before = strategy.global_state
         strategy.aggregate_train(rnd, replies)
         if cfg.server_lr != 1.0:  # Reptile-style outer step (shared/transfer.py)
