@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid.http_grid import HttpGrid  # flwr pinned to 1.42.*
 
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
@@ -23,10 +24,11 @@ def send_and_receive(grid: Grid, messages: Iterable[Message],
                      timeout: float | None = None) -> list[Message]:
     """Like ``grid.send_and_receive`` but with a fast, backing-off poll.
 
-    A grid that already polls at its own short ``pull_interval`` (the simulation engine's
-    in-memory grid) keeps its own ``send_and_receive``.
+    Only Flower's deployment grid (``HttpGrid``, 3 s poll) takes the fast path; any other grid
+    (the simulation engine's in-memory grid polls every 0.1 s already; test grids) keeps its own
+    ``send_and_receive``.
     """
-    if getattr(grid, "pull_interval", None) is not None:
+    if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     end = None if timeout is None else time.monotonic() + timeout
