@@ -1,14 +1,22 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from server.strategy import check_update
 from shared.wire import (
+    LAYOUT_KEY,
+    PACKED_KEY,
     WEIGHT_PREFIX,
     apply_summed_update,
     expected_update_shapes,
+    from_record,
     make_update,
+    pack,
+    state_from_record,
     sum_updates,
+    to_record,
+    unpack,
 )
 
 
@@ -58,3 +66,42 @@ def test_mismatched_keys_raise():
     g, a, _ = states()
     with pytest.raises(KeyError):
         make_update({"encoder.w": a["encoder.w"]}, g, 1, None)
+
+
+# ------------------------------------------------------------------------ packed wire form
+def test_pack_roundtrip_keeps_names_dtypes_shapes_and_values():
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.normal(size=(5, 3)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+              "c": np.array(2.5), "d": np.zeros((0, 4), np.float32),
+              "e": torch.ones(2, 2, dtype=torch.float64).t()}
+    out = unpack(pack(arrays))
+    assert set(out) == set(arrays)
+    for k, v in arrays.items():
+        want = v.numpy() if isinstance(v, torch.Tensor) else v
+        assert out[k].dtype == want.dtype and out[k].shape == want.shape
+        assert np.array_equal(out[k], want)
+
+
+def test_record_is_two_arrays_and_reads_back_packed_or_plain():
+    g, a, _ = states()
+    update = make_update(a, g, 3, np.array([1, 0, 2, 0]))
+    record = to_record(update)
+    assert sorted(record) == sorted([PACKED_KEY, LAYOUT_KEY])  # 2 objects, not 2 x tensors
+    back = from_record(record)
+    assert set(back) == set(update)
+    for k in update:
+        assert np.array_equal(back[k], update[k])
+    plain = ArrayRecord({k: Array(v) for k, v in update.items()})
+    assert all(np.array_equal(from_record(plain)[k], update[k]) for k in update)
+    state = state_from_record(to_record(g))
+    assert all(torch.equal(state[k], g[k]) for k in g)
+
+
+@pytest.mark.parametrize("layout", [
+    b"not json", b'{"a": 1}', b'[["a", "object", [1], 0]]', b'[["a", "float32", [4], 0]]',
+    b'[["a", "float32", [1], -4]]', b'[["a", "float32", [1], 0], ["a", "float32", [1], 0]]',
+    b'[["a", "float32", [-1], 0]]', b'[["a", "float32"]]'])
+def test_unpack_rejects_malformed_layouts(layout):
+    packed = {PACKED_KEY: np.zeros(8, np.uint8), LAYOUT_KEY: np.frombuffer(layout, np.uint8)}
+    with pytest.raises(ValueError):
+        unpack(packed)
