@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from shared.report import unflatten_eval
-from shared.wire import apply_summed_update, expected_update_shapes, sum_updates
+from shared.wire import apply_summed_update, expected_update_shapes, from_record, sum_updates
 
 log = logging.getLogger("storefed")
 
@@ -63,7 +63,7 @@ class EncoderFedAvg(FedAvg):
         for msg in valid:
             market = _market(msg)
             try:
-                update = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+                update = from_record(msg.content.array_records["arrays"])
                 metrics = dict(msg.content.metric_records["metrics"])
             except (KeyError, TypeError, ValueError) as exc:
                 self._reject(server_round, market, f"malformed reply: {exc}")

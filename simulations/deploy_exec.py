@@ -43,6 +43,15 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 log = logging.getLogger("storefed")
 
 
+def warm_up() -> None:
+    """Pay torch's lazy imports before the first task instead of inside round 1: building the
+    first optimizer imports ``torch._dynamo`` (sympy & co., ~2-4 s of CPU on these cores)."""
+    import torch  # noqa: PLC0415
+
+    param = torch.zeros(1, requires_grad=True)
+    torch.optim.Adam([param]).step()
+
+
 class WarmExecutor:
     """Runs the ClientApp tasks of one SuperNode in this process, one after another."""
 
@@ -67,6 +76,7 @@ class WarmExecutor:
     def serve(self, stop: threading.Event | None = None) -> None:
         """Poll for tasks until ``stop`` is set (or forever)."""
         stop = stop or threading.Event()
+        warm_up()
         acquirer = self._client()
         try:
             while not stop.is_set():
@@ -145,18 +155,71 @@ class _CappedSleep(ModuleType):
         time.sleep(min(seconds, self.cap))
 
 
+# Heartbeat interval of the SuperNodes started here: Flower's minimum (its default is 30 s).
+# The SuperLink marks a node offline 2 intervals after its last heartbeat; until then a dead
+# node is still sampled, and the same key cannot log in again (a restart after a crash).
+NODE_HEARTBEAT_S = 10
+
+
 def supernode_main(argv: list[str], fleet_poll: float) -> int:
     """``flower-supernode`` with its idle Fleet poll shortened from Flower 1.42's fixed 3 s to
-    ``fleet_poll`` seconds (a message waits on average half that long before the node sees it).
-    Only the waits of the SuperNode's message loop change; everything else is Flower's."""
+    ``fleet_poll`` seconds (a message waits on average half that long before the node sees it),
+    a ``NODE_HEARTBEAT_S`` heartbeat, and a restart after a crash that waits for the SuperLink
+    to let the crashed session go (see ``rejoin_after_crash``). Everything else is Flower's."""
     import flwr.supernode.start_client_internal as loop  # noqa: PLC0415
     from flwr.supernode.cli import flower_supernode  # noqa: PLC0415
 
     loop.time = _CappedSleep(fleet_poll)
+    rejoin_after_crash(NODE_HEARTBEAT_S)
     plain_logs()
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
     return 0
+
+
+def rejoin_after_crash(heartbeat: int) -> None:
+    """Heartbeat every ``heartbeat`` s and retry a refused login for as long as a crashed
+    session of the same key can stay online (2 heartbeats, + 5 s).
+
+    Flower's SuperLink refuses to activate a node id that is still online, and Flower's
+    SuperNode exits at once on that refusal. A SuperNode restarted after a crash (SIGKILL, power
+    loss: no goodbye) is exactly that case until its old session times out, so it would exit
+    instead of rejoining. Any other refusal (e.g. an unregistered key) still ends the SuperNode,
+    after that window."""
+    import httpx  # noqa: PLC0415
+    from flwr.common.constant import HEARTBEAT_PATIENCE  # noqa: PLC0415
+    from flwr.supercore import heartbeat as hb  # noqa: PLC0415
+    from flwr.supercore.error import ApiErrorCode, FlowerError  # noqa: PLC0415
+    from flwr.supercore.retry import exponential  # noqa: PLC0415
+    from flwr.supernode import fleet_http_connection as fleet  # noqa: PLC0415
+
+    hb.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
+    fleet.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
+    window = HEARTBEAT_PATIENCE * heartbeat + 5.0
+    make_invoker = fleet.make_simple_http_retry_invoker
+
+    def refused_login(exc: Exception) -> bool:
+        if not (isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 412):
+            return False
+        err = FlowerError.from_json(exc.response.text)
+        return err is not None and err.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
+
+    def invoker() -> Any:
+        inv = make_invoker()
+        give_up, start = inv.should_giveup, time.monotonic()
+
+        def should_giveup(exc: Exception) -> bool:
+            if refused_login(exc) and time.monotonic() - start < window:
+                log.warning("SuperLink refused the login (a crashed session of this key may "
+                            "still be online); retrying for up to %.0f s", window)
+                return False
+            return bool(give_up(exc)) if give_up is not None else False
+
+        inv.should_giveup = should_giveup
+        inv.wait_gen_factory = lambda: exponential(max_delay=max(1, heartbeat // 2))
+        return inv
+
+    fleet.make_simple_http_retry_invoker = invoker
 
 
 def plain_logs() -> None:
