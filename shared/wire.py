@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+
+if TYPE_CHECKING:  # Flower is imported where records are built: the maths runs without it
+    from flwr.app import ArrayRecord
 
 WEIGHT_PREFIX = "weight/"
 ROWWISE_KEY = "encoder.item_emb.weight"
@@ -87,6 +90,8 @@ def unpack(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def to_record(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
     """The ``ArrayRecord`` that carries ``arrays`` packed (see module doc)."""
+    from flwr.app import Array, ArrayRecord  # noqa: PLC0415
+
     return ArrayRecord({k: Array(v) for k, v in pack(arrays).items()})
 
 
