@@ -18,6 +18,7 @@ per (round, attempt); records of older rounds are dropped.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -161,8 +162,8 @@ def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
     node, global_encoder = _open_node(msg, context, fixed)
     cfg = node.cfg
     update, metrics = node.train_round(global_encoder, rnd)
-    rng = np.random.default_rng()  # OS entropy: rounding and DP noise must not be predictable
     if cfg.dp_clip > 0:
+        rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
         std = client_noise_std(cfg.dp_noise, cfg.dp_clip, int(cast(int, rec["sampled"])))
         local, norm = privatize(encoder_state(node.model), global_encoder, cfg.dp_clip, std, rng)
         update = make_update(local, global_encoder, 1, None)
@@ -171,8 +172,12 @@ def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
     context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
     node.persist(rnd)
     layout = VectorLayout.for_encoder(global_encoder, bool(rec["rowwise"]))
+    # the stochastic rounding only keeps the fixed-point sum unbiased (the masks hide the
+    # vector): seeded per (seed, round, market), so a run's sums, hence its results, are
+    # reproducible (integer sums are exact and order-free)
+    rounding = np.random.default_rng([cfg.seed % 2**32, rnd, zlib.crc32(node.market.encode())])
     vec, clipped = encode(update, layout, float(cast(float, rec["clip-range"])),
-                          int(cast(int, rec["quant-range"])), rng)
+                          int(cast(int, rec["quant-range"])), rounding)
     metrics["secagg-clipped"] = float(clipped)
     context.state[VECTOR_KEY] = ArrayRecord({"vec": Array(vec)})
     context.state[METRICS_KEY] = MetricRecord({k: float(v) for k, v in metrics.items()})

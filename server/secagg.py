@@ -50,6 +50,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
+from server.exchange import send_and_receive
 from server.server_app import ServerRun, final_doc, finish_round, prepare_run
 from shared.config import RunConfig
 from shared.dp import effective_multiplier, epsilon_spent
@@ -354,7 +355,8 @@ class SecAggRound:
         ok: dict[int, Message] = {}
         seen: set[int] = set()
         t0 = time.perf_counter()
-        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        # fast, backing-off reply polling on Flower's deployment grid (server/exchange.py)
+        replies = send_and_receive(self.grid, msgs, timeout=timeout)
         self._time(stage, t0)
         for reply in replies:
             self.received.append(reply)

@@ -17,7 +17,7 @@ from server.strategy import EncoderFedAvg
 from shared.checkpoint import check_state, load_encoder, save_encoder
 from shared.config import RunConfig
 from shared.data import Catalog, load_catalog
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, ConfigError
 from shared.model import ModelConfig
 from shared.node import initial_encoder, model_config
 from shared.report import write_metrics
@@ -60,6 +60,11 @@ def prepare_run(cfg: RunConfig) -> ServerRun:
         rounds = [r for r in ck.meta.get("rounds", []) if r["round"] <= start]
         log.info("resuming from %s after round %d", ckpt_path, start)
     n_markets = len(cfg.market_list)
+    if cfg.secagg and n_markets and max(1, int(n_markets * cfg.fraction_train)) < 2:
+        raise ConfigError(f"secagg needs at least 2 markets per round (markets = "
+                          f"{cfg.markets!r}, fraction-train = {cfg.fraction_train:g}): the "
+                          f"secure sum of one market is its update; set secagg = false "
+                          f"(--no-secagg) to run without secure aggregation")
     min_nodes = max(cfg.min_nodes, n_markets)
     strategy = EncoderFedAvg(
         state, cfg.aggregation == "rowwise", fraction_train=cfg.fraction_train,

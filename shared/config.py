@@ -52,7 +52,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_nodes: int = 2
     round_timeout: float = 3600.0
-    secagg: bool = False
+    secagg: bool = True  # SecAgg+ by default; needs >= 2 markets per round
     resume: bool = False  # server: continue from <out-dir>/encoder.pt if present
     # SecAgg+ (server/secagg.py, shared/secagg.py): neighbourhood size (0 = automatic),
     # reconstruction threshold as a fraction of it, fixed-point clip/levels, restarts per round

@@ -568,7 +568,8 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="server output directory, a path on the SuperLink host")
     u.add_argument("--rounds", type=int, default=None)
     u.add_argument("--resume", action="store_true", help="continue from OUT/encoder.pt")
-    u.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+")
+    u.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
+                   help="aggregate with SecAgg+ (default: on); --no-secagg: plain FedAvg")
     u.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="any [tool.flwr.app.config] key (repeatable)")
     u.add_argument("--timeout", type=float, default=24 * 3600.0)
@@ -637,8 +638,8 @@ def _submit(args: argparse.Namespace) -> int:
         values["num-rounds"] = args.rounds
     if args.resume:
         values["resume"] = True
-    if args.secagg:
-        values["secagg"] = True
+    if args.secagg is not None:
+        values["secagg"] = args.secagg
     env = flower_env(os.environ.get("FLWR_HOME"))
     app = write_app(Path(os.environ.get("TMPDIR", "/tmp")) / f"storefed-app-{os.getpid()}")
     try:

@@ -227,7 +227,8 @@ def add_demo_parsers(dsub: argparse._SubParsersAction) -> None:
                                      "market over TLS with node auth; prints per-market metrics")
     _cluster_options(d)
     d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+")
+    d.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
+                   help="aggregate with SecAgg+ (default: on); --no-secagg: plain FedAvg")
     d.add_argument("--keep", action="store_true", help="keep the work directory")
 
 
@@ -283,8 +284,8 @@ def _demo(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {"dataset": args.dataset, "data-dir": data_dir,
                               "markets": ",".join(markets), "num-rounds": args.rounds,
                               "out-dir": str(work / "out"), **parse_overrides(args.config)}
-    if args.secagg:
-        values["secagg"] = True
+    if args.secagg is not None:
+        values["secagg"] = args.secagg
     t0 = time.perf_counter()
     with LocalCluster(work) as cluster:
         try:

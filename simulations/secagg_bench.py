@@ -1,28 +1,36 @@
-"""``storefed benchmark-secagg``: what SecAgg+ (and DP on top of it) costs, through Flower's
-simulation engine, as ``storefed simulate`` runs.
+"""``storefed benchmark-secagg``: what SecAgg+ (and DP on top of it) costs against plain
+aggregation, on the same configuration.
 
-For each client count N (default 3, 7, 20) it runs the same configuration plain and with
-``--secagg`` and reports the per-round wall time of each (median over rounds 2..R: round 1
-also starts the Ray actors), their ratio, the time of each SecAgg+ stage, and the final
-nDCG@10 of both (relative difference). Clients are the dataset's markets, cycled when N is larger
-than the number of markets (the synthetic data has 4: N = 20 runs each market on 5 nodes; the
-protocol treats them as 20 distinct parties). ``--dp-noise 0.5,1,2`` adds a DP sweep (secagg +
-client-level DP, ``--dp-clip``) reporting nDCG@10 against epsilon.
-``--engine inprocess`` instead runs server and clients in this process (no Ray) and reports CPU
-seconds per round: the protocol's computational cost, robust to other load on the machine
-(wall-clock ratios on a shared, overloaded machine are mostly noise).
-Prints a table and writes ``OUT/secagg_bench.json``.
+For each client count N (default 3, 7, 20) the plain and the SecAgg+ arm are run **interleaved**
+(``--repeats`` pairs in ABBA order: plain, secagg, secagg, plain, ...) so that slow drifts in the
+machine's load hit both arms alike; it reports the per-round wall time of each arm (median over
+rounds 2..R of every repeat: round 1 also starts Ray / builds the models), their ratio, the
+ratio of each repeat pair, the machine's load average, the time of each SecAgg+ stage and the
+final nDCG@10 of both (relative difference). Clients are the dataset's markets, cycled when N is
+larger than the number of markets (the synthetic data has 4: N = 20 runs each market on 5 nodes;
+the protocol treats them as 20 distinct parties).
+
+Engines (``--engine``, comma-separated): ``simulation`` runs Flower's simulation engine as
+``storefed simulate`` does; ``inprocess`` runs server and clients in this process (no Ray, no
+polling) and also reports CPU seconds per round and a **profile** of the SecAgg+ arm: seconds
+per round in key agreement (ECDH key pairs and shared keys), share generation (Shamir +
+encryption), share decryption, encoding, masking (client PRG), unmasking (server Shamir
+reconstruction + PRG), protocol state, local training and evaluation (exclusive times).
+``--dp-noise 0.5,1,2`` adds a DP sweep (secagg + client-level DP, ``--dp-clip``) reporting
+nDCG@10 against epsilon. Prints a table and writes ``OUT/secagg_bench.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -31,7 +39,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.data import available_markets
+from shared.errors import ConfigError
 from simulations.simulate import add_run_options, config_from_args, run_federated
+
+T = TypeVar("T")
+ENGINES = ("simulation", "inprocess")
+ARMS = ("plain", "secagg")
 
 
 def _markets(cfg: RunConfig, n: int, chosen: list[str]) -> str:
@@ -39,13 +52,13 @@ def _markets(cfg: RunConfig, n: int, chosen: list[str]) -> str:
     return ",".join(pool[i % len(pool)] for i in range(n))
 
 
-def _per_round(doc: dict[str, Any], key: str) -> float:
-    vals = [float(r[key]) for r in doc["rounds"]]
-    return statistics.median(vals[1:] if len(vals) > 1 else vals)
+def _steady(vals: list[T]) -> list[T]:
+    """Rounds 2..R (round 1 also starts Ray / builds models), or all if there is one."""
+    return vals[1:] if len(vals) > 1 else vals
 
 
-def _stages(doc: dict[str, Any]) -> dict[str, float]:
-    rounds = doc["rounds"][1:] if len(doc["rounds"]) > 1 else doc["rounds"]
+def _stages(docs: list[dict[str, Any]]) -> dict[str, float]:
+    rounds = [r for d in docs for r in _steady(d["rounds"])]
     names = sorted({k for r in rounds for k in r.get("secagg", {}).get("stage_seconds", {})})
     return {k: statistics.median(r["secagg"]["stage_seconds"].get(k, 0.0) for r in rounds)
             for k in names}
@@ -53,7 +66,8 @@ def _stages(doc: dict[str, Any]) -> dict[str, float]:
 
 class LocalGrid(Grid):
     """In-process Grid: node ``i`` runs ``app`` with partition-id ``i`` (no Ray, no polling),
-    so the CPU time of a run is the server's plus every client's."""
+    so the CPU time of a run is the server's plus every client's. ``marks`` holds (CPU, wall)
+    clocks at the end of every evaluate exchange, i.e. at the end of every round's messaging."""
 
     def __init__(self, app: Any, n: int, run_config: dict[str, Any],
                  state_dir: Path | None = None) -> None:
@@ -65,6 +79,7 @@ class LocalGrid(Grid):
             **({"state-dir": str(state_dir / f"node{i}")} if state_dir else {})},
             state=RecordDict(), run_config=dict(run_config))
             for i, nid in enumerate(self.ids)}
+        self.marks: list[tuple[float, float]] = []
 
     def set_run(self, run: Any) -> None:
         del run
@@ -90,17 +105,89 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
         replies = []
+        evaluate = False
         for msg in messages:
+            evaluate = evaluate or msg.metadata.message_type == "evaluate"
             TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
             try:
                 replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:  # noqa: BLE001 - a failing ClientApp = an error reply
                 replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
+        if evaluate:
+            self.marks.append((time.process_time(), time.perf_counter()))
         return replies
 
 
-def cpu_run(cfg: RunConfig, out: Path) -> tuple[float, dict[str, Any]]:
-    """Run ``cfg`` in this process through ``LocalGrid``; (CPU seconds per round, doc)."""
+# ------------------------------------------------------------------------------ profile
+# (module, attribute, bucket): the SecAgg+ work, timed exclusively (a bucket's time excludes
+# the time of the profiled calls it makes)
+PROFILED = (
+    ("client.secagg", "", "generate_key_pairs", "key agreement"),
+    ("client.secagg", "", "generate_shared_key", "key agreement"),
+    ("server.secagg", "", "generate_shared_key", "key agreement"),
+    ("client.secagg", "", "create_shares", "share generation"),
+    ("client.secagg", "", "encrypt", "share generation"),
+    ("client.secagg", "", "_share_keys", "share generation"),
+    ("client.secagg", "", "decrypt", "share decryption"),
+    ("client.secagg", "", "encode", "encoding"),
+    ("server.secagg", "", "decode", "encoding"),
+    ("client.secagg", "", "prg_mask", "masking"),
+    ("client.secagg", "", "_masked", "masking"),
+    ("server.secagg", "", "combine_shares", "unmasking"),
+    ("server.secagg", "", "sk_from_scalar", "unmasking"),
+    ("server.secagg", "", "prg_mask", "unmasking"),
+    ("client.secagg", "", "_save", "protocol state"),
+    ("client.secagg", "", "_load", "protocol state"),
+    ("shared.node", "MarketNode", "train_round", "local training"),
+    ("shared.node", "MarketNode", "evaluate", "evaluation"),
+)
+
+
+class Profile:
+    """Exclusive wall seconds per bucket of the functions in ``PROFILED`` (single thread)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._children: list[float] = []
+
+    def wrap(self, fn: Callable[..., Any], bucket: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._children.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - t0
+                inner = self._children.pop()
+                self.seconds[bucket] = self.seconds.get(bucket, 0.0) + took - inner
+                if self._children:
+                    self._children[-1] += took
+        return timed
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Profile]:
+        import importlib  # noqa: PLC0415
+
+        saved = []
+        for module, cls, name, bucket in PROFILED:
+            owner: Any = importlib.import_module(module)
+            if cls:
+                owner = getattr(owner, cls)
+            saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, self.wrap(getattr(owner, name), bucket))
+        try:
+            yield self
+        finally:
+            for owner, name, fn in reversed(saved):
+                setattr(owner, name, fn)
+
+
+# ------------------------------------------------------------------------------ runs
+def cpu_run(cfg: RunConfig, out: Path, profile: Profile | None = None,
+            ) -> tuple[float, dict[str, Any]]:
+    """Run ``cfg`` in this process through ``LocalGrid``; (CPU seconds per steady round, doc).
+    The doc gets ``cpu_round_seconds`` and ``wall_round_seconds`` (per round, from the ends
+    of the evaluate exchanges) and, with ``profile``, the SecAgg+ profile."""
     from client.client_app import make_app  # noqa: PLC0415
     from server.secagg import run_server_secagg  # noqa: PLC0415
     from server.server_app import run_server  # noqa: PLC0415
@@ -109,93 +196,159 @@ def cpu_run(cfg: RunConfig, out: Path) -> tuple[float, dict[str, Any]]:
     overrides = cfg.to_mapping()
     grid = LocalGrid(make_app(overrides), len(cfg.market_list), overrides, out / "state")
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    t0 = time.process_time()
-    doc = (run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg) if cfg.secagg
-           else run_server(grid, cfg))
-    return (time.process_time() - t0) / cfg.num_rounds, doc
+    ctx = profile.active() if profile is not None else contextlib.nullcontext()
+    with ctx:
+        grid.marks.append((time.process_time(), time.perf_counter()))
+        doc = (run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg) if cfg.secagg
+               else run_server(grid, cfg))
+    cpu = [b[0] - a[0] for a, b in zip(grid.marks, grid.marks[1:], strict=False)]
+    wall = [b[1] - a[1] for a, b in zip(grid.marks, grid.marks[1:], strict=False)]
+    doc["cpu_round_seconds"], doc["wall_round_seconds"] = cpu, wall
+    return statistics.median(_steady(cpu)), doc
 
 
-def run_cpu_bench(cfg: RunConfig, clients: list[int], out: Path) -> list[dict[str, Any]]:
-    """CPU seconds per round, plain vs SecAgg+, all in one process: what the protocol costs
-    in computation, independent of message latency and of other load on the machine."""
-    chosen = cfg.market_list
-    cpu_run(cfg.replace(markets=_markets(cfg, 2, chosen), num_rounds=1), out / "warmup")
-    rows = []
-    for n in clients:
-        base = cfg.replace(markets=_markets(cfg, n, chosen))
-        p, dp = cpu_run(base.replace(secagg=False), out / f"cpu-n{n}-plain")
-        s, ds = cpu_run(base.replace(secagg=True), out / f"cpu-n{n}-secagg")
-        rows.append({"clients": n, "plain_cpu_round_s": p, "secagg_cpu_round_s": s,
-                     "ratio_cpu": s / p,
-                     "ndcg@10_plain": dp["final"]["average"]["ndcg@10"],
-                     "ndcg@10_secagg": ds["final"]["average"]["ndcg@10"]})
-        print(f"N={n:>3}  CPU per round plain {p:.2f}s secagg {s:.2f}s ratio {s / p:.2f}x | "
-              f"ndcg@10 {rows[-1]['ndcg@10_plain']:.4f} vs {rows[-1]['ndcg@10_secagg']:.4f}",
-              flush=True)
-    return rows
+def _arm_order(repeats: int) -> list[str]:
+    """ABBA...: plain, secagg, secagg, plain, plain, secagg, ..."""
+    out: list[str] = []
+    for r in range(repeats):
+        out.extend(ARMS if r % 2 == 0 else ARMS[::-1])
+    return out
+
+
+def _run_arm(engine: str, cfg: RunConfig, out: Path, verbose: bool,
+             profile: Profile | None) -> dict[str, Any]:
+    load = os.getloadavg()[0]
+    if engine == "inprocess":
+        _, doc = cpu_run(cfg, out, profile if cfg.secagg else None)
+        wall = doc["wall_round_seconds"]
+    else:
+        doc = run_federated(cfg.replace(out_dir=str(out)), verbose)
+        wall = [float(r["seconds"]) for r in doc["rounds"]]
+    doc["bench"] = {"wall": wall, "cpu": doc.get("cpu_round_seconds"),
+                    "load_start": load, "load_end": os.getloadavg()[0]}
+    return doc
+
+
+def _median(docs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [v for d in docs for v in _steady(d["bench"][key] or [])]
+    return statistics.median(vals) if vals else None
+
+
+def bench_clients(engine: str, cfg: RunConfig, n: int, out: Path, repeats: int,
+                  verbose: bool = False) -> dict[str, Any]:
+    """Both arms for ``n`` clients, interleaved ABBA over ``repeats`` pairs; one table row."""
+    base = cfg.replace(markets=_markets(cfg, n, cfg.market_list))
+    docs: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
+    profile = Profile()
+    order = _arm_order(repeats)
+    for i, arm in enumerate(order):
+        c = base.replace(secagg=arm == "secagg")
+        docs[arm].append(_run_arm(engine, c, out / f"{engine}-n{n}-{i}-{arm}", verbose, profile))
+    p_wall, s_wall = _median(docs["plain"], "wall"), _median(docs["secagg"], "wall")
+    assert p_wall is not None and s_wall is not None
+    pairs = [statistics.median(_steady(s["bench"]["wall"]))
+             / statistics.median(_steady(p["bench"]["wall"]))
+             for p, s in zip(docs["plain"], docs["secagg"], strict=True)]
+    q_p = statistics.mean(d["final"]["average"]["ndcg@10"] for d in docs["plain"])
+    q_s = statistics.mean(d["final"]["average"]["ndcg@10"] for d in docs["secagg"])
+    row: dict[str, Any] = {
+        "engine": engine, "clients": n, "markets": base.markets, "repeats": repeats,
+        "order": order, "plain_round_s": p_wall, "secagg_round_s": s_wall,
+        "ratio_round": s_wall / p_wall, "ratio_round_per_repeat": pairs,
+        "load_average": [round(d["bench"][k], 2) for d in docs["plain"] + docs["secagg"]
+                         for k in ("load_start", "load_end")],
+        "secagg_stage_s": _stages(docs["secagg"]),
+        "ndcg@10_plain": q_p, "ndcg@10_secagg": q_s,
+        "ndcg_rel_diff": (q_s - q_p) / q_p if q_p else 0.0,
+        "clipped_values": sum(r["secagg"]["clipped_values"] for d in docs["secagg"]
+                              for r in d["rounds"]),
+        "vector_length": docs["secagg"][0]["rounds"][0]["secagg"]["vector_length"],
+    }
+    if engine == "inprocess":
+        p_cpu, s_cpu = _median(docs["plain"], "cpu"), _median(docs["secagg"], "cpu")
+        assert p_cpu is not None and s_cpu is not None
+        rounds = sum(len(d["rounds"]) for d in docs["secagg"])
+        row.update(plain_cpu_round_s=p_cpu, secagg_cpu_round_s=s_cpu, ratio_cpu=s_cpu / p_cpu,
+                   secagg_profile_s_per_round={k: v / rounds for k, v in
+                                               sorted(profile.seconds.items())})
+        row["secagg_protocol_s_per_round"] = sum(
+            v for k, v in row["secagg_profile_s_per_round"].items()
+            if k not in ("local training", "evaluation"))
+    _print_row(row)
+    return row
 
 
 def run_bench(cfg: RunConfig, clients: list[int], out: Path, dp_noise: list[float],
               dp_clip: float, verbose: bool = False, engine: str = "simulation",
-              ) -> dict[str, Any]:
-    """Plain vs SecAgg+ per client count (and the optional DP sweep); returns the report."""
-    chosen = cfg.market_list
+              repeats: int = 2) -> dict[str, Any]:
+    """Plain vs SecAgg+ per engine and client count (and the optional DP sweep)."""
+    engines = [e.strip() for e in engine.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise ValueError(f"unknown engine(s) {bad}; choose from {ENGINES}")
     rows: list[dict[str, Any]] = []
-    if engine == "inprocess":
-        rows = run_cpu_bench(cfg, clients, out)
-        clients = []
-    for n in clients:
-        base = cfg.replace(markets=_markets(cfg, n, chosen))
-        docs = {}
-        for name, c in (("plain", base.replace(secagg=False)),
-                        ("secagg", base.replace(secagg=True))):
-            t0 = time.perf_counter()
-            docs[name] = run_federated(c.replace(out_dir=str(out / f"n{n}-{name}")), verbose)
-            docs[name]["bench_wall"] = time.perf_counter() - t0
-        p, s = docs["plain"], docs["secagg"]
-        q_p, q_s = p["final"]["average"]["ndcg@10"], s["final"]["average"]["ndcg@10"]
-        rows.append({
-            "clients": n, "markets": base.markets,
-            "plain_round_s": _per_round(p, "seconds"), "secagg_round_s": _per_round(s, "seconds"),
-            "ratio_round": _per_round(s, "seconds") / _per_round(p, "seconds"),
-            "plain_train_s": _per_round(p, "train_seconds"),
-            "secagg_train_s": _per_round(s, "train_seconds"),
-            "ratio_train": _per_round(s, "train_seconds") / _per_round(p, "train_seconds"),
-            "secagg_stage_s": _stages(s),
-            "ndcg@10_plain": q_p, "ndcg@10_secagg": q_s,
-            "ndcg_rel_diff": (q_s - q_p) / q_p if q_p else 0.0,
-            "clipped_values": sum(r["secagg"]["clipped_values"] for r in s["rounds"]),
-            "vector_length": s["rounds"][0]["secagg"]["vector_length"],
-        })
-        _print_row(rows[-1])
-    dp_rows: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    if "inprocess" in engines and clients:  # imports, data caches: not in the first arm
+        cpu_run(cfg.replace(markets=_markets(cfg, 2, cfg.market_list), num_rounds=1,
+                            secagg=True), out / "warmup")
+    report: dict[str, Any] = {"config": cfg.to_mapping(), "engines": engines, "rows": rows,
+                              "dp": [], "note": NOTE}
+    for eng in engines:
+        for n in clients:
+            rows.append(bench_clients(eng, cfg, n, out, repeats, verbose))
+            _write(out, report)
+    dp_rows: list[dict[str, Any]] = report["dp"]
     if dp_noise:
         base = cfg.replace(secagg=True)  # the selected markets, once each
-        for sigma in dp_noise:
-            c = base.replace(dp_noise=sigma, dp_clip=dp_clip,
-                             out_dir=str(out / f"dp-{sigma:g}"))
+        # reference first: SecAgg+ without DP (no clipping, no noise, row-wise weights)
+        for sigma in [None, *dp_noise]:
+            c = (base.replace(out_dir=str(out / "dp-none")) if sigma is None else
+                 base.replace(dp_noise=sigma, dp_clip=dp_clip,
+                              out_dir=str(out / f"dp-{sigma:g}")))
             doc = run_federated(c, verbose)
-            dp_rows.append({"dp_noise": sigma, "dp_clip": dp_clip,
-                            "epsilon": doc["privacy"]["epsilon"], "delta": c.dp_delta,
+            norms = [r["secagg"]["dp_delta_norm_median"] for r in doc["rounds"]
+                     if "dp_delta_norm_median" in r["secagg"]]
+            dp_rows.append({"dp_noise": sigma, "dp_clip": dp_clip if sigma is not None else None,
+                            "epsilon": doc["privacy"]["epsilon"] if sigma is not None else None,
+                            "delta": c.dp_delta,
                             "ndcg@10": doc["final"]["average"]["ndcg@10"],
-                            "hr@10": doc["final"]["average"]["hr@10"]})
-            print(f"dp-noise {sigma:g}: epsilon {dp_rows[-1]['epsilon']:.2f} "
-                  f"ndcg@10 {dp_rows[-1]['ndcg@10']:.4f}", flush=True)
-    report = {"config": cfg.to_mapping(), "engine": engine, "rows": rows, "dp": dp_rows,
-              "note": "simulation: per-round wall seconds, medians over rounds 2..R (round 1 "
-                      "starts Ray); inprocess: CPU seconds per round of server + all clients; "
-                      "ratio = secagg / plain"}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "secagg_bench.json", json.dumps(report, indent=2).encode())
+                            "hr@10": doc["final"]["average"]["hr@10"],
+                            "dp_delta_norm_median": statistics.median(norms) if norms else None,
+                            "rounds": c.num_rounds, "wall_seconds": doc["wall_seconds"]})
+            eps = "-" if sigma is None else f"{dp_rows[-1]['epsilon']:.2f}"
+            print(f"dp-noise {'none' if sigma is None else f'{sigma:g}'}: epsilon {eps} "
+                  f"ndcg@10 {dp_rows[-1]['ndcg@10']:.4f} hr@10 {dp_rows[-1]['hr@10']:.4f} "
+                  f"({doc['wall_seconds']:.0f}s)", flush=True)
+            _write(out, report)
+    _write(out, report)
     return report
+
+
+NOTE = ("per-round wall seconds: medians over rounds 2..R of every repeat, arms interleaved "
+        "ABBA; inprocess also CPU seconds per round of server + all clients and the SecAgg+ "
+        "profile (exclusive seconds per round, summed over server and clients); "
+        "ratio = secagg / plain")
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    atomic_write_bytes(out / "secagg_bench.json", json.dumps(report, indent=2).encode())
 
 
 def _print_row(r: dict[str, Any]) -> None:
     stages = " ".join(f"{k}={v:.2f}" for k, v in r["secagg_stage_s"].items())
-    print(f"N={r['clients']:>3}  round plain {r['plain_round_s']:.2f}s secagg "
-          f"{r['secagg_round_s']:.2f}s ratio {r['ratio_round']:.2f}x | train step ratio "
-          f"{r['ratio_train']:.2f}x | ndcg@10 {r['ndcg@10_plain']:.4f} vs "
-          f"{r['ndcg@10_secagg']:.4f} ({100 * r['ndcg_rel_diff']:+.2f}%) | {stages}", flush=True)
+    pairs = ",".join(f"{x:.2f}" for x in r["ratio_round_per_repeat"])
+    line = (f"[{r['engine']}] N={r['clients']:>3}  round plain {r['plain_round_s']:.2f}s secagg "
+            f"{r['secagg_round_s']:.2f}s ratio {r['ratio_round']:.2f}x (pairs {pairs})")
+    if "ratio_cpu" in r:
+        line += (f" | CPU {r['plain_cpu_round_s']:.2f}s vs {r['secagg_cpu_round_s']:.2f}s "
+                 f"ratio {r['ratio_cpu']:.2f}x")
+    line += (f" | ndcg@10 {r['ndcg@10_plain']:.4f} vs {r['ndcg@10_secagg']:.4f} "
+             f"({100 * r['ndcg_rel_diff']:+.2f}%) | load {min(r['load_average']):.1f}-"
+             f"{max(r['load_average']):.1f} | {stages}")
+    print(line, flush=True)
+    if "secagg_profile_s_per_round" in r:
+        prof = " ".join(f"{k}={v:.3f}" for k, v in r["secagg_profile_s_per_round"].items())
+        print(f"    secagg profile (s/round): {prof}", flush=True)
 
 
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
@@ -207,9 +360,12 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--local-epochs", type=int, default=None)
     p.add_argument("--dp-noise", default="", help="comma-separated noise multipliers to sweep")
     p.add_argument("--dp-clip", type=float, default=0.5, help="L2 clip for the DP sweep")
-    p.add_argument("--engine", choices=("simulation", "inprocess"), default="simulation",
-                   help="simulation: wall time through Flower's simulation engine; inprocess: "
-                        "CPU time of server + clients in one process (robust to machine load)")
+    p.add_argument("--engine", default="simulation",
+                   help="comma-separated: simulation (Flower's simulation engine, wall time), "
+                        "inprocess (server + clients in this process: wall and CPU time and "
+                        "the SecAgg+ profile); default simulation")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="plain/secagg pairs per client count, interleaved ABBA (default 2)")
     p.add_argument("--out", default="runs/secagg-bench", help="output directory")
     return "benchmark-secagg", _run
 
@@ -218,7 +374,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs)
     clients = [int(x) for x in args.clients.split(",") if x.strip()]
     noise = [float(x) for x in args.dp_noise.split(",") if x.strip()]
+    bad = [e for e in args.engine.split(",") if e.strip() not in ENGINES]
+    if bad or args.repeats < 1:
+        raise ConfigError(f"--engine takes {', '.join(ENGINES)} (got {args.engine!r}) and "
+                          f"--repeats must be >= 1 (got {args.repeats})")
     run_bench(cfg, clients, Path(args.out), noise, args.dp_clip, verbose=args.verbose,
-              engine=args.engine)
+              engine=args.engine, repeats=args.repeats)
     print(f"wrote {Path(args.out) / 'secagg_bench.json'}")
     return 0

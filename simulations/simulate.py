@@ -163,7 +163,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     add_run_options(p)
     p.add_argument("--rounds", type=int, default=None, help="federated rounds")
     p.add_argument("--local-epochs", type=int, default=None, help="local epochs per round")
-    p.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+")
+    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
+                   help="aggregate with SecAgg+ (default: on, run-config secagg = true); "
+                        "--no-secagg: plain FedAvg")
     p.add_argument("--resume", action="store_true", help="continue from OUT/encoder.pt")
     p.add_argument("--out", default="runs/latest", help="output directory")
     return "simulate", _run
@@ -171,7 +173,7 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs,
-                           out_dir=args.out, secagg=True if args.secagg else None,
+                           out_dir=args.out, secagg=args.secagg,
                            resume=True if args.resume else None)
     log.info("simulating %d markets (%s) of %s for %d rounds -> %s", len(cfg.market_list),
              cfg.markets, cfg.dataset, cfg.num_rounds, cfg.out_dir)

@@ -42,7 +42,8 @@ from simulations.deploy_demo import LocalCluster
 
 MARKETS = ["m0", "m1", "m2"]
 SMALL = {"dataset": "synthetic", "markets": ",".join(MARKETS), "embedding-dim": 16,
-         "local-epochs": 1, "torch-threads": 1}
+         "local-epochs": 1, "torch-threads": 1,
+         "secagg": False}  # plain: the test counts train/evaluate messages per node
 
 
 # --------------------------------------------------------------------------- fast checks

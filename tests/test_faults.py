@@ -95,7 +95,8 @@ DRIVER = textwrap.dedent("""
 
     cfg = RunConfig.from_mapping({
         "markets": ",".join(MARKETS), "num-rounds": 3, "embedding-dim": 8, "local-epochs": 1,
-        "eval-negatives": 20, "device": "cpu", "out-dir": str(OUT), "round-timeout": TIMEOUT})
+        "eval-negatives": 20, "device": "cpu", "out-dir": str(OUT), "round-timeout": TIMEOUT,
+        "secagg": False})  # plain FedAvg: the server must see each update to reject m1's
     doc = run_federated(cfg, client_mods=[faults])
     print("DONE", doc["wall_seconds"])
 """)

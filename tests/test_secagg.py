@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.http_grid import HttpGrid
 
 import client.secagg as client_secagg
 from client.client_app import make_app
@@ -221,7 +223,7 @@ def test_masks_cancel_and_graph_is_symmetric():
 
 def test_config_rejects_unsafe_secagg_and_dp_settings():
     with pytest.raises(ConfigError, match="secagg"):
-        RunConfig.from_mapping({"dp-noise": 1.0, "dp-clip": 1.0})
+        RunConfig.from_mapping({"dp-noise": 1.0, "dp-clip": 1.0, "secagg": False})
     with pytest.raises(ConfigError, match="dp-clip"):
         RunConfig.from_mapping({"secagg": True, "dp-noise": 1.0})
     with pytest.raises(ConfigError, match="secagg-threshold"):
@@ -418,3 +420,119 @@ def test_pipelined_rounds(tmp_path, recorded, fail):
     round2 = recorded[len(markets):]  # round-1 updates come first
     assert len(round2) == len(expected)
     check_average(cfg, round_start(grid, 2), new, round2, doc)
+
+
+# ---------------------------------------------------------------------------- default + wiring
+def test_secagg_is_the_default_and_needs_two_markets_per_round(tmp_path):
+    from server.server_app import prepare_run
+
+    assert RunConfig().secagg is True  # pyproject == dataclass is checked in test_config
+    out = {"out-dir": str(tmp_path / "o"), "embedding-dim": 8}
+    with pytest.raises(ConfigError, match="secagg needs at least 2 markets"):
+        prepare_run(RunConfig.from_mapping({**out, "markets": "m0"}))
+    with pytest.raises(ConfigError, match="secagg needs at least 2 markets"):
+        prepare_run(RunConfig.from_mapping({**out, "markets": "m0,m1,m2",
+                                            "fraction-train": 0.5}))
+    prepare_run(RunConfig.from_mapping({**out, "markets": "m0", "secagg": False}))
+    prepare_run(RunConfig.from_mapping({**out, "markets": "m0,m1"}))
+
+
+def test_cli_secagg_flags_and_deploy_run_default(tmp_path, monkeypatch):
+    import tomllib
+
+    import simulations.deploy as deploy
+    from simulations.cli import _parser
+    from simulations.simulate import config_from_args
+
+    parser, _ = _parser()
+    for flags, want in (([], True), (["--no-secagg"], False), (["--secagg"], True)):
+        args = parser.parse_args(["simulate", "--markets", "m0,m1", *flags])
+        assert config_from_args(args, secagg=args.secagg).secagg is want, flags
+        args = parser.parse_args(["deploy", "demo", *flags])
+        assert args.secagg is (None if not flags else want)
+
+    submitted = []
+
+    def fake_submit(app_dir, values, env, connection):
+        doc = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())
+        submitted.append((doc["tool"]["flwr"]["app"]["config"]["secagg"], dict(values)))
+        return 7
+
+    monkeypatch.setattr(deploy, "submit_run", fake_submit)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    from simulations.cli import main
+
+    base = ["deploy", "run", "--markets", "m0,m1", "--out", str(tmp_path / "o"), "--no-wait"]
+    assert main(base) == 0 and main([*base, "--no-secagg"]) == 0
+    (app_default, v1), (_, v2) = submitted
+    assert app_default is True and "secagg" not in v1  # the app's default: SecAgg+ on
+    assert v2["secagg"] is False
+
+
+def test_secagg_runs_are_reproducible(tmp_path, recorded):
+    """Seeded rounding + exact integer sums: the same seed gives a bit-identical encoder."""
+    markets = ["m0", "m1", "m2"]
+    *_, new_a = run(tmp_path / "a", markets)
+    *_, new_b = run(tmp_path / "b", markets)
+    assert all(torch.equal(new_a[k], new_b[k]) for k in new_a)
+
+
+class FakeHttpGrid(FakeGrid, HttpGrid):
+    """``FakeGrid`` posing as Flower's deployment grid: replies are produced at push time and
+    handed out by ``pull_messages``, so ``server.exchange`` takes its fast-poll path."""
+
+    def __init__(self, app, n: int, run_config: dict) -> None:
+        FakeGrid.__init__(self, app, n, run_config)
+        self.pending: dict[str, Message] = {}
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            (reply,) = FakeGrid.send_and_receive(self, [msg])
+            self.pending[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
+
+    def send_and_receive(self, messages, *, timeout=None):  # Flower's: a fixed 3 s poll
+        raise AssertionError("SecAgg+ must use server.exchange, not HttpGrid.send_and_receive")
+
+
+def test_secagg_exchanges_use_the_fast_poll_on_the_deployment_grid(tmp_path, recorded):
+    markets = ["m0", "m1", "m2"]
+    overrides = {**BASE, "markets": ",".join(markets), "out-dir": str(tmp_path / "out"),
+                 "state-dir": str(tmp_path / "state"), "num-rounds": 2}
+    cfg = RunConfig.from_mapping(overrides)
+    grid = FakeHttpGrid(make_app(overrides), len(markets), overrides)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    doc = run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    assert [r["secagg"]["attempts"][-1]["aggregated"] for r in doc["rounds"]] == [markets] * 2
+    assert doc["rounds"][1]["secagg"]["attempts"][0]["pipelined"] is True
+    stages = {m.content.config_records[RECORD]["stage"] for m in grid.sent
+              if m.metadata.message_type == MESSAGE_TYPE}
+    assert stages == {"setup", "share-keys", "masked-upload", "unmask"}
+    assert grid.pulls > 0 and not grid.pending
+
+
+def test_benchmark_secagg_interleaves_arms_and_profiles_the_protocol(tmp_path):
+    from simulations.secagg_bench import run_bench
+
+    cfg = RunConfig.from_mapping({**BASE, "markets": "m0,m1", "num-rounds": 2})
+    report = run_bench(cfg, [2], tmp_path, [], 0.5, engine="inprocess", repeats=2)
+    (row,) = report["rows"]
+    assert row["order"] == ["plain", "secagg", "secagg", "plain"]
+    assert len(row["ratio_round_per_repeat"]) == 2 and row["ratio_round"] > 0
+    assert row["ratio_cpu"] > 0 and row["plain_cpu_round_s"] > 0
+    prof = row["secagg_profile_s_per_round"]
+    for bucket in ("key agreement", "share generation", "share decryption", "encoding",
+                   "masking", "unmasking", "local training", "evaluation"):
+        assert prof[bucket] > 0, bucket
+    assert 0 < row["secagg_protocol_s_per_round"] < sum(prof.values())
+    # same seed, same data: SecAgg+ changes the aggregate only by its fixed-point rounding
+    assert abs(row["ndcg_rel_diff"]) < 0.01
+    assert json.loads((tmp_path / "secagg_bench.json").read_text())["rows"][0]["clients"] == 2
