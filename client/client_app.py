@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -18,6 +18,7 @@ from shared.data import available_markets
 from shared.errors import ConfigError
 from shared.node import MarketNode
 from shared.report import flatten_eval
+from shared.wire import state_from_record, to_record
 
 log = logging.getLogger("storefed")
 PRIVATE_KEY = "private"
@@ -62,8 +63,13 @@ def _open_node(msg: Message, context: Context,
     node = MarketNode(cfg, market, state_dir)
     private = (context.state.array_records[PRIVATE_KEY].to_torch_state_dict()
                if PRIVATE_KEY in context.state.array_records else None)
-    node.restore(private)
-    return node, msg.content.array_records["arrays"].to_torch_state_dict()
+    source = node.restore(private)
+    if source == "disk":  # a restarted node, or a new market prepared by `storefed join`
+        log.info("market %s: heads restored from %s (saved after round %d)", market,
+                 node.state_path, node.rounds_done)
+    elif source == "fresh":
+        log.debug("market %s: fresh heads (no %s yet)", market, node.state_path)
+    return node, state_from_record(msg.content.array_records["arrays"])
 
 
 def make_app(overrides: Mapping[str, Any] | None = None,
@@ -83,7 +89,7 @@ def make_app(overrides: Mapping[str, Any] | None = None,
         update, metrics = node.train_round(global_encoder, rnd)
         context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
         node.persist(rnd)
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
+        return Message(RecordDict({"arrays": to_record(update),
                                    "metrics": MetricRecord(cast(MetricDict, metrics)),
                                    "info": ConfigRecord({"market": node.market})}),
                        reply_to=msg)
