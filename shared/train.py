@@ -111,7 +111,7 @@ def train_local(
             u = users[idx].to(device)
             pos = items[idx].to(device)
             hist = input_histories(hist_all[u], pos, model.encoder.pad, settings.history)
-            loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen),
+            loss = ranking_loss(batch_logits(model, hist, pos, pool, settings, gen),
                                 settings.loss)
             if prox is not None:
                 loss = loss + settings.proximal_mu / 2 * sum(
@@ -164,7 +164,7 @@ def train_joint(
             pos = items[idx].to(device)
             hist = input_histories(hist_all[users[idx].to(device)], pos, model.encoder.pad,
                                    settings.history)
-            loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen),
+            loss = ranking_loss(batch_logits(model, hist, pos, pool, settings, gen),
                                 settings.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,9 +191,9 @@ def input_histories(hist: torch.Tensor, pos: torch.Tensor, pad: int, mode: str) 
     return torch.where(torch.where(found, before, ~at), hist, pad)
 
 
-def _batch_logits(model: torch.nn.Module, hist: torch.Tensor, pos: torch.Tensor,
-                  pool: torch.Tensor, settings: TrainSettings,
-                  gen: torch.Generator) -> torch.Tensor:
+def batch_logits(model: torch.nn.Module, hist: torch.Tensor, pos: torch.Tensor,
+                 pool: torch.Tensor, settings: TrainSettings,
+                 gen: torch.Generator) -> torch.Tensor:
     """B x (1 + n) logits, positive first: ``full-softmax`` scores every item of ``pool`` (the
     positive's own column masked out) when the model can (``score_items``), otherwise (and for
     the other losses) ``settings.negatives`` items drawn uniformly from ``pool``."""
@@ -209,6 +209,9 @@ def _batch_logits(model: torch.nn.Module, hist: torch.Tensor, pos: torch.Tensor,
     neg = pool[torch.randint(len(pool), (len(pos), settings.negatives),
                              generator=gen).to(pool.device)]
     return model(hist, torch.cat([pos.unsqueeze(1), neg], dim=1))
+
+
+_batch_logits = batch_logits  # the former private name (simulations/benchmark.py)
 
 
 @torch.no_grad()

@@ -54,7 +54,14 @@ from shared.model import (
     set_encoder_trainable,
 )
 from shared.node import build_model, init_heads_from_data, model_config
-from shared.train import evaluate, ranking_loss
+from shared.train import (
+    HISTORY_MODES,
+    TrainSettings,
+    batch_logits,
+    evaluate,
+    input_histories,
+    ranking_loss,
+)
 
 ITEM_KEY = "encoder.item_emb.weight"
 VARIANTS = ("plain", "adversarial")
@@ -86,6 +93,8 @@ class JoinSettings:
     adv_weight: float = 0.1  # weight of the domain loss (gradient reversal strength)
     fresh_init: str = "category-mean"  # category-mean | random (keep checkpoint/random rows)
     eval_split: str = "test"  # test | valid
+    # a positive's input history, as in train_local (run-config train-history; default causal)
+    history: str = RunConfig.train_history
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -94,6 +103,9 @@ class JoinSettings:
         if self.fresh_init not in FRESH_INITS:
             raise ConfigError(f"join fresh-init must be one of {', '.join(FRESH_INITS)}; "
                               f"got {self.fresh_init!r}")
+        if self.history not in HISTORY_MODES:
+            raise ConfigError(f"join history must be one of {', '.join(HISTORY_MODES)}; "
+                              f"got {self.history!r}")
         if self.eval_split not in ("test", "valid"):
             raise ConfigError(f"join eval split must be test or valid; got {self.eval_split!r}")
         for name in ("head_steps", "encoder_steps", "scratch_steps"):
@@ -317,14 +329,19 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
               adversary: Adversary | None = None) -> list[list[float]]:
     """Train through ``phases`` (one continuous stream of shuffled mini-batches, a new Adam per
     phase since the trainable set changes) and return ``[[steps, metric], ...]`` evaluated at
-    step 0, every ``eval_every`` steps and at the end. Same batch recipe as ``train_local``:
-    positive + ``negatives`` uniform market items, the target masked out of the history."""
+    step 0, every ``eval_every`` steps and at the end. Batches are built by ``train_local``'s
+    helpers (``shared/train.py``): the input history per ``settings.history`` (``causal``: the
+    user's items before the positive) and the positive scored against ``negatives`` uniform
+    market items (or all of them for ``full-softmax``)."""
     model.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     users = torch.as_tensor(split.train_users, dtype=torch.long)
     items = torch.as_tensor(split.train_items, dtype=torch.long)
     hist_all = torch.as_tensor(split.train_histories, dtype=torch.long).to(device)
     pool = torch.as_tensor(split.items, dtype=torch.long).to(device)
+    recipe = TrainSettings(batch_size=settings.batch_size, lr=settings.lr,
+                           weight_decay=settings.weight_decay, negatives=settings.negatives,
+                           loss=settings.loss, seed=settings.seed, history=settings.history)
     n = len(users)
     curve: list[list[float]] = [[0, evaluator(model)]]
     if n == 0:
@@ -354,12 +371,8 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
             idx = order[cursor:cursor + settings.batch_size]
             cursor += settings.batch_size
             u, pos = users[idx].to(device), items[idx].to(device)
-            hist = hist_all[u]
-            hist = torch.where(hist == pos.unsqueeze(1), model.encoder.pad, hist)
-            neg = pool[torch.randint(len(pool), (len(idx), settings.negatives),
-                                     generator=gen).to(device)]
-            loss = ranking_loss(model(hist, torch.cat([pos.unsqueeze(1), neg], dim=1)),
-                                settings.loss)
+            hist = input_histories(hist_all[u], pos, model.encoder.pad, recipe.history)
+            loss = ranking_loss(batch_logits(model, hist, pos, pool, recipe, gen), recipe.loss)
             if use_adv:
                 assert adversary is not None
                 loss = loss + adversary.loss(model, hist, gen)

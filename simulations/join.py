@@ -19,7 +19,7 @@ from typing import Any
 from shared.checkpoint import atomic_write_bytes, load_encoder
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import DataError
-from shared.train import resolve_device
+from shared.train import HISTORY_MODES, resolve_device
 from shared.transfer import FRESH_INITS, VARIANTS, JoinSettings, join_market, save_joined
 
 log = logging.getLogger("storefed")
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="rows for items the encoder never trained")
     p.add_argument("--eval-split", choices=("test", "valid"), default=d.eval_split)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--history", choices=HISTORY_MODES, default=None,
+                   help="a positive's input history while fine-tuning (default: the "
+                        "federation's train-history, from the checkpoint)")
     p.add_argument("--max-history", type=int, default=None,
                    help="history window (default: the federation's, from the checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -70,15 +73,16 @@ def run(args: argparse.Namespace) -> int:
     if args.market not in known:
         raise DataError(f"unknown market {args.market!r} in {args.dataset} "
                         f"{args.data_dir or '(synthetic)'}; known: {', '.join(known)}")
+    ck = load_encoder(args.encoder)  # fail fast on a corrupted checkpoint, before the data
+    meta_cfg = ck.meta.get("config")
+    fed_cfg: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
+    history = args.history or str(fed_cfg.get("train-history", JoinSettings.history))
     settings = JoinSettings(
         variant=args.variant, head_steps=args.head_steps, encoder_steps=args.encoder_steps,
         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
         eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
-        seed=args.seed)
-    ck = load_encoder(args.encoder)  # fail fast on a corrupted checkpoint, before the data
-    meta_cfg = ck.meta.get("config")
-    fed_cfg: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
+        seed=args.seed, history=history)
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
                                  seed=args.seed, max_history=max_history)

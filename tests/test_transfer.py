@@ -189,6 +189,25 @@ def test_join_market_document_and_curves(encoder_path):
     json.dumps(doc)
 
 
+def test_fine_tuning_batches_follow_the_federations_history_recipe(encoder_path):
+    """run_curve builds batches with train_local's helpers: the default input history is the
+    run config's (causal), and it changes what the model is trained on."""
+    from shared.errors import ConfigError
+
+    assert JoinSettings().history == RunConfig().train_history == "causal"
+    with pytest.raises(ConfigError, match="history"):
+        JoinSettings(history="future")
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    ends = {}
+    for mode in ("causal", "bag"):
+        model = join_model(state, mcfg, catalog, split)
+        st = JoinSettings(head_steps=0, encoder_steps=6, eval_every=6, history=mode)
+        run_curve(model, split, [Phase(6, True)], st, CPU, lambda m: 0.0)
+        ends[mode] = model.encoder.item_emb.weight.detach().clone()
+    assert not torch.equal(ends["causal"], ends["bag"])
+
+
 def test_steps_to_target():
     curve = [[0, 0.1], [10, 0.3], [20, 0.25], [30, 0.4]]
     assert steps_to_target(curve, 0.3) == 10
