@@ -5,6 +5,12 @@ adds up to 3 s to every train and every evaluate phase of a round even when all 
 already there. This does the same push/pull through the public ``Grid`` API, polling after
 0.05 s and backing off to at most 1 s, with the same timeout semantics (replies that arrive
 after ``timeout`` are dropped).
+
+With a timeout, each message's time-to-live is cut to that timeout (Flower's default is 12 h):
+a message that no node picked up in time expires on the SuperLink. Otherwise a SuperNode that
+was down (crashed, restarted) would, on reconnecting, pull and work through every message it
+missed - training on stale global encoders and moving its private heads - before reaching the
+current round.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ def send_and_receive(grid: Grid, messages: Iterable[Message],
     """
     if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    if timeout is not None:
+        expire_after(messages, timeout)
+    pending = {i for i in grid.push_messages(messages) if i}  # None: push refused (logged)
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     poll = FIRST_POLL_S
@@ -43,3 +52,12 @@ def send_and_receive(grid: Grid, messages: Iterable[Message],
         time.sleep(poll if end is None else max(0.0, min(poll, end - time.monotonic())))
         poll = min(poll * 1.5, MAX_POLL_S)
     return replies
+
+
+def expire_after(messages: Iterable[Message], timeout: float) -> None:
+    """Cut each message's time-to-live so that it expires ``timeout`` seconds from now."""
+    now = time.time()
+    for msg in messages:
+        ttl = now - msg.metadata.created_at + timeout
+        if 0 < ttl < msg.metadata.ttl:
+            msg.metadata.ttl = ttl

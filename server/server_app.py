@@ -74,6 +74,18 @@ def prepare_run(cfg: RunConfig) -> ServerRun:
     return ServerRun(cfg, catalog, mcfg, ckpt_path, metrics_path, strategy, rounds, start)
 
 
+def go_on_with_online_nodes(run: ServerRun) -> None:
+    """After the run's first train phase, sample from the nodes that are online (at least
+    ``min-nodes``) instead of waiting for every market: Flower's ``sample_nodes`` waits, without
+    a timeout, until ``min_available_nodes`` are online, so one dead SuperNode would block every
+    later phase forever once the SuperLink marks it offline. Round 1 still waits for all."""
+    s, n_markets = run.strategy, len(run.cfg.market_list)
+    floor = max(1, min(run.cfg.min_nodes, n_markets) if n_markets else run.cfg.min_nodes)
+    s.min_available_nodes = min(s.min_available_nodes, floor)
+    s.min_train_nodes = min(s.min_train_nodes, floor)
+    s.min_evaluate_nodes = min(s.min_evaluate_nodes, floor)
+
+
 def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float,
                  extra: dict[str, Any] | None = None,
                  eval_records: Mapping[int, Mapping[str, ConfigRecord]] | None = None,
@@ -84,6 +96,7 @@ def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float
     ``eval_records`` adds per-node records to the evaluate messages and ``on_eval`` sees the
     replies (SecAgg+ piggybacks the next round's share-keys stage on evaluation)."""
     cfg, strategy = run.cfg, run.strategy
+    go_on_with_online_nodes(run)
     msgs = list(strategy.configure_evaluate(
         rnd, ArrayRecord(torch_state_dict=strategy.global_state),
         ConfigRecord({"server-round": rnd}), grid))
