@@ -50,6 +50,7 @@ from shared.secagg import (
     MASKED_KEY,
     RECORD,
     RECORD_NEXT,
+    SEED_BYTES,
     SETUP,
     SHARE_KEYS,
     STAGES,
@@ -198,7 +199,7 @@ def _share_keys(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
     if not 2 <= t <= len(nids):
         raise SecAggRefusedError(f"secagg share-keys: threshold {t} for {len(nids)} neighbours")
     st.update(neighbours=nids, npk1=list(pk1s), npk2=list(pk2s), threshold=t,
-              rd_seed=os.urandom(32))
+              rd_seed=os.urandom(SEED_BYTES))
     b_shares = create_shares(st["rd_seed"], t, len(nids))
     s_shares = create_shares(sk_scalar(st["sk1"]), t, len(nids))
     sk2 = bytes_to_private_key(st["sk2"])

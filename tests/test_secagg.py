@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
@@ -34,6 +35,7 @@ from shared.node import initial_encoder
 from shared.secagg import (
     MESSAGE_TYPE,
     RECORD,
+    SEED_BYTES,
     VectorLayout,
     decode,
     encode,
@@ -212,6 +214,11 @@ def test_masks_cancel_and_graph_is_symmetric():
     x = np.arange(10, dtype=np.int64).view(np.uint64)
     y = x + prg_mask(a, 10)
     assert np.array_equal((y - prg_mask(a, 10)).view(np.int64), np.arange(10))
+    # private-mask seeds: 31 bytes, so Flower's Shamir shares them in 2 chunks of 16 bytes
+    seed = b"\x03" * SEED_BYTES
+    assert len(create_shares(seed, 2, 3)[0]) == 4 + 2 * 16
+    assert prg_mask(seed, 10).dtype == np.uint64 and not np.array_equal(prg_mask(seed, 10),
+                                                                         prg_mask(a, 10))
     g = neighbours([5, 3, 9, 1, 7, 2, 8], shares=3)
     assert all(len(v) == 3 and k in v for k, v in g.items())
     assert all(k in g[v] for k, nb in g.items() for v in nb)
