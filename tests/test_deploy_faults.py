@@ -163,30 +163,43 @@ def _signal_group(cluster: LocalCluster, name: str, sig: int) -> None:
         os.killpg(cluster.procs[name].pid, sig)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Live children, grandchildren, ... of ``pid`` (Linux /proc; none elsewhere)."""
-    parent: dict[int, int] = {}
+def _stat(pid: int | str) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, ...); [] if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of the live children, grandchildren, ... of ``pid`` (Linux /proc)."""
     if not Path("/proc").is_dir():
         return []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent[int(entry.name)] = int(
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
+    procs = {int(e.name): f for e in Path("/proc").iterdir()
+             if e.name.isdigit() and len(f := _stat(e.name)) > 19}
+    found: list[tuple[int, str]] = []
+    frontier = [pid]
     while frontier:
         up = frontier.pop()
-        kids = [p for p, pp in parent.items() if pp == up and p not in found]
+        kids = [(p, f[19]) for p, f in procs.items() if f[1] == str(up)]
         found += kids
-        frontier += kids
+        frontier += [p for p, _ in kids]
     return found
+
+
+def _kill_if_same(pid: int, start: str, sig: int) -> None:
+    """Signal ``pid`` only if it is still the process that started at ``start``."""
+    f = _stat(pid)
+    if len(f) > 19 and f[19] == start and f[0] != "Z":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
     root = tmp_path_factory.mktemp("deploy-faults")
     c = LocalCluster(root)
-    server_side: list[int] = []
+    server_side: list[tuple[int, str]] = []
     try:
         c.make_certs()
         c.start_superlink()
@@ -200,10 +213,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
             server_side = _descendants(c.procs["superlink"].pid)
         for name in c.procs:  # a stopped process must be able to act on SIGTERM
             _signal_group(c, name, signal.SIGCONT)
+        for pid, start in server_side:
+            _kill_if_same(pid, start, signal.SIGTERM)
         c.close()
-        for pid in server_side:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        for pid, start in server_side:
+            _kill_if_same(pid, start, signal.SIGKILL)
         for name, proc in c.procs.items():
             assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
 
@@ -226,9 +241,10 @@ def _drive(c: LocalCluster, keys: dict[str, Path], rec: Record) -> Record:
             _fail_with_logs(c, "the SuperLink exited")
         n = rounds_written(out)
         if n and n not in rec.encoders:  # the global encoder each round ended with
-            copy = snap / f"encoder-{n}.pt"
-            shutil.copy(out / "encoder.pt", copy)
-            rec.encoders[load_encoder(copy).round] = copy
+            tmp = snap / "encoder.tmp"
+            shutil.copy(out / "encoder.pt", tmp)
+            rnd = load_encoder(tmp).round
+            rec.encoders[rnd] = tmp.rename(snap / f"encoder-{rnd}.pt")
         # --- hang: m2 freezes while receiving a train message (round 2 or later)
         if n >= 1 and HUNG not in armed:
             armed[HUNG] = _train_messages(c, HUNG)
