@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
@@ -74,7 +74,7 @@ from shared.secagg import (
     sk_from_scalar,
     threshold_for,
 )
-from shared.wire import WEIGHT_PREFIX, apply_summed_update
+from shared.wire import WEIGHT_PREFIX, apply_summed_update, to_record
 
 log = logging.getLogger("storefed")
 
@@ -242,7 +242,7 @@ class SecAggRound:
         cfg = self.cfg
         base = {"round": ring.rnd, "attempt": ring.attempt}
         graph, t, u2 = ring.graph, ring.t, ring.u2 & participants
-        arrays = ArrayRecord(torch_state_dict=self.global_state)
+        arrays = to_record(self.global_state)
         config = ConfigRecord({"server-round": self.rnd})
         masked_msgs = {n: RecordDict({
             "arrays": arrays, "config": config,
@@ -435,7 +435,7 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
     for rnd in range(run.start + 1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         msgs = list(strategy.configure_train(
-            rnd, ArrayRecord(torch_state_dict=strategy.global_state),
+            rnd, to_record(strategy.global_state),
             ConfigRecord({"server-round": rnd}), grid))
         nodes = [int(m.metadata.dst_node_id) for m in msgs]
         sa = SecAggRound(grid, cfg, rnd, strategy.global_state, nodes, prepared,

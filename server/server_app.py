@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from server.exchange import send_and_receive
@@ -22,6 +22,7 @@ from shared.model import ModelConfig
 from shared.node import initial_encoder, model_config
 from shared.report import write_metrics
 from shared.transfer import reptile_step
+from shared.wire import to_record
 
 log = logging.getLogger("storefed")
 
@@ -98,7 +99,7 @@ def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float
     cfg, strategy = run.cfg, run.strategy
     go_on_with_online_nodes(run)
     msgs = list(strategy.configure_evaluate(
-        rnd, ArrayRecord(torch_state_dict=strategy.global_state),
+        rnd, to_record(strategy.global_state),
         ConfigRecord({"server-round": rnd}), grid))
     if eval_records:
         msgs = [Message(RecordDict({**dict(m.content.items()),
@@ -153,8 +154,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         train_cfg = ConfigRecord({"server-round": rnd})
         replies = send_and_receive(
-            grid, strategy.configure_train(rnd, ArrayRecord(
-                torch_state_dict=strategy.global_state), train_cfg, grid),
+            grid, strategy.configure_train(rnd, to_record(strategy.global_state), train_cfg,
+                                     grid),
             timeout=cfg.round_timeout)
         before = strategy.global_state
         strategy.aggregate_train(rnd, replies)

@@ -9,7 +9,7 @@ from client.client_app import make_app
 from shared.config import RunConfig
 from shared.data import load_market
 from shared.node import initial_encoder
-from shared.wire import WEIGHT_PREFIX
+from shared.wire import LAYOUT_KEY, PACKED_KEY, WEIGHT_PREFIX, from_record
 
 OVERRIDES = {"embedding-dim": 8, "local-epochs": 1, "markets": "m0,m1", "device": "cpu"}
 
@@ -33,15 +33,16 @@ def test_train_reply_carries_only_encoder_tensors(tmp_path):
     assert not reply.has_error(), reply.error
     content = reply.content
     assert set(content.array_records) == {"arrays"}
-    sent = set(content["arrays"].keys())
+    assert set(content["arrays"].keys()) == {PACKED_KEY, LAYOUT_KEY}  # packed on the wire
+    decoded = from_record(content["arrays"])
+    sent = set(decoded)
     expected = set(glob) | {WEIGHT_PREFIX + k for k in glob}
     assert sent == expected
     assert not any(k.startswith("heads.") or "user" in k for k in sent)
     # no array anywhere in the reply has a per-user dimension or a head's shape
     n_users = load_market("synthetic", None, "m0")[1].n_users
-    for rec in content.array_records.values():
-        for arr in rec.values():
-            assert n_users not in arr.numpy().shape
+    for arr in decoded.values():
+        assert n_users not in arr.shape
     assert set(content.metric_records["metrics"].keys()) >= {"num-examples", "train-loss"}
     assert set(content.config_records) == {"info"}
     # heads stayed home: in the node's state and on disk
@@ -52,10 +53,10 @@ def test_train_reply_carries_only_encoder_tensors(tmp_path):
 
 def test_update_is_the_weighted_delta(tmp_path):
     reply, _, glob = run_client(tmp_path, MessageType.TRAIN)
-    arrays = reply.content["arrays"]
-    w = arrays[WEIGHT_PREFIX + "encoder.experts.0.0.weight"].numpy()
+    arrays = from_record(reply.content["arrays"])
+    w = arrays[WEIGHT_PREFIX + "encoder.experts.0.0.weight"]
     assert w.shape == (1,) and w[0] > 0
-    delta = arrays["encoder.experts.0.0.weight"].numpy() / w[0]
+    delta = arrays["encoder.experts.0.0.weight"] / w[0]
     assert np.abs(delta).max() > 0  # training moved the encoder
 
 

@@ -34,9 +34,9 @@ DRIVER = textwrap.dedent("""
 
     import numpy as np
     import torch
-    from flwr.app import Array, ArrayRecord
 
     from shared.config import RunConfig
+    from shared.wire import from_record, to_record
     from simulations.simulate import run_federated
 
     OUT, TRACE = Path(sys.argv[1]), Path(sys.argv[1]) / "trace"
@@ -54,7 +54,7 @@ DRIVER = textwrap.dedent("""
 
     def save(name, record):
         TRACE.mkdir(parents=True, exist_ok=True)
-        torch.save({k: torch.from_numpy(record[k].numpy().copy()) for k in record.keys()},
+        torch.save({k: torch.from_numpy(v.copy()) for k, v in from_record(record).items()},
                    TRACE / name)
 
     def note(name, value):
@@ -77,8 +77,8 @@ DRIVER = textwrap.dedent("""
         arrays = reply.content.array_records["arrays"]
         save(f"{market}-r{rnd}-update.pt", arrays)
         if market == "m1":  # malicious: NaN everywhere
-            reply.content["arrays"] = ArrayRecord(
-                {k: Array(np.full_like(arrays[k].numpy(), np.nan)) for k in arrays.keys()})
+            reply.content["arrays"] = to_record(
+                {k: np.full_like(v, np.nan) for k, v in from_record(arrays).items()})
         return reply
 
     # Round 1 also waits for Ray and its actors to start, which takes unbounded time on a busy

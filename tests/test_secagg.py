@@ -43,7 +43,7 @@ from shared.secagg import (
     prg_mask,
     quant_step,
 )
-from shared.wire import WEIGHT_PREFIX, apply_summed_update, sum_updates
+from shared.wire import WEIGHT_PREFIX, apply_summed_update, state_from_record, sum_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"embedding-dim": 8, "local-epochs": 1, "device": "cpu", "num-rounds": 1,
@@ -397,7 +397,7 @@ def round_start(grid, rnd):
         if (msg.metadata.message_type == MESSAGE_TYPE
                 and msg.content.config_records[RECORD]["stage"] == "masked-upload"
                 and msg.content.config_records[RECORD]["round"] == rnd):
-            return msg.content.array_records["arrays"].to_torch_state_dict()
+            return state_from_record(msg.content.array_records["arrays"])
     raise AssertionError(f"no masked-upload message for round {rnd}")
 
 
