@@ -1,10 +1,14 @@
 """Faults in a real deployment: a SuperLink (TLS + SuperNode auth) with three SuperNodes on
 127.0.0.1 and one federated run with a short ``round-timeout``, during which
 
-- m2's SuperNode hangs (SIGSTOP of its process group) right after it started receiving a round's
-  train message; it is resumed (SIGCONT) once that round is over;
-- two rounds later m1's SuperNode is killed (SIGKILL of its process group) at the same point of
-  its round, and restarted at once with the same node key and state directory.
+- m2's SuperNode hangs right after it started receiving a round's train message: the process
+  started as its SuperNode (``storefed deploy supernode``, which runs the ClientApp) is
+  SIGSTOPped, while its Flower child keeps the connection and the heartbeat, so the SuperLink
+  still lists the node online and only ``round-timeout`` can end the wait. It is resumed
+  (SIGCONT) when the round's evaluation starts;
+- two rounds later m1's SuperNode is killed (SIGKILL of its whole process group) at the same
+  point of its round - it goes silent, the SuperLink marks it offline 15-20 s later - and is
+  restarted at once with the same node key and state directory.
 
 Each faulty round must complete from the two other markets within the round timeout, the run
 must finish, and the restarted m1 must continue from the heads it had saved before the kill:
@@ -48,9 +52,7 @@ from tests.test_deploy import SMALL, _fail_with_logs, _private_round
 
 MARKETS = ["m0", "m1", "m2"]
 HUNG, KILLED = "m2", "m1"
-ROUND_TIMEOUT = 12.0  # s: far above a healthy phase here, far below the 15-20 s it takes the
-# SuperLink to mark a silent node offline (heartbeat 10 s, see simulations/deploy_exec.py), so
-# the round timeout - not the offline detection - is what ends a faulty round's train phase
+ROUND_TIMEOUT = 20.0  # s: ~1 s per healthy phase on 2 idle cores, ~12 s seen at load 11
 ROUNDS = 7  # the killed node needs ~20 s to log in again; it must get rounds to rejoin
 SLACK = 8.0  # s on top of the timeout: sampling, pushing, aggregating on a busy machine
 DEADLINE = 480.0  # s for the whole run before the fixture gives up (and shows the logs)
@@ -158,6 +160,10 @@ def _train_messages(cluster: LocalCluster, market: str) -> int:
     return cluster.log_tail(f"node-{market}", 10**8).count("Receiving: train message")
 
 
+def _evaluate_messages(cluster: LocalCluster, market: str) -> int:
+    return cluster.log_tail(f"node-{market}", 10**8).count("Receiving: evaluate message")
+
+
 def _signal_group(cluster: LocalCluster, name: str, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(cluster.procs[name].pid, sig)
@@ -233,6 +239,7 @@ def _drive(c: LocalCluster, keys: dict[str, Path], rec: Record) -> Record:
     snap.mkdir()
     armed: dict[str, int] = {}  # market -> train messages it had when its fault was armed
     resumed = False
+    evaluations = 0  # evaluate messages m0 had received when m2 was frozen
     end = time.monotonic() + DEADLINE
     while True:
         if time.monotonic() > end:
@@ -249,10 +256,12 @@ def _drive(c: LocalCluster, keys: dict[str, Path], rec: Record) -> Record:
         if n >= 1 and HUNG not in armed:
             armed[HUNG] = _train_messages(c, HUNG)
         if not rec.hang_round and HUNG in armed and _train_messages(c, HUNG) > armed[HUNG]:
-            _signal_group(c, f"node-{HUNG}", signal.SIGSTOP)
+            os.kill(c.procs[f"node-{HUNG}"].pid, signal.SIGSTOP)  # not its Flower child
             rec.hang_round = n + 1  # round r's train goes out after round r-1 is written
-        if rec.hang_round and not resumed and n >= rec.hang_round:
-            _signal_group(c, f"node-{HUNG}", signal.SIGCONT)
+            evaluations = _evaluate_messages(c, "m0")
+        if rec.hang_round and not resumed and (n >= rec.hang_round
+                                               or _evaluate_messages(c, "m0") > evaluations):
+            _signal_group(c, f"node-{HUNG}", signal.SIGCONT)  # the train phase is over
             resumed = True
         # --- kill: m1 dies the same way two rounds later, and is restarted at once
         if resumed and n >= rec.hang_round + 1 and KILLED not in armed:
@@ -294,17 +303,22 @@ def _trained(r: dict[str, Any]) -> set[str]:
     return {m for m, v in r["markets"].items() if v["loss"] is not None}
 
 
-def _check_faulty_round(rec: Record, rnd: int, survivors: set[str]) -> None:
+def _check_faulty_round(rec: Record, rnd: int, survivors: set[str], timed_out: bool) -> None:
     assert rec.status == "finished:completed"
     assert [r["round"] for r in rec.doc["rounds"]] == list(range(1, ROUNDS + 1))
     r = _round(rec, rnd)
-    # trained and evaluated: exactly the two others (their replies, their metrics)
-    assert _trained(r) == survivors and set(r["markets"]) == survivors, r["markets"]
-    for v in r["markets"].values():
+    # trained: exactly the two others; their metrics are in (the faulty node's evaluation may be
+    # too if it was back in time for the round's evaluation)
+    assert _trained(r) == survivors and survivors <= set(r["markets"]), r["markets"]
+    for m in survivors:
+        v = r["markets"][m]
         assert 0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0 and v["train_examples"] > 0
     assert r["rejected"] == []
-    # the train phase waited for the silent node until the round timeout, not longer
-    assert ROUND_TIMEOUT - 0.5 <= r["train_seconds"] <= ROUND_TIMEOUT + SLACK, r
+    # the train phase ended within the round timeout; for a node that stays online (hung), only
+    # the timeout could end it: the server waited for it that long, not less
+    assert r["train_seconds"] <= ROUND_TIMEOUT + SLACK, r
+    if timed_out:
+        assert r["train_seconds"] >= ROUND_TIMEOUT - 0.5, r
     # the survivors' aggregate became the new global encoder
     before = load_encoder(rec.encoders[rnd - 1]).state
     after = load_encoder(rec.encoders[rnd]).state
@@ -314,15 +328,15 @@ def _check_faulty_round(rec: Record, rnd: int, survivors: set[str]) -> None:
 @pytest.mark.slow
 def test_hung_supernode_round_completes_without_it(run):
     assert run.hang_round >= 2
-    _check_faulty_round(run, run.hang_round, {"m0", "m1"})
-    # resumed after the round, the node takes part again (it trains in the kill round)
+    _check_faulty_round(run, run.hang_round, {"m0", "m1"}, timed_out=True)
+    # resumed, the node takes part again (it trains in the kill round)
     assert HUNG in _trained(_round(run, run.kill_round))
 
 
 @pytest.mark.slow
 def test_killed_supernode_round_completes_without_it(run):
     assert run.kill_round >= run.hang_round + 2
-    _check_faulty_round(run, run.kill_round, {"m0", "m2"})
+    _check_faulty_round(run, run.kill_round, {"m0", "m2"}, timed_out=False)
 
 
 def _replay(heads: Path | None, state_dir: Path, global_encoder: dict[str, torch.Tensor],
