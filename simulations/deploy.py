@@ -425,6 +425,17 @@ def wait_run(run_id: int, env: Mapping[str, str], timeout: float, connection: st
     raise DeployError(f"run {run_id} did not finish within {timeout:.0f}s")
 
 
+def run_log(run_id: int, env: Mapping[str, str], connection: str = CONNECTION,
+            chars: int = 4000) -> str:
+    """The tail of a run's ServerApp log as the SuperLink keeps it (``flwr log --show``), for
+    error reports: a failed ServerApp's traceback lives there, not in the SuperLink's output."""
+    try:
+        res = _flwr(["log", str(run_id), connection, "--show"], env, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(no run log: {exc})"
+    return (res.stdout + res.stderr).strip()[-chars:]
+
+
 def rounds_written(out_dir: str | Path) -> int:
     """How many rounds ``OUT/metrics.json`` holds (0 when absent or unreadable)."""
     try:

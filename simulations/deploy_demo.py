@@ -30,6 +30,7 @@ from simulations.deploy import (
     node_config_string,
     register_node,
     rounds_written,
+    run_log,
     stop_process,
     submit_run,
     superlink_command,
@@ -332,9 +333,13 @@ def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir
                 start(m, key, work / "state" / m, data_dir, dataset)
             cpu0 = cluster.cpu_seconds()
             t0 = time.perf_counter()
-            _, status = cluster.run(values, timeout)
+            run_id, status = cluster.run(values, timeout)
             wall = time.perf_counter() - t0
             cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster.cpu_seconds().items()}
+            if not status.endswith("completed"):
+                raise DeployError(f"{layout} deployment run ended {status}; logs in "
+                                  f"{work / 'logs'}; ServerApp log tail:\n"
+                                  f"{run_log(run_id, cluster.cli_env)}")
         except BaseException:
             for name in cluster.procs:
                 print(f"--- {name} log tail ---\n{cluster.log_tail(name, 1500)}",
