@@ -69,6 +69,12 @@ class RunConfig:
     # Reptile-style server step (shared/transfer.py): global += server-lr * mean update
     # (1.0 = plain FedAvg); a meta-learned initialisation for markets that join later
     server_lr: float = 1.0
+    # private item-kNN (shared/itemsim.py): add the market's own item-item cosine score to the
+    # logits at scoring time, its weight picked on the market's validation split
+    item_knn: bool = True
+    # self-attention blocks over the history inside the shared encoder (0 = pooled sum only)
+    history_layers: int = 0
+    history_dropout: float = 0.0  # training: drop each input history item with this probability
 
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)
@@ -86,6 +92,12 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"run-config key '{_key(name)}' must be >= 0, "
                                   f"got {getattr(self, name)!r}")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ConfigError(f"run-config key 'history-dropout' must be in [0, 1), "
+                              f"got {self.history_dropout!r}")
+        if self.history_layers < 0:
+            raise ConfigError(f"run-config key 'history-layers' must be >= 0, "
+                              f"got {self.history_layers!r}")
         _check_secagg(self)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"run-config key 'fraction-train' must be in (0, 1], "

@@ -34,10 +34,36 @@ class ModelConfig:
     dim: int = 64
     n_experts: int = 1
     history_len: int = 50  # recency weights: one per position counted back from the latest
+    history_layers: int = 0  # self-attention blocks over the history before pooling (0 = none)
 
     def to_dict(self) -> dict[str, int]:
         return {"n_items": self.n_items, "n_categories": self.n_categories, "dim": self.dim,
-                "n_experts": self.n_experts, "history_len": self.history_len}
+                "n_experts": self.n_experts, "history_len": self.history_len,
+                "history_layers": self.history_layers}
+
+
+class HistoryBlock(nn.Module):
+    """Pre-norm self-attention + feed-forward block over a user's history items (each item
+    attends to the user's other items, with a learned embedding of its recency position).
+    Both residual branches end in zero-initialised projections: a fresh block is the identity,
+    so the encoder starts as the plain pooled model."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+        last = nn.Linear(dim, dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), last)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """x B x L x D, pad_mask B x L (True = padding) -> B x L x D."""
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, key_padding_mask=pad_mask, need_weights=False)[0]
+        return x + self.ff(self.norm2(x))
 
 
 class Encoder(nn.Module):
@@ -56,6 +82,9 @@ class Encoder(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[cfg.n_items].zero_()
         self.recency = nn.Parameter(torch.zeros(max(1, cfg.history_len)))
+        self.blocks = nn.ModuleList(HistoryBlock(cfg.dim) for _ in range(cfg.history_layers))
+        self.position = (nn.Parameter(torch.zeros(max(1, cfg.history_len), cfg.dim))
+                         if cfg.history_layers else None)
         experts = []
         for _ in range(cfg.n_experts):
             first, last = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
@@ -74,8 +103,23 @@ class Encoder(nn.Module):
         back = mask.flip(1).cumsum(1).flip(1) - 1
         back = back.clamp(min=0, max=len(rec) - 1).long()
         weight = torch.exp(rec[back]) * mask  # B x L
-        summed = (self.item_emb(history) * weight.unsqueeze(-1)).sum(dim=1)
+        vecs = self.item_emb(history)
+        if len(self.blocks) and self.position is not None:
+            vecs = self._attend(vecs, back, mask)
+        summed = (vecs * weight.unsqueeze(-1)).sum(dim=1)
         return summed / weight.sum(dim=1, keepdim=True).clamp(min=1e-6).sqrt()
+
+    def _attend(self, vecs: torch.Tensor, back: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """The history blocks over the (right-padded) history, trimmed to the batch's longest."""
+        assert self.position is not None
+        length = max(int(mask.sum(dim=1).max().item()), 1)
+        x = vecs[:, :length] + self.position[back[:, :length].clamp(max=len(self.position) - 1)]
+        pad_mask = mask[:, :length] == 0
+        pad_mask[:, 0] = False  # an empty history attends to its (zero) padding: no NaN
+        for block in self.blocks:
+            x = block(x, pad_mask)
+        return torch.cat([x, vecs[:, length:]], dim=1)
 
     def users(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """history: B x L -> (pooled B x D, experts B x K x D)."""
@@ -98,6 +142,10 @@ class CategoryHeads(nn.Module):
         self.proj = nn.Parameter(torch.eye(d).repeat(cfg.n_categories, 1, 1))
         self.cat_bias = nn.Parameter(torch.zeros(cfg.n_categories))
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items + 1))
+        # weight of the market's private item-kNN score per category: not trained by the
+        # loss but picked on the market's validation split (MarketNode.calibrate_knn); used
+        # only when the model has an ``item_sim`` attached (MarketModel.attach_item_similarity)
+        self.knn_weight = nn.Parameter(torch.zeros(cfg.n_categories), requires_grad=False)
 
     def user_vectors(self, pooled: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """pooled B x D, experts B x K x D -> the user's vector per category, B x N x D."""
@@ -143,19 +191,36 @@ class MarketModel(nn.Module):
         self.item_category: torch.Tensor
         self.register_buffer("item_category", torch.cat([cats, cats.new_zeros(1)]),
                              persistent=False)
+        #: the market's private item-item similarity (shared/itemsim.py); None = not used
+        self.item_sim: nn.Module | None = None
+
+    def attach_item_similarity(self, sim: nn.Module | None) -> None:
+        """In eval mode, add ``heads.knn_weight[category] * sim.scores(history, item)`` to
+        every logit (``sim``: a ``shared.itemsim.ItemSimilarity``, buffers only, never in a
+        state). Training never sees it: measured on XMarket validation, the neural score
+        trained alone and mixed afterwards beat training the two jointly."""
+        self.item_sim = sim
+
+    def knn_scores(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
+        """The weighted item-kNN term of the logits (0 in training or without ``item_sim``)."""
+        if self.item_sim is None or self.training:
+            return 0.0
+        knn = self.item_sim.scores(history, items)  # type: ignore[operator]
+        return self.heads.knn_weight[self.item_category[items]] * knn
 
     def forward(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """history B x L, items B x C -> logits B x C."""
         pooled, experts = self.encoder.users(history)
         return self.heads(pooled, experts, self.encoder.items(items), items,
-                          self.item_category[items])
+                          self.item_category[items]) + self.knn_scores(history, items)
 
     def score_items(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """history B x L, items I (one candidate list shared by the batch) -> logits B x I;
         equals ``forward(history, items.expand(B, -1))`` at a fraction of the memory."""
         pooled, experts = self.encoder.users(history)
         return self.heads.score_all(self.heads.user_vectors(pooled, experts),
-                                    self.encoder.items(items), items, self.item_category[items])
+                                    self.encoder.items(items), items,
+                                    self.item_category[items]) + self.knn_scores(history, items)
 
 
 # --------------------------------------------------------------------- what travels, what stays

@@ -16,6 +16,7 @@ import torch
 from shared.checkpoint import load_private, save_private
 from shared.config import RunConfig
 from shared.data import Catalog, MarketSplit, load_market
+from shared.itemsim import ItemSimilarity, calibrate_weight
 from shared.model import (
     MarketModel,
     ModelConfig,
@@ -30,7 +31,13 @@ from shared.mtl import (
     single_task_update,
     train_single_task,
 )
-from shared.train import TrainSettings, evaluate, resolve_device, train_local
+from shared.train import (
+    TrainSettings,
+    evaluate,
+    resolve_device,
+    score_candidates,
+    train_local,
+)
 from shared.wire import make_update
 
 log = logging.getLogger("storefed")
@@ -40,7 +47,8 @@ def model_config(cfg: RunConfig, catalog: Catalog) -> ModelConfig:
     """Model shapes for a run over ``catalog``."""
     return ModelConfig(n_items=catalog.n_items, n_categories=len(catalog.categories),
                        dim=cfg.embedding_dim,
-                       n_experts=cfg.num_experts if cfg.mtl == "mmoe" else 1)
+                       n_experts=cfg.num_experts if cfg.mtl == "mmoe" else 1,
+                       history_layers=cfg.history_layers)
 
 
 def build_model(cfg: RunConfig, catalog: Catalog) -> MarketModel:
@@ -75,7 +83,8 @@ def train_settings(cfg: RunConfig, seed: int) -> TrainSettings:
     return TrainSettings(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          encoder_lr_scale=cfg.encoder_lr_scale, weight_decay=cfg.weight_decay,
                          negatives=cfg.train_negatives, loss=cfg.loss,
-                         proximal_mu=cfg.proximal_mu, seed=seed, history=cfg.train_history)
+                         proximal_mu=cfg.proximal_mu, seed=seed, history=cfg.train_history,
+                         history_dropout=cfg.history_dropout)
 
 
 class MarketNode:
@@ -93,6 +102,10 @@ class MarketNode:
             torch.set_num_threads(cfg.torch_threads)
         self.model = build_model(cfg, self.catalog)
         init_heads_from_data(self.model, self.split)
+        if cfg.item_knn and cfg.mtl != "single-task":
+            # private: built from this market's own training data, never sent or saved
+            self.model.attach_item_similarity(
+                ItemSimilarity.from_split(self.split, self.catalog.n_items))
         if cfg.mtl == "single-task":
             assert isinstance(self.model, SingleTaskModel)
             center_item_bias(self.model, self.split, item_counts(self.split, self.catalog.n_items))
@@ -145,9 +158,27 @@ class MarketNode:
         """nDCG@10/HR@10 of this market (overall and per category) on valid or test."""
         if global_encoder is not None:
             load_parts(self.model, encoder=global_encoder)
+        self.calibrate_knn()
         ev = self.split.test if which == "test" else self.split.valid
         return evaluate(self.model, self.histories(which), ev.candidates,
                         self.catalog.item_category, self.catalog.categories, self.device)
+
+    def calibrate_knn(self) -> float:
+        """With the private item-kNN on: pick its mixing weight (the same for every category)
+        on this market's validation split for the current model; returns it (0 when off)."""
+        if self.model.item_sim is None:
+            return 0.0
+        ev = self.split.valid
+        with torch.no_grad():
+            self.model.heads.knn_weight.zero_()
+        neural = score_candidates(self.model, ev.histories, ev.candidates, self.device)
+        knn = self.model.item_sim.scores(  # type: ignore[operator]
+            torch.as_tensor(ev.histories, device=self.device),
+            torch.as_tensor(ev.candidates, device=self.device)).cpu()
+        weight = calibrate_weight(neural, knn)
+        with torch.no_grad():
+            self.model.heads.knn_weight.fill_(weight)
+        return weight
 
     # ------------------------------------------------------------------ single-task (shared/mtl.py)
     def histories(self, which: str) -> np.ndarray:

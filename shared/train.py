@@ -37,6 +37,7 @@ class TrainSettings:
     # "causal": a positive's input is the user's items *before* it (what the test sees);
     # "bag": all the user's other training items (order-free, leave-one-out)
     history: str = "bag"
+    history_dropout: float = 0.0  # drop each input history item with this probability
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def train_local(
             u = users[idx].to(device)
             pos = items[idx].to(device)
             hist = input_histories(hist_all[u], pos, model.encoder.pad, settings.history)
+            hist = drop_history(hist, model.encoder.pad, settings.history_dropout, gen)
             loss = ranking_loss(batch_logits(model, hist, pos, pool, settings, gen),
                                 settings.loss)
             if prox is not None:
@@ -164,6 +166,7 @@ def train_joint(
             pos = items[idx].to(device)
             hist = input_histories(hist_all[users[idx].to(device)], pos, model.encoder.pad,
                                    settings.history)
+            hist = drop_history(hist, model.encoder.pad, settings.history_dropout, gen)
             loss = ranking_loss(batch_logits(model, hist, pos, pool, settings, gen),
                                 settings.loss)
             opt.zero_grad(set_to_none=True)
@@ -174,6 +177,15 @@ def train_joint(
             steps += 1
     return TrainResult(loss=total / max(seen, 1), examples=seen, steps=steps,
                        seconds=time.perf_counter() - t0)
+
+
+def drop_history(hist: torch.Tensor, pad: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Training-time item dropout: each history entry becomes padding with probability ``p``
+    (``p = 0``: ``hist`` unchanged, and no random numbers are drawn)."""
+    if p <= 0:
+        return hist
+    drop = torch.rand(hist.shape, generator=gen).to(hist.device) < p
+    return torch.where(drop, pad, hist)
 
 
 def input_histories(hist: torch.Tensor, pos: torch.Tensor, pad: int, mode: str) -> torch.Tensor:

@@ -99,3 +99,94 @@ def test_only_heads_are_updated_when_encoder_frozen():
                 torch.device("cpu"))
     assert not torch.equal(encoder_state(m)["encoder.item_emb.weight"],
                            before_enc["encoder.item_emb.weight"])
+
+
+# --------------------------------------------------------------------- newer model parts
+def _split(users, items, n_items=30):
+    from shared.data import EvalSet, MarketSplit
+
+    empty = EvalSet(users=np.zeros(0, np.int64), candidates=np.zeros((0, 2), np.int64),
+                    histories=np.zeros((0, 3), np.int64))
+    return MarketSplit(market="m", user_ids=tuple(str(u) for u in sorted(set(users))),
+                       train_users=np.asarray(users, np.int64),
+                       train_items=np.asarray(items, np.int64),
+                       train_histories=np.zeros((len(set(users)), 3), np.int64) + n_items,
+                       valid=empty, test=empty, items=np.arange(n_items))
+
+
+def test_item_similarity_is_private_eval_only_and_keeps_the_metric_protocol():
+    from shared.itemsim import ItemSimilarity, calibrate_weight
+    from shared.metrics import ndcg_hr_at_k
+
+    # users: {1,2,3}, {1,2}, {2,4}: cooc(1,2)=2, deg(1)=2, deg(2)=3 -> cos = 2/sqrt(6)
+    sim = ItemSimilarity.from_split(_split([0, 0, 0, 1, 1, 2, 2], [1, 2, 3, 1, 2, 2, 4]), 30)
+    hist = torch.tensor([[1, 4, 30], [30, 30, 30]])  # second user: empty history
+    got = sim.scores(hist, torch.tensor([[2, 3, 5], [2, 3, 5]]))
+    want = torch.tensor([[2 / 6**0.5 + 1 / 3**0.5, 1 / 2**0.5, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(sim.scores(hist, torch.tensor([2, 3, 5])), want, atol=1e-6)
+    m = make_model()
+    before = m(hist, torch.tensor([[2, 3, 5], [2, 3, 5]])).detach()
+    m.attach_item_similarity(sim)
+    with torch.no_grad():
+        m.heads.knn_weight.fill_(2.0)
+    cands = torch.tensor([[2, 3, 5], [2, 3, 5]])
+    assert torch.allclose(m(hist, cands), before)  # training mode: the neural score only
+    m.eval()
+    assert torch.allclose(m(hist, cands), before + 2.0 * want, atol=1e-5)
+    assert torch.allclose(m.score_items(hist, torch.tensor([2, 3, 5])), m(hist, cands), atol=1e-5)
+    # it is not a tensor of any state: nothing extra travels or is saved
+    assert not any("item_sim" in k for k in m.state_dict())
+    assert set(encoder_state(m)) == set(encoder_state(make_model()))
+    # and the loss never moves its weight
+    m.train()
+    rng = np.random.default_rng(0)
+    train_local(m, rng.integers(0, 10, 64), rng.integers(0, 30, 64), rng.integers(0, 30, (10, 6)),
+                np.arange(30), TrainSettings(batch_size=16, loss="full-softmax"),
+                torch.device("cpu"))
+    assert torch.all(m.heads.knn_weight == 2.0)
+    # metric protocol: a constant scorer plus an all-zero kNN term is still constant, and ties
+    # do not count for the positive (random value ~0.0454 for 1 + 99 candidates)
+    const = torch.zeros(500, 100)
+    nd0 = float(ndcg_hr_at_k(const, 10)[0].mean())
+    assert abs(nd0 - 0.0454) < 5e-4
+    assert float(ndcg_hr_at_k(const + 3.0 * torch.zeros(500, 100), 10)[0].mean()) == nd0
+    # the weight picked on validation: kNN that ranks the positive first wins over none
+    neural = torch.zeros(50, 5)
+    knn = torch.zeros(50, 5)
+    knn[:, 0] = 1.0
+    assert calibrate_weight(neural, knn) > 0
+    assert calibrate_weight(neural, -knn) == 0.0
+
+
+def test_history_block_starts_as_identity_and_then_mixes_items():
+    cfg = ModelConfig(n_items=30, n_categories=3, dim=8, history_layers=1)
+    torch.manual_seed(0)
+    enc = Encoder(cfg)
+    plain = Encoder(ModelConfig(n_items=30, n_categories=3, dim=8))
+    plain.load_state_dict({k: v for k, v in enc.state_dict().items()
+                           if not k.startswith(("blocks.", "position"))})
+    hist = torch.tensor([[1, 2, 3, 30], [30, 30, 30, 30]])
+    assert torch.allclose(enc.pool(hist), plain.pool(hist), atol=1e-6)  # identity at init
+    with torch.no_grad():
+        for p in enc.blocks.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = enc.pool(hist)
+    assert torch.isfinite(out).all() and torch.all(out[1] == 0)  # empty history: zero, no NaN
+    # the items now interact: changing one item changes more than its own additive share
+    alt = enc.pool(torch.tensor([[1, 2, 4, 30]]))
+    lin = plain.pool(torch.tensor([[1, 2, 4, 30]])) - plain.pool(hist[:1])
+    assert not torch.allclose(alt - out[:1], lin, atol=1e-4)
+    # padding beyond the batch's longest history changes nothing
+    assert torch.allclose(enc.pool(torch.tensor([[1, 2, 3, 30, 30, 30]])), out[:1], atol=1e-6)
+
+
+def test_history_dropout_only_blanks_entries():
+    from shared.train import drop_history
+
+    gen = torch.Generator().manual_seed(0)
+    hist = torch.randint(0, 30, (64, 10))
+    assert drop_history(hist, 30, 0.0, gen) is hist
+    out = drop_history(hist, 30, 0.3, gen)
+    kept = out != 30
+    assert torch.equal(out[kept], hist[kept]) and 0.15 < 1 - kept.float().mean() < 0.45
