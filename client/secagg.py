@@ -25,21 +25,10 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
 )
 
 from shared.config import RunConfig
@@ -56,9 +45,10 @@ from shared.secagg import (
     STAGES,
     VectorLayout,
     encode,
+    generate_keys,
     pair_sign,
     prg_mask,
-    sk_scalar,
+    shared_key,
 )
 from shared.wire import make_update
 
@@ -114,10 +104,9 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
     if stage == SETUP:
         _forget_before(context, rnd - 1)
         st: dict[str, Any] = {"round": rnd, "attempt": attempt, "stage": SETUP, "nid": me}
-        sk1, pk1 = generate_key_pairs()
-        sk2, pk2 = generate_key_pairs()
-        st.update(sk1=private_key_to_bytes(sk1), pk1=public_key_to_bytes(pk1),
-                  sk2=private_key_to_bytes(sk2), pk2=public_key_to_bytes(pk2))
+        sk1, pk1 = generate_keys()
+        sk2, pk2 = generate_keys()
+        st.update(sk1=sk1, pk1=pk1, sk2=sk2, pk2=pk2)
         res: dict[str, Any] = {"pk1": st["pk1"], "pk2": st["pk2"]}
     else:
         st = _load(context, rnd, attempt)
@@ -201,15 +190,14 @@ def _share_keys(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
     st.update(neighbours=nids, npk1=list(pk1s), npk2=list(pk2s), threshold=t,
               rd_seed=os.urandom(SEED_BYTES))
     b_shares = create_shares(st["rd_seed"], t, len(nids))
-    s_shares = create_shares(sk_scalar(st["sk1"]), t, len(nids))
-    sk2 = bytes_to_private_key(st["sk2"])
+    s_shares = create_shares(st["sk1"], t, len(nids))
     st["ss2"] = {}
     dsts, ctxts = [], []
     for idx, nid in enumerate(nids):
         if nid == me:
             st["rd_shares"], st["sk_shares"] = {me: b_shares[idx]}, {me: s_shares[idx]}
             continue
-        key = generate_shared_key(sk2, bytes_to_public_key(pk2s[idx]))
+        key = shared_key(st["sk2"], pk2s[idx])
         st["ss2"][nid] = key  # reused to decrypt this neighbour's shares (one ECDH per pair)
         ctxts.append(encrypt(key, share_keys_plaintext_concat(me, nid, b_shares[idx],
                                                               s_shares[idx])))
@@ -236,9 +224,8 @@ def _masked(st: dict[str, Any], rec: ConfigRecord, context: Context) -> dict[str
     st["partners"] = srcs
     vec = context.state.array_records[VECTOR_KEY]["vec"].numpy().astype(np.uint64, copy=True)
     vec += prg_mask(st["rd_seed"], vec.shape[0])
-    sk1 = bytes_to_private_key(st["sk1"])
     for src in srcs:
-        key = generate_shared_key(sk1, bytes_to_public_key(st["npk1"][nids.index(src)]))
+        key = shared_key(st["sk1"], st["npk1"][nids.index(src)])
         if pair_sign(me, src) > 0:
             vec += prg_mask(key, vec.shape[0])
         else:

@@ -46,9 +46,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from server.exchange import send_and_receive
 from server.server_app import ServerRun, final_doc, finish_round, prepare_run
@@ -71,7 +69,7 @@ from shared.secagg import (
     pair_sign,
     prg_mask,
     quant_step,
-    sk_from_scalar,
+    shared_key,
     threshold_for,
 )
 from shared.wire import WEIGHT_PREFIX, apply_summed_update, to_record
@@ -297,11 +295,10 @@ class SecAggRound:
         for n in u3:  # private masks of every aggregated node
             total -= prg_mask(combine_shares(shares[n][:t]), total.shape[0])
         for d in dead:  # pairwise masks between aggregated nodes and a masked-upload dropout
-            sk1 = sk_from_scalar(combine_shares(shares[d][:t]))
+            sk1 = combine_shares(shares[d][:t])
             for w in graph[d]:
                 if w in u3:
-                    mask = prg_mask(generate_shared_key(sk1, bytes_to_public_key(ring.pks[w][0])),
-                                    total.shape[0])
+                    mask = prg_mask(shared_key(sk1, ring.pks[w][0]), total.shape[0])
                     if pair_sign(w, d) > 0:
                         total -= mask
                     else:

@@ -123,9 +123,9 @@ class LocalGrid(Grid):
 # (module, attribute, bucket): the SecAgg+ work, timed exclusively (a bucket's time excludes
 # the time of the profiled calls it makes)
 PROFILED = (
-    ("client.secagg", "", "generate_key_pairs", "key agreement"),
-    ("client.secagg", "", "generate_shared_key", "key agreement"),
-    ("server.secagg", "", "generate_shared_key", "key agreement"),
+    ("client.secagg", "", "generate_keys", "key agreement"),
+    ("client.secagg", "", "shared_key", "key agreement"),
+    ("server.secagg", "", "shared_key", "key agreement"),
     ("client.secagg", "", "create_shares", "share generation"),
     ("client.secagg", "", "encrypt", "share generation"),
     ("client.secagg", "", "_share_keys", "share generation"),
@@ -135,7 +135,6 @@ PROFILED = (
     ("client.secagg", "", "prg_mask", "masking"),
     ("client.secagg", "", "_masked", "masking"),
     ("server.secagg", "", "combine_shares", "unmasking"),
-    ("server.secagg", "", "sk_from_scalar", "unmasking"),
     ("server.secagg", "", "prg_mask", "unmasking"),
     ("client.secagg", "", "_save", "protocol state"),
     ("client.secagg", "", "_load", "protocol state"),
@@ -264,6 +263,11 @@ def bench_clients(engine: str, cfg: RunConfig, n: int, out: Path, repeats: int,
         "clipped_values": sum(r["secagg"]["clipped_values"] for d in docs["secagg"]
                               for r in d["rounds"]),
         "vector_length": docs["secagg"][0]["rounds"][0]["secagg"]["vector_length"],
+        # every secagg round summed all n clients, every plain round trained and evaluated
+        # (a failed start, e.g. Ray timing out under load, would leave empty rounds)
+        "complete": all(len(r["secagg"]["attempts"][-1].get("aggregated", [])) == n
+                        for d in docs["secagg"] for r in d["rounds"])
+        and all(r["markets"] and not r["rejected"] for d in docs["plain"] for r in d["rounds"]),
     }
     if engine == "inprocess":
         p_cpu, s_cpu = _median(docs["plain"], "cpu"), _median(docs["secagg"], "cpu")
@@ -352,6 +356,9 @@ def _print_row(r: dict[str, Any]) -> None:
              f"({100 * r['ndcg_rel_diff']:+.2f}%) | load {min(r['load_average']):.1f}-"
              f"{max(r['load_average']):.1f} | {stages}")
     print(line, flush=True)
+    if not r["complete"]:
+        print("    WARNING: some rounds did not aggregate every client: times not comparable",
+              flush=True)
     if "secagg_profile_s_per_round" in r:
         prof = " ".join(f"{k}={v:.3f}" for k, v in r["secagg_profile_s_per_round"].items())
         print(f"    secagg profile (s/round): {prof}", flush=True)

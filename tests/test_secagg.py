@@ -532,7 +532,7 @@ def test_benchmark_secagg_interleaves_arms_and_profiles_the_protocol(tmp_path):
     cfg = RunConfig.from_mapping({**BASE, "markets": "m0,m1", "num-rounds": 2})
     report = run_bench(cfg, [2], tmp_path, [], 0.5, engine="inprocess", repeats=2)
     (row,) = report["rows"]
-    assert row["order"] == ["plain", "secagg", "secagg", "plain"]
+    assert row["order"] == ["plain", "secagg", "secagg", "plain"] and row["complete"]
     assert len(row["ratio_round_per_repeat"]) == 2 and row["ratio_round"] > 0
     assert row["ratio_cpu"] > 0 and row["plain_cpu_round_s"] > 0
     prof = row["secagg_profile_s_per_round"]
