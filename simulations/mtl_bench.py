@@ -336,8 +336,9 @@ def mtl_compare(base: RunConfig, seeds: int, out: Path, methods: tuple[str, ...]
         runs = []
         for k in range(seeds):
             seed = base.seed + k
+            # item-knn off for all: the single-task model has no item-kNN part (like for like)
             cfg = base.replace(mtl=meth, seed=seed, out_dir=str(out / "runs" / f"{meth}-s{seed}"),
-                               state_dir="")
+                               state_dir="", item_knn=False)
             log.info("%s seed %d: %d rounds over %d markets (%s)", meth, seed, cfg.num_rounds,
                      len(cfg.market_list), engine)
             t0 = time.perf_counter()
