@@ -54,7 +54,8 @@ PROTOCOL = ("chronological leave-one-out per user (last = test, second-to-last =
             "items the user never touched (official valid_run candidates where the dataset has "
             "them); nDCG@10 / HR@10 with expected-value tie handling (classical baselines break "
             "ties by market popularity); neural methods: {rounds} rounds x {epochs} local "
-            "epochs; mean and std over {seeds} seed(s)")
+            "epochs (with item-knn on, each market adds its own item-kNN score with a weight "
+            "picked on its validation split); mean and std over {seeds} seed(s)")
 
 
 # --------------------------------------------------------------------------- method registry
