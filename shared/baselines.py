@@ -137,8 +137,9 @@ def _bpr_scores(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor,
 
 def train_bpr_mf(split: MarketSplit, n_items: int, *, dim: int, l2: float, max_epochs: int,
                  seed: int, lr: float = 0.01, batch_size: int = 1024,
-                 eval_every: int = 5) -> BPRResult:
-    """BPR-MF on one market; keeps the epoch count with the best validation nDCG@10."""
+                 eval_every: int = 5, patience: int = 2) -> BPRResult:
+    """BPR-MF on one market; keeps the epoch count with the best validation nDCG@10 and stops
+    early once ``patience`` validations in a row did not improve on it."""
     gen = torch.Generator().manual_seed(seed)
     n_users = split.n_users
     p = (torch.randn(n_users, dim, generator=gen) * 0.1).requires_grad_()
@@ -167,6 +168,8 @@ def train_bpr_mf(split: MarketSplit, n_items: int, *, dim: int, l2: float, max_e
             nd = float(score_metrics(valid)["ndcg@10"])  # type: ignore[arg-type]
             if nd > best[0]:
                 best = (nd, epoch, valid, _bpr_scores(p, q, bias, split.test))
+            elif epoch - best[1] >= patience * eval_every:
+                break
     return BPRResult(dim=dim, l2=l2, epochs=best[1], valid_ndcg=best[0],
                      valid_scores=best[2], test_scores=best[3])
 
