@@ -74,7 +74,7 @@ class RunConfig:
     item_knn: bool = True
     # self-attention blocks over the history inside the shared encoder (0 = pooled sum only)
     history_layers: int = 0
-    history_dropout: float = 0.0  # training: drop each input history item with this probability
+    history_dropout: float = 0.4  # training: drop each input history item with this probability
 
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)
