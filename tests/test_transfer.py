@@ -153,7 +153,7 @@ def test_heads_only_phase_leaves_the_encoder_untouched(encoder_path):
               JoinSettings(), CPU, lambda m: 0.0)
     assert not torch.equal(encoder_state(model)["encoder.item_emb.weight"],
                            enc0["encoder.item_emb.weight"])
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in model.encoder.parameters())  # unfrozen again
 
 
 def test_zero_shot_beats_random_and_the_encoder_alone_carries_signal(encoder_path):
