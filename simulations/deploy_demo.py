@@ -65,6 +65,49 @@ def wait_port(port: int, proc: Proc, timeout: float = 60.0) -> None:
     raise DeployError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
+def _stat(pid: int | str) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, ...); [] if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of the live children, grandchildren, ... of ``pid`` (Linux /proc;
+    empty elsewhere). The start time tells a process from a later one that reuses its pid."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return []
+    table = {int(e.name): f for e in proc_dir.iterdir()
+             if e.name.isdigit() and len(f := _stat(e.name)) > 19}
+    found: list[tuple[int, str]] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, f in table.items() if int(f[1]) == parent]
+        found += [(k, table[k][19]) for k in kids]
+        frontier += kids
+    return found
+
+
+def stop_pid(pid: int, start: str, grace: float = 5.0) -> None:
+    """SIGTERM ``pid`` if it is still the process that started at ``start``, SIGKILL after
+    ``grace`` s; zombies count as gone (their parent reaps them)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        f = _stat(pid)
+        if len(f) <= 19 or f[19] != start or f[0] == "Z":
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            f = _stat(pid)
+            if len(f) <= 19 or f[19] != start or f[0] == "Z":
+                return
+            time.sleep(0.1)
+
+
 class LocalCluster:
     """SuperLink + SuperNodes on loopback. Use as a context manager: every process it started
     is stopped (SIGTERM, then SIGKILL, by PID / its own process group) on exit, even on errors.
@@ -94,13 +137,21 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every started process: SIGTERM to all first (they shut down in parallel), then
-        each is waited for and SIGKILLed (with its group) if it lingers."""
+        each is waited for and SIGKILLed (with its group) if it lingers. Processes they started
+        in sessions of their own (the SuperLink's SuperExec and ServerApp) are found first and
+        stopped by PID afterwards, if they outlived their parent."""
+        spawned = [d for p in self.procs.values() if p.poll() is None for d in descendants(p.pid)]
+        for pid, _ in spawned:  # a stopped (SIGSTOP) process must be able to act on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         for name in reversed(list(self.procs)):
             self.stop(name)
+        for pid, start in spawned:
+            stop_pid(pid, start)
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.get(name)
