@@ -174,43 +174,10 @@ def _signal_group(cluster: LocalCluster, name: str, sig: int) -> None:
         os.killpg(cluster.procs[name].pid, sig)
 
 
-def _stat(pid: int | str) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name (state, ppid, ...); [] if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of the live children, grandchildren, ... of ``pid`` (Linux /proc)."""
-    if not Path("/proc").is_dir():
-        return []
-    procs = {int(e.name): f for e in Path("/proc").iterdir()
-             if e.name.isdigit() and len(f := _stat(e.name)) > 19}
-    found: list[tuple[int, str]] = []
-    frontier = [pid]
-    while frontier:
-        up = frontier.pop()
-        kids = [(p, f[19]) for p, f in procs.items() if f[1] == str(up)]
-        found += kids
-        frontier += [p for p, _ in kids]
-    return found
-
-
-def _kill_if_same(pid: int, start: str, sig: int) -> None:
-    """Signal ``pid`` only if it is still the process that started at ``start``."""
-    f = _stat(pid)
-    if len(f) > 19 and f[19] == start and f[0] != "Z":
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
     root = tmp_path_factory.mktemp("deploy-faults")
     c = LocalCluster(root)
-    server_side: list[tuple[int, str]] = []
     try:
         c.make_certs()
         c.start_superlink()
@@ -220,16 +187,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
             c.start_node(m, keys[m], root / "state", dataset="synthetic")
         yield _drive(c, keys, Record(root))
     finally:
-        if "superlink" in c.procs:  # SuperExec + ServerApp: own session, under the SuperLink
-            server_side = _descendants(c.procs["superlink"].pid)
         for name in c.procs:  # a stopped process must be able to act on SIGTERM
             _signal_group(c, name, signal.SIGCONT)
-        for pid, start in server_side:
-            _kill_if_same(pid, start, signal.SIGTERM)
-        c.close()
-        time.sleep(0.5)
-        for pid, start in server_side:
-            _kill_if_same(pid, start, signal.SIGKILL)
+        c.close()  # also stops SuperExec + ServerApp (own session) by PID
         for name, proc in c.procs.items():
             assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
 

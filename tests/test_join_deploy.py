@@ -47,7 +47,6 @@ pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path)
-    server_side: list[int] = []
     try:
         c.make_certs()
         c.start_superlink()
@@ -56,15 +55,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
             c.start_node(m, key, tmp_path / "state", dataset="synthetic")
         yield c
     finally:
-        # SuperExec and the ServerApp run in their own session, outside the SuperLink's process
-        # group; a ServerApp cut off mid-run can outlive its SuperLink, so stop them by PID too
-        server_side = _descendants(c.procs["superlink"].pid) if "superlink" in c.procs else []
-        for pid in server_side:  # a frozen ServerApp must be able to act on SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        c.close()
-        for pid in server_side:
-            _stop_pid(pid)
+        c.close()  # also resumes and stops SuperExec + the ServerApp (own session) by PID
         for name, proc in c.procs.items():
             assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
 
@@ -101,26 +92,6 @@ def _serverapp_pids(cluster: LocalCluster) -> list[int]:
     procs = _processes()
     return [p for p in _descendants(cluster.procs["superlink"].pid)
             if "flwr-serverapp" in procs.get(p, (0, ""))[1]]
-
-
-def _stop_pid(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` s if ``pid`` is still alive (zombies count as
-    gone: their parent reaps them)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
-            if _state(pid) in ("", "Z"):
-                return
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def _wait_for(what: str, cond: object, cluster: LocalCluster, timeout: float) -> None:
