@@ -8,6 +8,7 @@ the key, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -182,3 +183,18 @@ def _coerce(key: str, value: Any, type_name: Any, source: str) -> Any:
         raise ConfigError(f"{source}: key '{key}' must be {expected}, got "
                           f"{type(value).__name__} {value!r}")
     return float(value) if expected == "float" else value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> typed values (TOML syntax; bare words are strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--config {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out

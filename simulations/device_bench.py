@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from shared.config import RunConfig
+from shared.config import RunConfig, parse_overrides
 from shared.data import available_markets
 from simulations.local import run_central, run_inprocess
 
@@ -77,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="runs/device-bench")
     a = p.parse_args(argv)
-    values: dict[str, Any] = {"dataset": a.dataset, "data-dir": a.data_dir}
-    for kv in a.config:
-        k, _, v = kv.partition("=")
-        values[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+    values: dict[str, Any] = {"dataset": a.dataset, "data-dir": a.data_dir,
+                              **parse_overrides(a.config)}
     cfg = RunConfig.from_mapping(values, source="--config")
     if a.rounds:
         cfg = cfg.replace(num_rounds=a.rounds)

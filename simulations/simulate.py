@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ from client.client_app import make_app as make_client_app
 from server.server_app import make_app as make_server_app
 from server.server_app import prepare_run
 from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
+from shared.config import RunConfig, parse_overrides
 from shared.data import DATASETS, available_markets, load_market
-from shared.errors import ConfigError, DataError
+from shared.errors import DataError
 
 log = logging.getLogger("storefed")
 
@@ -36,21 +35,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="where clients train (default auto: cuda when available)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="any [tool.flwr.app.config] key, e.g. --config lr=0.001 (repeatable)")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> typed values (TOML syntax; bare words are strings)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--config {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
 
 
 def config_from_args(args: argparse.Namespace, **explicit: Any) -> RunConfig:
