@@ -87,6 +87,31 @@ def train_settings(cfg: RunConfig, seed: int) -> TrainSettings:
                          history_dropout=cfg.history_dropout)
 
 
+def calibrate_knn(model: MarketModel, split: MarketSplit, device: torch.device) -> float:
+    """Pick ``model``'s item-kNN mixing weight (``heads.knn_weight``, one value for every
+    category) on ``split``'s validation set for the model as it is now; returns it. A model
+    without an attached ``item_sim`` is left alone (returns 0)."""
+    if model.item_sim is None:
+        return 0.0
+    ev = split.valid
+    with torch.no_grad():
+        model.heads.knn_weight.zero_()
+    neural = score_candidates(model, ev.histories, ev.candidates, device)
+    knn = model.item_sim.scores(  # type: ignore[operator]
+        torch.as_tensor(ev.histories, device=device),
+        torch.as_tensor(ev.candidates, device=device)).cpu()
+    weight = calibrate_weight(neural, knn)
+    with torch.no_grad():
+        model.heads.knn_weight.fill_(weight)
+    return weight
+
+
+def attach_knn(model: MarketModel, split: MarketSplit, n_items: int) -> None:
+    """Attach the market's private item-kNN (built from ``split``'s training data) to
+    ``model``; its weight is set by ``calibrate_knn``."""
+    model.attach_item_similarity(ItemSimilarity.from_split(split, n_items))
+
+
 class MarketNode:
     """One market: its data split, model and private state. Nothing here is sent anywhere;
     ``train_round`` returns the only thing that travels (an encoder update)."""
@@ -104,8 +129,7 @@ class MarketNode:
         init_heads_from_data(self.model, self.split)
         if cfg.item_knn and cfg.mtl != "single-task":
             # private: built from this market's own training data, never sent or saved
-            self.model.attach_item_similarity(
-                ItemSimilarity.from_split(self.split, self.catalog.n_items))
+            attach_knn(self.model, self.split, self.catalog.n_items)
         if cfg.mtl == "single-task":
             assert isinstance(self.model, SingleTaskModel)
             center_item_bias(self.model, self.split, item_counts(self.split, self.catalog.n_items))
@@ -166,19 +190,7 @@ class MarketNode:
     def calibrate_knn(self) -> float:
         """With the private item-kNN on: pick its mixing weight (the same for every category)
         on this market's validation split for the current model; returns it (0 when off)."""
-        if self.model.item_sim is None:
-            return 0.0
-        ev = self.split.valid
-        with torch.no_grad():
-            self.model.heads.knn_weight.zero_()
-        neural = score_candidates(self.model, ev.histories, ev.candidates, self.device)
-        knn = self.model.item_sim.scores(  # type: ignore[operator]
-            torch.as_tensor(ev.histories, device=self.device),
-            torch.as_tensor(ev.candidates, device=self.device)).cpu()
-        weight = calibrate_weight(neural, knn)
-        with torch.no_grad():
-            self.model.heads.knn_weight.fill_(weight)
-        return weight
+        return calibrate_knn(self.model, self.split, self.device)
 
     # ------------------------------------------------------------------ single-task (shared/mtl.py)
     def histories(self, which: str) -> np.ndarray:

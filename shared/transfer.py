@@ -53,7 +53,7 @@ from shared.model import (
     private_state,
     set_encoder_trainable,
 )
-from shared.node import build_model, init_heads_from_data, model_config
+from shared.node import attach_knn, build_model, calibrate_knn, init_heads_from_data, model_config
 from shared.train import (
     HISTORY_MODES,
     TrainSettings,
@@ -95,6 +95,9 @@ class JoinSettings:
     eval_split: str = "test"  # test | valid
     # a positive's input history, as in train_local (run-config train-history; default causal)
     history: str = RunConfig.train_history
+    # the market's private item-kNN term, as in the federation (run-config item-knn): attached
+    # to both curves' models, its weight re-picked on the valid split at every evaluation
+    item_knn: bool = RunConfig.item_knn
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -428,7 +431,14 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     t0 = time.perf_counter()
     state, mcfg, mapping, ck = load_join_encoder(encoder_path, catalog, settings.fresh_init)
     model = join_model(state, mcfg, catalog, split)
-    full_eval = split_evaluator(split, catalog, settings.eval_split, device)
+    split_eval = split_evaluator(split, catalog, settings.eval_split, device)
+
+    def full_eval(m: MarketModel) -> dict[str, object]:
+        calibrate_knn(m, split, device)  # no-op without item-kNN
+        return split_eval(m)
+
+    if settings.item_knn:
+        attach_knn(model, split, catalog.n_items)
     zero = full_eval(model)
     zero_shot = {"ndcg@10": float(zero["ndcg@10"]),  # type: ignore[arg-type]
                  "hr@10": float(zero["hr@10"])}  # type: ignore[arg-type]
@@ -448,6 +458,8 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     scratch: list[list[float]] = []
     if with_scratch:
         base = scratch_model(mcfg, catalog, split, settings.seed)
+        if settings.item_knn:
+            attach_knn(base, split, catalog.n_items)
         scratch = run_curve(base, split, [Phase(settings.scratch_budget, True, 1.0)], settings,
                             device, ndcg)
     t3 = time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.checkpoint import atomic_write_bytes, load_encoder
+from shared.config import LOSSES
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import DataError
 from shared.train import HISTORY_MODES, resolve_device
@@ -58,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--history", choices=HISTORY_MODES, default=None,
                    help="a positive's input history while fine-tuning (default: the "
                         "federation's train-history, from the checkpoint)")
+    p.add_argument("--loss", choices=LOSSES, default=d.loss, help="fine-tuning loss")
+    p.add_argument("--item-knn", choices=("on", "off"), default=None,
+                   help="add the market's private item-kNN term (weight picked on its valid "
+                        "split), as the federation's nodes do (default: the federation's "
+                        "item-knn, from the checkpoint)")
     p.add_argument("--max-history", type=int, default=None,
                    help="history window (default: the federation's, from the checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
         eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
-        seed=args.seed, history=history)
+        seed=args.seed, history=history, loss=args.loss, item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
                                  seed=args.seed, max_history=max_history)
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                           with_scratch=not args.no_scratch)
     out = Path(args.out)
     config = {"dataset": args.dataset, "data-dir": args.data_dir, "markets": args.market,
-              "seed": args.seed, "max-history": max_history,
+              "seed": args.seed, "max-history": max_history, "item-knn": settings.item_knn,
               "embedding-dim": outcome.model.cfg.dim}
     paths = save_joined(out, outcome, catalog, config)
     outcome.details["saved"] = paths
@@ -105,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
                     "extended", outcome.mapping.missing)
     print(f"wrote {out / 'join.json'}, {paths['encoder']} and {paths['private']}")
     return 0
+
+
+def _item_knn(flag: str | None, fed_cfg: dict[str, Any]) -> bool:
+    if flag is not None:
+        return flag == "on"
+    value = fed_cfg.get("item-knn", JoinSettings.item_knn)
+    return value if isinstance(value, bool) else str(value).lower() == "true"
 
 
 def _print(doc: dict[str, Any], details: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
+from shared.config import LOSSES, RunConfig
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, StorefedError
 from shared.train import resolve_device
@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         encoders["reptile"] = federate(args, out / "fed-reptile", args.reptile_server_lr)
     base = JoinSettings(seed=args.seed, eval_split=args.eval_split,
                         head_steps=args.head_steps, encoder_steps=args.encoder_steps,
-                        encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps)
+                        encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
+                        item_knn=args.item_knn == "on", loss=args.loss,
+                        eval_every=args.eval_every)
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
         runs.append(("adversarial", encoders["plain"],
@@ -197,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch-steps", type=int, default=d.scratch_steps)
     p.add_argument("--eval-split", choices=("test", "valid"), default="test")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--item-knn", choices=("on", "off"), default="on" if d.item_knn else "off",
+                   help="the joining market's private item-kNN term (as the federation's nodes)")
+    p.add_argument("--loss", choices=LOSSES, default=d.loss, help="fine-tuning loss")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     args = p.parse_args(argv)

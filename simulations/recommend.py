@@ -3,8 +3,10 @@
 ``--state DIR`` is a run or join output directory: ``DIR/encoder.pt`` (the encoder with its
 catalog and run config) and ``DIR/state/<market>/private.pt`` (the market's heads). A known user
 is looked up in the market's data (dataset/data-dir from the checkpoint's run config unless
-given); a cold user is scored from ``--history`` alone. Items the user already has are never
-recommended; candidates are the market's items (or the whole catalog with ``--all-items``).
+given); a cold user is scored from ``--history`` alone. When the market's data is at hand and
+its heads carry an item-kNN weight, the private item-kNN term is added as in the node's
+evaluation. Items the user already has are never recommended; candidates are the market's
+items (or the whole catalog with ``--all-items``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from shared.checkpoint import load_encoder, load_private
 from shared.data import DATASETS, Catalog, MarketSplit, load_market, pad_histories
 from shared.errors import CheckpointError, DataError
 from shared.model import MarketModel, load_parts
+from shared.node import attach_knn
 from shared.transfer import checkpoint_catalog
 
 
@@ -51,6 +54,16 @@ def load_state(state_dir: str | Path, market: str) -> MarketState:
     cfg = ck.meta.get("config")
     return MarketState(model=model, catalog=catalog, config=dict(cfg) if isinstance(
         cfg, dict) else {})
+
+
+def use_knn(state: MarketState, split: MarketSplit) -> bool:
+    """Score as the market's node does: when its saved heads carry a nonzero item-kNN weight
+    (the node ran with item-knn on), attach the private item-kNN rebuilt from the market's own
+    training data (never saved, see shared/itemsim.py). Returns whether it was attached."""
+    if float(state.model.heads.knn_weight.abs().max()) == 0.0:
+        return False
+    attach_knn(state.model, split, state.catalog.n_items)
+    return True
 
 
 def user_items(split: MarketSplit, user: str) -> np.ndarray:
@@ -133,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         if catalog.fingerprint() != state.catalog.fingerprint():
             raise CheckpointError(f"{args.state}/encoder.pt was saved for another catalog "
                                   f"than {dataset} {data_dir}")
+        use_knn(state, split)
     if args.user is not None:
         assert split is not None
         history = user_items(split, args.user)

@@ -289,6 +289,7 @@ def test_recommend_excludes_the_users_items(joined, capsys):
     _, split = _market()
     user = split.user_ids[int(split.test.users[0])]
     state = rec_cmd.load_state(joined, NEW)
+    assert rec_cmd.use_knn(state, split)  # the join calibrated a nonzero item-kNN weight
     have = rec_cmd.user_items(split, user)
     assert len(have) >= 3
     top = rec_cmd.recommend(state, have, split.items, 10)
@@ -323,3 +324,48 @@ def test_recommend_cold_user_from_history(joined, capsys):
         _run(rec_cmd, ["recommend", "--state", str(joined), "--market", "m0", "--history",
                        history[0]])
 
+
+
+# --------------------------------------------------------------------------- private item-kNN
+def test_join_adds_the_markets_item_knn_picked_on_valid(encoder_path):
+    """With item-knn on (the federation's default) both curves' models carry the market's
+    private item-kNN, its weight re-picked on valid at each evaluation: on the valid split the
+    zero-shot score can then only match or beat the neural score alone (weight 0 is in the grid)."""
+    catalog, split = _market()
+    base = dict(head_steps=0, encoder_steps=4, scratch_steps=4, eval_every=4, batch_size=64,
+                eval_split="valid")
+    on = join_market(encoder_path, catalog, split, JoinSettings(**base, item_knn=True), CPU)
+    off = join_market(encoder_path, catalog, split, JoinSettings(**base, item_knn=False), CPU)
+    assert on.model.item_sim is not None and off.model.item_sim is None
+    assert float(off.model.heads.knn_weight.abs().max()) == 0.0
+    w = float(on.model.heads.knn_weight[0])
+    assert w > 0  # the synthetic market's co-occurrence carries signal
+    assert on.doc["zero_shot"]["ndcg@10"] > off.doc["zero_shot"]["ndcg@10"]
+
+
+def test_recommend_scores_with_the_saved_knn_weight(joined):
+    """recommend rebuilds the market's item-kNN from its own data and mixes it in with the
+    weight saved in the heads, exactly like the node's evaluation; weight 0 leaves it off."""
+    from shared.data import pad_histories
+    from shared.itemsim import ItemSimilarity
+
+    catalog, split = _market()
+    user = split.user_ids[int(split.test.users[0])]
+    have = rec_cmd.user_items(split, user)
+    state = rec_cmd.load_state(joined, NEW)
+    with torch.no_grad():
+        state.model.heads.knn_weight.fill_(3.0)
+    assert rec_cmd.use_knn(state, split)
+    top = rec_cmd.recommend(state, have, split.items, 10)
+    pool = np.setdiff1d(split.items, have)
+    hist = torch.as_tensor(pad_histories([have], 50, catalog.pad_index))
+    cand = torch.as_tensor(pool).unsqueeze(0)
+    neural = rec_cmd.load_state(joined, NEW)  # fresh copy: no kNN attached
+    with torch.no_grad():
+        neural.model.heads.knn_weight.zero_()
+    expect = neural.model(hist, cand)[0] + 3.0 * ItemSimilarity.from_split(
+        split, catalog.n_items).scores(hist, cand)[0]
+    want = [catalog.item_ids[int(pool[i])] for i in torch.topk(expect, 10).indices]
+    assert [i for i, _ in top] == want
+    assert not rec_cmd.use_knn(neural, split)
+    assert neural.model.item_sim is None
