@@ -145,7 +145,7 @@ def train_bpr_mf(split: MarketSplit, n_items: int, *, dim: int, l2: float, max_e
     p = (torch.randn(n_users, dim, generator=gen) * 0.1).requires_grad_()
     q = (torch.randn(n_items + 1, dim, generator=gen) * 0.1).requires_grad_()
     bias = torch.zeros(n_items + 1, requires_grad=True)
-    opt = torch.optim.Adam([p, q, bias], lr=lr)
+    opt = torch.optim.Adam([p, q, bias], lr=lr, fused=True)
     users = torch.as_tensor(split.train_users)
     items = torch.as_tensor(split.train_items)
     pool = torch.as_tensor(split.items)

@@ -36,6 +36,7 @@ from shared.train import (
     evaluate,
     resolve_device,
     score_candidates,
+    summarize_scores,
     train_local,
 )
 from shared.wire import make_update
@@ -87,23 +88,68 @@ def train_settings(cfg: RunConfig, seed: int) -> TrainSettings:
                          history_dropout=cfg.history_dropout)
 
 
-def calibrate_knn(model: MarketModel, split: MarketSplit, device: torch.device) -> float:
+class KnnScores:
+    """The market's item-kNN scores of its valid and test candidates (U x C, CPU). They are a
+    fixed function of the market's own data, so they are computed once per split and reused at
+    every evaluation (the neural part is what changes between rounds)."""
+
+    def __init__(self, sim: torch.nn.Module, split: MarketSplit, device: torch.device) -> None:
+        self.sim, self.split, self.device = sim, split, device
+        self._scores: dict[str, torch.Tensor] = {}
+
+    def get(self, which: str, batch_size: int = 1024) -> torch.Tensor:
+        if which not in self._scores:
+            ev = self.split.test if which == "test" else self.split.valid
+            parts = [self.sim.scores(  # type: ignore[operator]
+                torch.as_tensor(ev.histories[s:s + batch_size], device=self.device),
+                torch.as_tensor(ev.candidates[s:s + batch_size], device=self.device)).cpu()
+                for s in range(0, len(ev.candidates), batch_size)]
+            self._scores[which] = (torch.cat(parts) if parts
+                                   else torch.zeros(0, ev.candidates.shape[1]))
+        return self._scores[which]
+
+
+def neural_scores(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,
+                  device: torch.device) -> torch.Tensor:
+    """``score_candidates`` without the item-kNN term (U x C, CPU)."""
+    sim, model.item_sim = model.item_sim, None
+    try:
+        return score_candidates(model, histories, candidates, device)
+    finally:
+        model.item_sim = sim
+
+
+def calibrate_knn(model: MarketModel, split: MarketSplit, device: torch.device,
+                  knn: KnnScores | None = None) -> float:
     """Pick ``model``'s item-kNN mixing weight (``heads.knn_weight``, one value for every
     category) on ``split``'s validation set for the model as it is now; returns it. A model
-    without an attached ``item_sim`` is left alone (returns 0)."""
+    without an attached ``item_sim`` is left alone (returns 0). ``knn``: cached kNN scores."""
     if model.item_sim is None:
         return 0.0
+    knn = knn or KnnScores(model.item_sim, split, device)
     ev = split.valid
-    with torch.no_grad():
-        model.heads.knn_weight.zero_()
-    neural = score_candidates(model, ev.histories, ev.candidates, device)
-    knn = model.item_sim.scores(  # type: ignore[operator]
-        torch.as_tensor(ev.histories, device=device),
-        torch.as_tensor(ev.candidates, device=device)).cpu()
-    weight = calibrate_weight(neural, knn)
+    weight = calibrate_weight(neural_scores(model, ev.histories, ev.candidates, device),
+                              knn.get("valid"))
     with torch.no_grad():
         model.heads.knn_weight.fill_(weight)
     return weight
+
+
+def evaluate_split(model: MarketModel, split: MarketSplit, catalog: Catalog, which: str,
+                   device: torch.device, histories: np.ndarray | None = None,
+                   knn: KnnScores | None = None) -> dict[str, object]:
+    """``evaluate`` on the market's valid or test set; with an item-kNN attached, its term
+    comes from ``knn`` (cached) instead of being recomputed: same scores, less work."""
+    ev = split.test if which == "test" else split.valid
+    hist = ev.histories if histories is None else histories
+    if model.item_sim is None or histories is not None:
+        return evaluate(model, hist, ev.candidates, catalog.item_category, catalog.categories,
+                        device)
+    knn = knn or KnnScores(model.item_sim, split, device)
+    cats = model.item_category.cpu()[torch.as_tensor(ev.candidates)]
+    weight = model.heads.knn_weight.detach().cpu()[cats]
+    scores = neural_scores(model, hist, ev.candidates, device) + weight * knn.get(which)
+    return summarize_scores(scores, ev.candidates, catalog.item_category, catalog.categories)
 
 
 def attach_knn(model: MarketModel, split: MarketSplit, n_items: int) -> None:
@@ -135,6 +181,7 @@ class MarketNode:
             center_item_bias(self.model, self.split, item_counts(self.split, self.catalog.n_items))
         self.state_path = Path(state_dir) / market / "private.pt" if state_dir else None
         self.rounds_done = 0
+        self._knn_scores: KnnScores | None = None
 
     # ------------------------------------------------------------------ private state
     def restore(self, private: dict[str, torch.Tensor] | None) -> str:
@@ -183,14 +230,22 @@ class MarketNode:
         if global_encoder is not None:
             load_parts(self.model, encoder=global_encoder)
         self.calibrate_knn()
-        ev = self.split.test if which == "test" else self.split.valid
-        return evaluate(self.model, self.histories(which), ev.candidates,
-                        self.catalog.item_category, self.catalog.categories, self.device)
+        hist = None if self.cfg.mtl != "single-task" else self.histories(which)
+        return evaluate_split(self.model, self.split, self.catalog, which, self.device, hist,
+                              self._knn)
 
     def calibrate_knn(self) -> float:
         """With the private item-kNN on: pick its mixing weight (the same for every category)
         on this market's validation split for the current model; returns it (0 when off)."""
-        return calibrate_knn(self.model, self.split, self.device)
+        return calibrate_knn(self.model, self.split, self.device, self._knn)
+
+    @property
+    def _knn(self) -> KnnScores | None:
+        if self.model.item_sim is None:
+            return None
+        if self._knn_scores is None or self._knn_scores.sim is not self.model.item_sim:
+            self._knn_scores = KnnScores(self.model.item_sim, self.split, self.device)
+        return self._knn_scores
 
     # ------------------------------------------------------------------ single-task (shared/mtl.py)
     def histories(self, which: str) -> np.ndarray:

@@ -53,10 +53,19 @@ from shared.model import (
     private_state,
     set_encoder_trainable,
 )
-from shared.node import attach_knn, build_model, calibrate_knn, init_heads_from_data, model_config
+from shared.node import (
+    KnnScores,
+    attach_knn,
+    build_model,
+    calibrate_knn,
+    evaluate_split,
+    init_heads_from_data,
+    model_config,
+)
 from shared.train import (
     HISTORY_MODES,
     TrainSettings,
+    adam,
     batch_logits,
     evaluate,
     input_histories,
@@ -366,7 +375,7 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
         if use_adv:
             assert adversary is not None
             groups.append({"params": list(adversary.disc.parameters()), "lr": settings.lr})
-        opt = torch.optim.Adam(groups, weight_decay=settings.weight_decay)
+        opt = adam(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         for _ in range(phase.steps):
             model.train()
             if cursor >= n:
@@ -431,14 +440,16 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     t0 = time.perf_counter()
     state, mcfg, mapping, ck = load_join_encoder(encoder_path, catalog, settings.fresh_init)
     model = join_model(state, mcfg, catalog, split)
-    split_eval = split_evaluator(split, catalog, settings.eval_split, device)
-
-    def full_eval(m: MarketModel) -> dict[str, object]:
-        calibrate_knn(m, split, device)  # no-op without item-kNN
-        return split_eval(m)
-
+    knn: KnnScores | None = None
     if settings.item_knn:
         attach_knn(model, split, catalog.n_items)
+        assert model.item_sim is not None
+        knn = KnnScores(model.item_sim, split, device)  # fixed features: computed once
+
+    def full_eval(m: MarketModel) -> dict[str, object]:
+        calibrate_knn(m, split, device, knn)  # no-op without item-kNN
+        return evaluate_split(m, split, catalog, settings.eval_split, device, knn=knn)
+
     zero = full_eval(model)
     zero_shot = {"ndcg@10": float(zero["ndcg@10"]),  # type: ignore[arg-type]
                  "hr@10": float(zero["hr@10"])}  # type: ignore[arg-type]

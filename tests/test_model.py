@@ -56,6 +56,32 @@ def test_market_model_outputs_logits():
     assert out.shape == (1, 4) and out.dtype == torch.float32
 
 
+def test_fused_training_scores_equal_the_plain_ones():
+    """The training fast paths compute what the readable definitions say: the pooled user is
+    the recency-weighted, sqrt-normalised sum of history embeddings, and the full-softmax
+    logits (user tower run once) equal forward(pos) next to score_items(pool)."""
+    m = make_model(3)
+    with torch.no_grad():
+        m.encoder.recency.copy_(torch.linspace(0.5, -0.5, len(m.encoder.recency)))
+        m.heads.item_bias.normal_()
+    hist = torch.tensor([[1, 2, 5, 30, 30], [7, 30, 30, 30, 30], [30, 30, 30, 30, 30]])
+    mask = (hist != 30).float()
+    back = (mask.flip(1).cumsum(1).flip(1) - 1).clamp(min=0).long()
+    w = torch.exp(m.encoder.recency[back]) * mask
+    want = (m.encoder.item_emb(hist) * w.unsqueeze(-1)).sum(1) / \
+        w.sum(1, keepdim=True).clamp(min=1e-6).sqrt()
+    assert torch.allclose(m.encoder.pool(hist), want, atol=1e-6)
+    pos, pool = torch.tensor([4, 9, 11]), torch.tensor([0, 3, 4, 8, 9, 20])
+    fused = m.score_positive_and_items(hist, pos, pool)
+    plain = torch.cat([m(hist, pos.unsqueeze(1)), m.score_items(hist, pool)], dim=1)
+    own = torch.tensor([[False, False, False, True, False, False, False],  # 4 is pool[2]
+                        [False, False, False, False, False, True, False],  # 9 is pool[4]
+                        [False] * 7])  # 11 is not in the pool
+    assert fused.shape == (3, 7)
+    assert torch.all(fused[own] == float("-inf"))
+    assert torch.allclose(fused[~own], plain[~own], atol=1e-6)
+
+
 def test_split_merge_round_trip():
     a, b = make_model(0), make_model(1)
     enc, priv = encoder_state(a), private_state(a)
@@ -190,3 +216,29 @@ def test_history_dropout_only_blanks_entries():
     out = drop_history(hist, 30, 0.3, gen)
     kept = out != 30
     assert torch.equal(out[kept], hist[kept]) and 0.15 < 1 - kept.float().mean() < 0.45
+
+
+def test_node_evaluation_with_cached_knn_equals_scoring_through_the_model():
+    """MarketNode.evaluate adds the item-kNN term from scores cached once per split; the result
+    is what scoring every candidate through the model (forward adds the same term) gives."""
+    from shared.config import RunConfig
+    from shared.node import MarketNode
+    from shared.train import evaluate, score_candidates
+
+    node = MarketNode(RunConfig(dataset="synthetic", markets="m0", embedding_dim=16,
+                                device="cpu", local_epochs=1), "m0")
+    node.train_round({k: v.clone() for k, v in node.model.state_dict().items()
+                      if k.startswith("encoder.")}, 1)
+    fast = node.evaluate(None, "test")
+    w = float(node.model.heads.knn_weight[0])
+    assert w > 0  # the kNN term is really in play
+    ev, cat = node.split.test, node.catalog
+    slow = evaluate(node.model, ev.histories, ev.candidates, cat.item_category, cat.categories,
+                    node.device)
+    assert fast["ndcg@10"] == pytest.approx(slow["ndcg@10"], abs=1e-9)
+    assert fast["hr@10"] == pytest.approx(slow["hr@10"], abs=1e-9)
+    with_knn = score_candidates(node.model, ev.histories, ev.candidates, node.device)
+    with torch.no_grad():
+        node.model.heads.knn_weight.zero_()
+    without = score_candidates(node.model, ev.histories, ev.candidates, node.device)
+    assert not torch.allclose(with_knn, without)  # so the equality above is not vacuous
