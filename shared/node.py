@@ -7,6 +7,7 @@ directly, so "federated" and "local" runs execute the same training code.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -109,6 +110,12 @@ class KnnScores:
         return self._scores[which]
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_knn_scores(sim: torch.nn.Module, split: MarketSplit,
+                       device: torch.device) -> KnnScores:
+    return KnnScores(sim, split, device)
+
+
 def neural_scores(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,
                   device: torch.device) -> torch.Tensor:
     """``score_candidates`` without the item-kNN term (U x C, CPU)."""
@@ -181,7 +188,6 @@ class MarketNode:
             center_item_bias(self.model, self.split, item_counts(self.split, self.catalog.n_items))
         self.state_path = Path(state_dir) / market / "private.pt" if state_dir else None
         self.rounds_done = 0
-        self._knn_scores: KnnScores | None = None
 
     # ------------------------------------------------------------------ private state
     def restore(self, private: dict[str, torch.Tensor] | None) -> str:
@@ -243,9 +249,9 @@ class MarketNode:
     def _knn(self) -> KnnScores | None:
         if self.model.item_sim is None:
             return None
-        if self._knn_scores is None or self._knn_scores.sim is not self.model.item_sim:
-            self._knn_scores = KnnScores(self.model.item_sim, self.split, self.device)
-        return self._knn_scores
+        # one per (similarity, split, device) in this process: a ClientApp builds a node per
+        # message from the cached split and similarity, so the scores outlive the node
+        return _cached_knn_scores(self.model.item_sim, self.split, self.device)
 
     # ------------------------------------------------------------------ single-task (shared/mtl.py)
     def histories(self, which: str) -> np.ndarray:
