@@ -270,16 +270,29 @@ def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1) -> dict[s
             "bare_loop_examples_per_s": bare, "ratio": ours / bare}
 
 
-def measure_overhead(cfg: RunConfig, out: Path,
-                     storefed_wall: float | None) -> dict[str, Any]:
-    """Flower wall time vs the in-process federated loop, and throughput vs a bare loop."""
+def measure_overhead(cfg: RunConfig, out: Path, storefed_wall: float | None,
+                     storefed_rounds: list[float] | None = None) -> dict[str, Any]:
+    """Flower wall time vs the in-process federated loop (whole run, and the steady rounds
+    after the first, which carries Ray's and the actors' start-up), and throughput vs a bare
+    loop."""
     t0 = time.perf_counter()
-    run_inprocess(cfg, evaluate_every_round=True)
+    inproc_doc = run_inprocess(cfg, evaluate_every_round=True)
     inproc = time.perf_counter() - t0
-    result: dict[str, Any] = {"inprocess_federated_seconds": inproc}
+    result: dict[str, Any] = {"inprocess_federated_seconds": inproc,
+                              "inprocess_round_seconds": inproc_doc["round_seconds"]}
     if storefed_wall is not None:
         result["flower_federated_seconds"] = storefed_wall
         result["flower_over_inprocess"] = storefed_wall / max(inproc, 1e-9)
+    later_in = inproc_doc["round_seconds"][1:]
+    later_fl = [float(x) for x in (storefed_rounds or [])[1:] if x is not None]
+    if later_in and later_fl:
+        result["flower_round_seconds"] = list(storefed_rounds or [])
+        result["steady_round_ratio"] = float(np.median(later_fl) / max(np.median(later_in),
+                                                                       1e-9))
+        # what the Flower run spent beyond its steady rounds: Ray start, actor start-up
+        # (imports, data, first optimiser step), shutdown
+        result["flower_fixed_seconds"] = float(storefed_wall or 0.0) - float(
+            np.median(later_fl)) * len(storefed_rounds or [])
     sizes = {}
     for m in cfg.market_list:
         from shared.data import load_market  # noqa: PLC0415
@@ -320,6 +333,9 @@ def print_table(doc: dict[str, Any]) -> None:
         if "flower_over_inprocess" in ov:
             print(f"overhead: Flower {ov['flower_federated_seconds']:.1f}s vs in-process "
                   f"{ov['inprocess_federated_seconds']:.1f}s = {ov['flower_over_inprocess']:.2f}x")
+        if "steady_round_ratio" in ov:
+            print(f"  rounds after the first: {ov['steady_round_ratio']:.2f}x; Flower's fixed "
+                  f"start-up/shutdown ~{ov['flower_fixed_seconds']:.1f}s")
         tp = ov["throughput"]
         print(f"throughput ({tp['market']}): train_local {tp['train_local_examples_per_s']:.0f} "
               f"ex/s vs bare loop {tp['bare_loop_examples_per_s']:.0f} ex/s = "
@@ -392,7 +408,8 @@ def run_benchmark(cfg: RunConfig, out: Path, seeds: int, methods: list[str],
     if overhead:
         sf = results.get("storefed")
         wall = sf[0].get("wall_seconds") if isinstance(sf, list) and sf else None
-        ov = measure_overhead(cfg, out, wall)
+        rounds = sf[0].get("round_seconds") if isinstance(sf, list) and sf else None
+        ov = measure_overhead(cfg, out, wall, rounds)
     doc = build_document(results, cfg, seeds, ov)
     atomic_write_bytes(out / "benchmark.json", json.dumps(doc, indent=2).encode())
     plot(doc, out / "benchmark.png")

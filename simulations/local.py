@@ -17,7 +17,8 @@ is shared and how:
 
 Each returns ``{"markets": {m: summary}, "average": {...}, "seconds": s, "rounds": r,
 "seconds_per_round": s / r, "bytes_per_client_round": b, "train_examples": n,
-"train_seconds": t}`` where ``summary`` is ``shared.metrics.summarize``'s dict (test split).
+"train_seconds": t}`` (``run_inprocess`` adds ``round_seconds``) where ``summary`` is
+``shared.metrics.summarize``'s dict (test split).
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def run_inprocess(cfg: RunConfig, share_heads: bool = False, evaluate_every_roun
     if share_heads:
         glob = _initial_full_state(nodes, glob)
     examples, train_s, sent = 0, 0.0, 0.0
+    round_seconds = []
     for rnd in range(1, cfg.num_rounds + 1):
+        t_round = time.perf_counter()
         updates = []
         for node in nodes:
             if share_heads:
@@ -117,10 +120,13 @@ def run_inprocess(cfg: RunConfig, share_heads: bool = False, evaluate_every_roun
             for node in nodes:
                 _load(node, glob, share_heads)
                 node.evaluate(None, which)
+        round_seconds.append(time.perf_counter() - t_round)
     for node in nodes:
         _load(node, glob, share_heads)
-    return _doc(nodes, time.perf_counter() - t0, cfg.num_rounds,
-                sent / max(len(nodes) * cfg.num_rounds, 1), examples, train_s, which)
+    doc = _doc(nodes, time.perf_counter() - t0, cfg.num_rounds,
+               sent / max(len(nodes) * cfg.num_rounds, 1), examples, train_s, which)
+    doc["round_seconds"] = round_seconds
+    return doc
 
 
 # --------------------------------------------------------------------- whole-model FedAvg

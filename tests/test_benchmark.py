@@ -100,7 +100,7 @@ def _check_doc(doc, markets, seeds):
 @pytest.mark.slow
 def test_benchmark_end_to_end_on_synthetic(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["benchmark", "--dataset", "synthetic", "--seeds", "1", "--rounds", "1",
+    rc = main(["benchmark", "--dataset", "synthetic", "--seeds", "1", "--rounds", "2",
                "--local-epochs", "1", "--config", "embedding-dim=16", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "benchmark.json").read_text())
@@ -111,6 +111,8 @@ def test_benchmark_end_to_end_on_synthetic(tmp_path, capsys):
     assert doc["methods"]["local"]["bytes_per_client_round"] == 0
     ov = doc["overhead"]
     assert ov["flower_over_inprocess"] > 0 and ov["throughput"]["ratio"] > 0
+    assert len(ov["inprocess_round_seconds"]) == len(ov["flower_round_seconds"]) == 2
+    assert ov["steady_round_ratio"] > 0 and math.isfinite(ov["flower_fixed_seconds"])
     assert (out / "benchmark.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "storefed" in printed and "itemknn-pooled" in printed
