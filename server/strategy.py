@@ -11,12 +11,14 @@ each market's metrics (including per-category ones, whose keys differ between ma
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from shared.report import unflatten_eval
@@ -53,6 +55,34 @@ class EncoderFedAvg(FedAvg):
         self.rejected: list[tuple[int, str, str]] = []  # (round, market, reason)
         self.last_markets: dict[str, dict[str, Any]] = {}
         self.last_train: dict[str, dict[str, float]] = {}
+
+    # With fraction 1 every node online now takes part. Flower's FedAvg counts the online
+    # nodes, then lists them again to sample that many: a node connecting in between (a market
+    # joining a running deployment) makes it leave a random *other* node out of the round.
+    # Here the nodes are listed once.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.fraction_train < 1.0:
+            return super().configure_train(server_round, arrays, config, grid)
+        return self._to_all_online(server_round, arrays, config, grid, self.min_train_nodes,
+                                   MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate < 1.0:
+            return super().configure_evaluate(server_round, arrays, config, grid)
+        return self._to_all_online(server_round, arrays, config, grid,
+                                   self.min_evaluate_nodes, MessageType.EVALUATE)
+
+    def _to_all_online(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       grid: Grid, min_nodes: int, message_type: str) -> Iterable[Message]:
+        wanted = max(self.min_available_nodes, min_nodes)
+        while len(nodes := list(grid.get_node_ids())) < wanted:
+            log.info("waiting for nodes: %d online, %d needed", len(nodes), wanted)
+            time.sleep(1)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, message_type)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -449,6 +449,38 @@ def test_finite_but_overflowing_updates_do_not_make_the_encoder_infinite(small_g
     assert "non-finite" in caplog.text
 
 
+class _ArrivingGrid:
+    """A grid whose node list grows between calls: nodes 1, 2 online, then 3, 4, 5 connect."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return [1, 2] if self.calls == 1 else [1, 2, 3, 4, 5]
+
+
+def test_every_online_node_gets_the_round_even_while_nodes_connect(small_global):
+    """fraction 1 = every node online when the round is configured. Flower's FedAvg counts the
+    nodes, then lists them again and samples that count, so a market connecting in between
+    (joining a running deployment) pushed a random other market out of the round (seen in CI:
+    a source market skipped round 2 while the new one trained)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as the server
+    strategy = EncoderFedAvg({k: v.clone() for k, v in small_global.items()}, True,
+                             fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2,
+                             min_evaluate_nodes=2, min_available_nodes=2)
+    arrays = ArrayRecord(torch_state_dict=small_global)
+    for configure in (strategy.configure_train, strategy.configure_evaluate):
+        grid = _ArrivingGrid()
+        msgs = list(configure(3, arrays, ConfigRecord({}), grid))  # type: ignore[arg-type]
+        assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 2]  # one consistent listing
+        assert grid.calls == 1
+        assert all(m.content.config_records["config"]["server-round"] == 3 for m in msgs)
+
+
 # --------------------------------------------------------------------------- crash + come back
 
 
