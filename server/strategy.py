@@ -11,7 +11,6 @@ each market's metrics (including per-category ones, whose keys differ between ma
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -20,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from shared.report import unflatten_eval
 from shared.wire import apply_summed_update, expected_update_shapes, from_record, sum_updates
@@ -76,10 +76,8 @@ class EncoderFedAvg(FedAvg):
 
     def _to_all_online(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                        grid: Grid, min_nodes: int, message_type: str) -> Iterable[Message]:
-        wanted = max(self.min_available_nodes, min_nodes)
-        while len(nodes := list(grid.get_node_ids())) < wanted:
-            log.info("waiting for nodes: %d online, %d needed", len(nodes), wanted)
-            time.sleep(1)
+        # Flower's wait-then-list, sampling none: its second value is the one listing
+        _, nodes = sample_nodes(grid, max(self.min_available_nodes, min_nodes), 0)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, message_type)

@@ -39,7 +39,7 @@ from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.errors import ConfigError
 from shared.node import build_model, init_heads_from_data, train_settings
-from shared.train import _batch_logits, input_histories, ranking_loss, train_local
+from shared.train import _batch_logits, adam, input_histories, ranking_loss, train_local
 from simulations.local import run_central, run_inprocess, run_local
 from simulations.simulate import add_run_options, config_from_args
 
@@ -255,7 +255,7 @@ def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1) -> dict[s
             pos = items[idx]
             batches.append((input_histories(hist_all[users[idx]], pos, model.encoder.pad,
                                             settings.history), pos))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # as train_local's
+    opt = adam(list(model.parameters()), lr=cfg.lr)  # train_local's optimiser
     model.train()
     t0 = time.perf_counter()
     n = 0
