@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared import data, itemsim
 from shared.checkpoint import load_private, save_private
 from shared.config import RunConfig
 from shared.data import Catalog, MarketSplit, load_market
@@ -114,6 +115,13 @@ class KnnScores:
 def _cached_knn_scores(sim: torch.nn.Module, split: MarketSplit,
                        device: torch.device) -> KnnScores:
     return KnnScores(sim, split, device)
+
+
+def clear_caches() -> None:
+    """Forget the data, item-kNN and kNN scores memoised in this process (a cold start)."""
+    data.clear_caches()
+    itemsim.clear_caches()
+    _cached_knn_scores.cache_clear()
 
 
 def neural_scores(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                         head_steps=args.head_steps, encoder_steps=args.encoder_steps,
                         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
                         item_knn=args.item_knn == "on", loss=args.loss,
-                        eval_every=args.eval_every)
+                        eval_every=args.eval_every, batch_size=args.batch_size)
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
         runs.append(("adversarial", encoders["plain"],
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-steps", type=int, default=d.encoder_steps)
     p.add_argument("--encoder-lr-scale", type=float, default=d.encoder_lr_scale)
     p.add_argument("--scratch-steps", type=int, default=d.scratch_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="fine-tuning mini-batch (both curves)")
     p.add_argument("--eval-split", choices=("test", "valid"), default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--item-knn", choices=("on", "off"), default="on" if d.item_knn else "off",

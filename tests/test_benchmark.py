@@ -101,7 +101,8 @@ def _check_doc(doc, markets, seeds):
 def test_benchmark_end_to_end_on_synthetic(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = main(["benchmark", "--dataset", "synthetic", "--seeds", "1", "--rounds", "2",
-               "--local-epochs", "1", "--config", "embedding-dim=16", "--out", str(out)])
+               "--local-epochs", "1", "--config", "embedding-dim=16", "--overhead-repeats", "2",
+               "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "benchmark.json").read_text())
     markets = ["m0", "m1", "m2", "m3"]
@@ -112,6 +113,11 @@ def test_benchmark_end_to_end_on_synthetic(tmp_path, capsys):
     ov = doc["overhead"]
     assert ov["flower_over_inprocess"] > 0 and ov["throughput"]["ratio"] > 0
     assert len(ov["inprocess_round_seconds"]) == len(ov["flower_round_seconds"]) == 2
+    # two timed pairs; the ratio is of each arm's fastest run
+    assert len(ov["flower_samples_seconds"]) == len(ov["inprocess_samples_seconds"]) == 2
+    assert ov["flower_federated_seconds"] == min(ov["flower_samples_seconds"])
+    assert ov["inprocess_federated_seconds"] == min(ov["inprocess_samples_seconds"])
+    assert len(ov["pair_ratios"]) == 2
     assert ov["steady_round_ratio"] > 0 and math.isfinite(ov["flower_fixed_seconds"])
     assert (out / "benchmark.png").stat().st_size > 1000
     printed = capsys.readouterr().out
@@ -122,9 +128,9 @@ def test_benchmark_seeds_give_mean_and_std(tmp_path):
     cfg = RunConfig(dataset="synthetic", markets="m0,m1", num_rounds=1, local_epochs=1,
                     embedding_dim=8)
     doc = benchmark.run_benchmark(cfg, tmp_path, 2, ["popularity", "local", "central",
-                                                     "fedavg-full"], overhead=False)
+                                                     "fedavg-full"], overhead_repeats=0)
     _check_doc(doc, ["m0", "m1"], 2)
     # different seeds draw different negatives: some spread across seeds
     assert any(v["ndcg@10_std"] > 0 for v in doc["methods"]["popularity"]["markets"].values())
     with pytest.raises(Exception, match="unknown benchmark method"):
-        benchmark.run_benchmark(cfg, tmp_path, 1, ["nope"], overhead=False)
+        benchmark.run_benchmark(cfg, tmp_path, 1, ["nope"], overhead_repeats=0)
