@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="steps of the scratch baseline (0: same as transfer)")
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch baseline")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="fine-tuning mini-batch (default: the federation's batch-size, from the "
+                        "checkpoint)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--adv-weight", type=float, default=d.adv_weight)
     p.add_argument("--fresh-init", choices=FRESH_INITS, default=d.fresh_init,
@@ -83,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
     meta_cfg = ck.meta.get("config")
     fed_cfg: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
     history = args.history or str(fed_cfg.get("train-history", JoinSettings.history))
+    batch_size = int(args.batch_size or fed_cfg.get("batch-size", JoinSettings.batch_size))
     settings = JoinSettings(
         variant=args.variant, head_steps=args.head_steps, encoder_steps=args.encoder_steps,
         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
-        eval_every=args.eval_every, batch_size=args.batch_size, lr=args.lr,
+        eval_every=args.eval_every, batch_size=batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
         seed=args.seed, history=history, loss=args.loss, item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))

@@ -266,6 +266,9 @@ def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
         assert [p[0] for p in curve] == sorted(p[0] for p in curve)
     for v in doc["steps_to_target"].values():
         assert v is None or isinstance(v, int)
+    # unset fine-tuning knobs follow the federation's run config, read from the checkpoint
+    settings = json.loads((joined / "join_details.json").read_text())["settings"]
+    assert settings["batch_size"] == _cfg().batch_size == 128 != JoinSettings.batch_size
     # the node of this market, started with state-dir=OUT/state, restores the saved heads
     node = MarketNode(RunConfig(dataset="synthetic", markets=NEW, embedding_dim=32,
                                 device="cpu"), NEW, joined / "state")
