@@ -75,6 +75,7 @@ from shared.train import (
 ITEM_KEY = "encoder.item_emb.weight"
 VARIANTS = ("plain", "adversarial")
 FRESH_INITS = ("category-mean", "random")
+SELECTIONS = ("valid", "none")
 
 
 # --------------------------------------------------------------------------- settings
@@ -111,6 +112,10 @@ class JoinSettings:
     # the market's private item-kNN term, as in the federation (run-config item-knn): attached
     # to both curves' models, its weight re-picked on the valid split at every evaluation
     item_knn: bool = RunConfig.item_knn
+    # each curve point is the model one would keep by then: the checkpoint with the best
+    # validation nDCG@10 so far ("valid"), or simply the latest weights ("none"). Both curves
+    # alike; the raw per-checkpoint curves go to join_details.json either way
+    select: str = "valid"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -122,6 +127,9 @@ class JoinSettings:
         if self.history not in HISTORY_MODES:
             raise ConfigError(f"join history must be one of {', '.join(HISTORY_MODES)}; "
                               f"got {self.history!r}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"join select must be one of {', '.join(SELECTIONS)}; "
+                              f"got {self.select!r}")
         if self.eval_split not in ("test", "valid"):
             raise ConfigError(f"join eval split must be test or valid; got {self.eval_split!r}")
         for name in ("head_steps", "encoder_steps", "scratch_steps"):
@@ -342,13 +350,19 @@ def split_evaluator(split: MarketSplit, catalog: Catalog, which: str,
 
 def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
               settings: JoinSettings, device: torch.device, evaluator: Evaluator,
-              adversary: Adversary | None = None) -> list[list[float]]:
+              adversary: Adversary | None = None, selector: Evaluator | None = None,
+              raw: list[list[float]] | None = None) -> list[list[float]]:
     """Train through ``phases`` (one continuous stream of shuffled mini-batches, a new Adam per
     phase since the trainable set changes) and return ``[[steps, metric], ...]`` evaluated at
     step 0, every ``eval_every`` steps and at the end. Batches are built by ``train_local``'s
     helpers (``shared/train.py``): the input history per ``settings.history`` (``causal``: the
     user's items before the positive) and the positive scored against ``negatives`` uniform
-    market items (or all of them for ``full-softmax``)."""
+    market items (or all of them for ``full-softmax``).
+
+    With a ``selector`` (the market's validation nDCG@10), the curve is that of the model one
+    would keep: at each evaluation, the checkpoint with the best selector value so far, and its
+    ``evaluator`` value; ``model`` ends as that checkpoint. ``raw`` (if given) receives every
+    checkpoint's own ``evaluator`` value."""
     model.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     users = torch.as_tensor(split.train_users, dtype=torch.long)
@@ -359,7 +373,21 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
                            weight_decay=settings.weight_decay, negatives=settings.negatives,
                            loss=settings.loss, seed=settings.seed, history=settings.history)
     n = len(users)
-    curve: list[list[float]] = [[0, evaluator(model)]]
+    kept: dict[str, Any] = {}
+
+    def measure(step: int) -> float:
+        value = evaluator(model)
+        if raw is not None:
+            raw.append([step, value])
+        if selector is None:
+            return value
+        score = selector(model)
+        if not kept or score > kept["score"]:
+            kept.update(score=score, value=value,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        return float(kept["value"])
+
+    curve: list[list[float]] = [[0, measure(0)]]
     if n == 0:
         return curve
     steps, order, cursor = 0, torch.randperm(n, generator=gen), 0
@@ -397,10 +425,12 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
             opt.step()
             steps += 1
             if steps % settings.eval_every == 0:
-                curve.append([steps, evaluator(model)])
+                curve.append([steps, measure(steps)])
     set_encoder_trainable(model, True)
     if curve[-1][0] != steps:
-        curve.append([steps, evaluator(model)])
+        curve.append([steps, measure(steps)])
+    if kept:
+        model.load_state_dict(kept["state"])
     return curve
 
 
@@ -461,6 +491,13 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     def ndcg(m: MarketModel) -> float:
         return float(full_eval(m)["ndcg@10"])  # type: ignore[arg-type]
 
+    def valid_ndcg(m: MarketModel) -> float:  # after ndcg(m): the kNN weight is calibrated
+        return float(evaluate_split(m, split, catalog, "valid", device,  # type: ignore[arg-type]
+                                    knn=knn)["ndcg@10"])
+
+    selector = valid_ndcg if settings.select == "valid" else None
+    raw: dict[str, list[list[float]]] = {"transfer": [], "scratch": []}
+
     adversary = None
     if settings.variant == "adversarial":
         torch.manual_seed(settings.seed)
@@ -468,7 +505,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                               torch.from_numpy(np.flatnonzero(mapping.known)), settings.adv_weight)
     t1 = time.perf_counter()
     transfer = run_curve(model, split, transfer_phases(settings), settings, device, ndcg,
-                         adversary)
+                         adversary, selector, raw["transfer"])
     t2 = time.perf_counter()
     scratch: list[list[float]] = []
     if with_scratch:
@@ -476,7 +513,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
         if settings.item_knn:
             attach_knn(base, split, catalog.n_items)
         scratch = run_curve(base, split, [Phase(settings.scratch_budget, True, 1.0)], settings,
-                            device, ndcg)
+                            device, ndcg, selector=selector, raw=raw["scratch"])
     t3 = time.perf_counter()
     best_s = max(v for _, v in scratch) if scratch else None
     best_t = max(v for _, v in transfer)
@@ -492,6 +529,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     details = {"market": split.market, "encoder": str(encoder_path), "encoder_round": ck.round,
                "mapping": mapping.summary(), "settings": asdict(settings),
                "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
+               "raw_curves": raw,
                "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
     return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
 

@@ -21,7 +21,14 @@ from shared.config import LOSSES
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import DataError
 from shared.train import HISTORY_MODES, resolve_device
-from shared.transfer import FRESH_INITS, VARIANTS, JoinSettings, join_market, save_joined
+from shared.transfer import (
+    FRESH_INITS,
+    SELECTIONS,
+    VARIANTS,
+    JoinSettings,
+    join_market,
+    save_joined,
+)
 
 log = logging.getLogger("storefed")
 
@@ -57,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--fresh-init", choices=FRESH_INITS, default=d.fresh_init,
                    help="rows for items the encoder never trained")
     p.add_argument("--eval-split", choices=("test", "valid"), default=d.eval_split)
+    p.add_argument("--select", choices=SELECTIONS, default=d.select,
+                   help="valid: each curve point is the checkpoint with the best validation "
+                        "nDCG@10 so far, and that checkpoint is saved; none: the latest weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--history", choices=HISTORY_MODES, default=None,
                    help="a positive's input history while fine-tuning (default: the "
@@ -91,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
         eval_every=args.eval_every, batch_size=batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
-        seed=args.seed, history=history, loss=args.loss, item_knn=_item_knn(args.item_knn, fed_cfg))
+        seed=args.seed, history=history, loss=args.loss, select=args.select,
+        item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
                                  seed=args.seed, max_history=max_history)

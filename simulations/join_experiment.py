@@ -32,6 +32,7 @@ from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, StorefedError
 from shared.train import resolve_device
 from shared.transfer import (
+    SELECTIONS,
     JoinOutcome,
     JoinSettings,
     join_market,
@@ -127,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                         head_steps=args.head_steps, encoder_steps=args.encoder_steps,
                         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
                         item_knn=args.item_knn == "on", loss=args.loss,
-                        eval_every=args.eval_every, batch_size=args.batch_size)
+                        eval_every=args.eval_every, batch_size=args.batch_size,
+                        select=args.select)
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
         runs.append(("adversarial", encoders["plain"],
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="fine-tuning mini-batch (both curves)")
     p.add_argument("--eval-split", choices=("test", "valid"), default="test")
+    p.add_argument("--select", choices=SELECTIONS, default=d.select,
+                   help="curve points: the best-on-validation checkpoint so far (valid) or the "
+                        "latest weights (none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--item-knn", choices=("on", "off"), default="on" if d.item_knn else "off",
                    help="the joining market's private item-kNN term (as the federation's nodes)")

@@ -156,6 +156,30 @@ def test_heads_only_phase_leaves_the_encoder_untouched(encoder_path):
     assert all(p.requires_grad for p in model.encoder.parameters())  # unfrozen again
 
 
+def test_valid_selection_keeps_the_best_checkpoint_and_reports_its_value(encoder_path):
+    """With a selector, each curve point is the evaluator's value of the checkpoint that the
+    selector liked best so far, and the model ends as that checkpoint."""
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    model = join_model(state, mcfg, catalog, split)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    picks = iter([0.5, 0.9, 0.1, 0.2])  # the selector prefers the checkpoint at step 2
+    reports = iter([0.30, 0.40, 0.70, 0.60])
+    raw: list[list[float]] = []
+    settings = JoinSettings(eval_every=2, batch_size=32)
+    curve = run_curve(model, split, [Phase(6, encoder_trainable=True)], settings, CPU,
+                      lambda m: next(reports), selector=lambda m: next(picks), raw=raw)
+    assert curve == [[0, 0.30], [2, 0.40], [4, 0.40], [6, 0.40]]
+    assert raw == [[0, 0.30], [2, 0.40], [4, 0.70], [6, 0.60]]
+    kept = model.state_dict()
+    assert any(not torch.equal(kept[k], start[k]) for k in start)  # trained, not the start
+    # ... and it is the step-2 checkpoint: replaying the first two steps gives the same weights
+    replay = join_model(state, mcfg, catalog, split)
+    run_curve(replay, split, [Phase(2, encoder_trainable=True)], settings, CPU, lambda m: 0.0)
+    for k, v in replay.state_dict().items():
+        torch.testing.assert_close(v, kept[k], msg=k)
+
+
 def test_zero_shot_beats_random_and_the_encoder_alone_carries_signal(encoder_path):
     catalog, split = _market()
     state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
