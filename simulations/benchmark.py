@@ -227,18 +227,25 @@ def _targets(methods: dict[str, Any], published: dict[str, float]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------- overhead
-def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1) -> dict[str, float]:
+def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1,
+                         repeats: int = 3) -> dict[str, Any]:
     """Examples/s of ``train_local`` vs a bare torch loop (same model, tensors, batches and
-    loss; inputs and negatives prepared up front, no bookkeeping) on one market."""
+    loss; inputs and negatives prepared up front, no bookkeeping) on one market.
+
+    One untimed epoch of each first (allocator, lazy imports), then ``repeats`` alternating
+    timed runs of each; the ratio is of the fastest of each (noise on a shared machine only
+    slows a run down)."""
     from shared.node import MarketNode  # noqa: PLC0415
 
     node = MarketNode(cfg, market, None)
     s = node.split
     settings = train_settings(cfg, 0)
     settings = type(settings)(**{**settings.__dict__, "epochs": epochs})
-    res = train_local(node.model, s.train_users, s.train_items, s.train_histories, s.items,
-                      settings, node.device)
-    ours = res.examples / max(res.seconds, 1e-9)
+
+    def ours() -> float:
+        res = train_local(node.model, s.train_users, s.train_items, s.train_histories,
+                          s.items, settings, node.device)
+        return res.examples / max(res.seconds, 1e-9)
 
     model = build_model(cfg, node.catalog).to(node.device)
     init_heads_from_data(model, s)
@@ -257,17 +264,28 @@ def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1) -> dict[s
                                             settings.history), pos))
     opt = adam(list(model.parameters()), lr=cfg.lr)  # train_local's optimiser
     model.train()
-    t0 = time.perf_counter()
-    n = 0
-    for hist, pos in batches:
-        loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen), settings.loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        n += len(pos)
-    bare = n / max(time.perf_counter() - t0, 1e-9)
-    return {"market": market, "train_local_examples_per_s": ours,  # type: ignore[dict-item]
-            "bare_loop_examples_per_s": bare, "ratio": ours / bare}
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        n = 0
+        for hist, pos in batches:
+            loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen),
+                                settings.loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(pos)
+        return n / max(time.perf_counter() - t0, 1e-9)
+
+    ours(), bare()  # warm-up, untimed
+    ours_runs, bare_runs = [], []
+    for _ in range(repeats):
+        ours_runs.append(ours())
+        bare_runs.append(bare())
+    return {"market": market, "train_local_examples_per_s": max(ours_runs),
+            "bare_loop_examples_per_s": max(bare_runs),
+            "ratio": max(ours_runs) / max(bare_runs),
+            "train_local_samples": ours_runs, "bare_loop_samples": bare_runs}
 
 
 def measure_overhead(cfg: RunConfig, out: Path, repeats: int = 2) -> dict[str, Any]:
@@ -305,6 +323,8 @@ def measure_overhead(cfg: RunConfig, out: Path, repeats: int = 2) -> dict[str, A
         "pair_ratios": [f[0] / max(i_[0], 1e-9) for i_, f in zip(inproc, flower, strict=True)],
         "inprocess_round_seconds": best_in[1],
         "flower_round_seconds": best_fl[1],
+        "inprocess_samples_round_seconds": [r for _, r in inproc],
+        "flower_samples_round_seconds": [r for _, r in flower],
     }
     later_in, later_fl = best_in[1][1:], best_fl[1][1:]
     if later_in and later_fl:
