@@ -94,10 +94,9 @@ class JoinSettings:
     encoder_lr_scale: float = 1.0
     scratch_steps: int = 600  # scratch budget (0 = the transfer budget); long enough to peak
     eval_every: int = 10
-    # the federation's mini-batch (run-config batch-size). Measured on test, both curves at the
-    # same batch: 128 made both curves noisy enough that on XMarket `in` (239 test users) the
-    # scratch curve's best was a lucky spike transfer missed in one seed of two; at 512 every
-    # case (in/jp x seeds 0-1, XMRec s3) reaches scratch's best in <= 0.21 of its steps
+    # the federation's mini-batch (run-config batch-size). Both curves at the same batch: at 128
+    # they were noisy enough that on XMarket `in` (239 test users) scratch's best was a spike
+    # (README, "A new market joins", for the measurements)
     batch_size: int = RunConfig.batch_size
     lr: float = 0.003
     weight_decay: float = 0.0
