@@ -21,10 +21,12 @@ import hashlib
 import io
 import json
 import re
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -1261,9 +1263,12 @@ def load_market(
     return _load_market_cached(dataset, _dir_key(data_dir), str(market), seed, n_neg, max_history)
 
 
-def clear_caches() -> None:
-    """Forget every parsed file, catalog and split memoised in this process, so the next load
-    starts cold, as a fresh ClientApp process does (benchmarks time both arms that way)."""
-    for fn in (_xmarket_files_cached, _read_xmarket_file, _read_xmrec_train, _read_xmrec_qrel,
-               _read_xmrec_run, _read_amazon_folder, _catalog_cached, _load_market_cached):
-        fn.cache_clear()
+def clear_caches(*modules: ModuleType) -> None:
+    """Forget what every memoised (``functools.lru_cache``) function of ``modules`` holds in
+    this process (default: this module's parsed files, catalogs and splits), so the next load
+    starts cold, as a fresh ClientApp process does (benchmarks time both arms that way). The
+    functions are found, not listed, so a new cache cannot be missed."""
+    for module in modules or (sys.modules[__name__],):
+        for obj in list(vars(module).values()):
+            if callable(getattr(obj, "cache_clear", None)):
+                obj.cache_clear()

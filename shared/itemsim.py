@@ -105,11 +105,6 @@ def _from_split_cached(split: MarketSplit, n_items: int) -> ItemSimilarity:
     return ItemSimilarity._build(split, n_items)
 
 
-def clear_caches() -> None:
-    """Forget the item-kNN matrices memoised in this process."""
-    _from_split_cached.cache_clear()
-
-
 #: mixing weights tried on the validation split (0 = the neural score alone)
 KNN_WEIGHT_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +120,7 @@ def _cached_knn_scores(sim: torch.nn.Module, split: MarketSplit,
 
 def clear_caches() -> None:
     """Forget the data, item-kNN and kNN scores memoised in this process (a cold start)."""
-    data.clear_caches()
-    itemsim.clear_caches()
-    _cached_knn_scores.cache_clear()
+    data.clear_caches(data, itemsim, sys.modules[__name__])
 
 
 def neural_scores(model: MarketModel, histories: np.ndarray, candidates: np.ndarray,

@@ -301,13 +301,12 @@ def measure_overhead(cfg: RunConfig, out: Path, repeats: int = 2) -> dict[str, A
 
     inproc: list[tuple[float, list[float]]] = []
     flower: list[tuple[float, list[float]]] = []
-    fcfg = cfg.replace(secagg=False)
     for i in range(repeats):
         clear_caches()
         t0 = time.perf_counter()
-        doc = run_inprocess(fcfg, evaluate_every_round=True)
+        doc = run_inprocess(cfg, evaluate_every_round=True)
         inproc.append((time.perf_counter() - t0, [float(x) for x in doc["round_seconds"]]))
-        res = _flower(fcfg, out / "overhead" / f"flower-{i}")
+        res = _storefed(cfg, out / "overhead" / f"flower-{i}")
         flower.append((float(res["wall_seconds"]),
                        [float(x) for x in res["round_seconds"] if x is not None]))
         log.info("overhead pair %d: in-process %.1fs, Flower %.1fs", i, inproc[-1][0],
