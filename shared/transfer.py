@@ -45,6 +45,8 @@ from shared.checkpoint import EncoderCheckpoint, load_encoder, save_encoder, sav
 from shared.config import RunConfig
 from shared.data import Catalog, MarketSplit
 from shared.errors import CheckpointError, ConfigError
+from shared.itemsim import calibrate_weight
+from shared.metrics import ndcg_hr_at_k
 from shared.model import (
     MarketModel,
     ModelConfig,
@@ -61,6 +63,7 @@ from shared.node import (
     evaluate_split,
     init_heads_from_data,
     model_config,
+    neural_scores,
 )
 from shared.train import (
     HISTORY_MODES,
@@ -76,6 +79,11 @@ ITEM_KEY = "encoder.item_emb.weight"
 VARIANTS = ("plain", "adversarial")
 FRESH_INITS = ("category-mean", "random")
 SELECTIONS = ("valid", "none")
+HEAD_INITS = ("calibrated", "popularity")
+# fresh heads' scales searched by ``calibrate_heads``: the user-item dot product (projection =
+# scale x identity) and the market's log-popularity bias
+DOT_SCALE_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+POP_SCALE_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
 
 
 # --------------------------------------------------------------------------- settings
@@ -115,6 +123,12 @@ class JoinSettings:
     # validation nDCG@10 so far ("valid"), or simply the latest weights ("none"). Both curves
     # alike; the raw per-checkpoint curves go to join_details.json either way
     select: str = "valid"
+    # the transfer model's fresh heads: the market's log-popularity as item bias and identity
+    # projections ("popularity"), then ("calibrated") the scale of each of the two (and the kNN
+    # weight) picked on the market's validation split, no optimiser step (``calibrate_heads``).
+    # The scratch model keeps the popularity heads: its encoder is random, so a dot-product
+    # scale picked for it would be fitted to noise
+    head_init: str = "calibrated"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -129,6 +143,9 @@ class JoinSettings:
         if self.select not in SELECTIONS:
             raise ConfigError(f"join select must be one of {', '.join(SELECTIONS)}; "
                               f"got {self.select!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"join head-init must be one of {', '.join(HEAD_INITS)}; "
+                              f"got {self.head_init!r}")
         if self.eval_split not in ("test", "valid"):
             raise ConfigError(f"join eval split must be test or valid; got {self.eval_split!r}")
         for name in ("head_steps", "encoder_steps", "scratch_steps"):
@@ -277,6 +294,46 @@ def scratch_model(mcfg: ModelConfig, catalog: Catalog, split: MarketSplit,
     model = MarketModel(mcfg, torch.as_tensor(np.asarray(catalog.item_category)))
     init_heads_from_data(model, split)
     return model
+
+
+def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device,
+                    knn: KnnScores | None = None) -> dict[str, float]:
+    """Scale fresh heads on the market's validation split, without an optimiser step.
+
+    The source markets trained their own private heads against the shared encoder, so the
+    encoder's dot products carry no fixed temperature a fresh identity head would match; nor is
+    there one right weight of the popularity bias against them. The score of a candidate is
+    ``a * dot + b * bias (+ w * knn)``; ``a`` from ``DOT_SCALE_GRID`` and ``b`` from
+    ``POP_SCALE_GRID`` are picked for the best validation nDCG@10 (``w``, the item-kNN weight,
+    picked per pair as ``calibrate_knn`` does), then folded into the heads: projections x ``a``,
+    category and item biases x ``b``. Ties keep the unscaled heads. Returns the picked values."""
+    ev = split.valid
+    heads = model.heads
+    neural = neural_scores(model, ev.histories, ev.candidates, device).double()
+    cands = torch.as_tensor(ev.candidates, dtype=torch.long)
+    with torch.no_grad():
+        bias = (heads.item_bias.detach().cpu()[cands]
+                + heads.cat_bias.detach().cpu()[model.item_category.cpu()[cands]]).double()
+    dot = neural - bias
+    knn_valid = knn.get("valid").double() if knn is not None else None
+    grid = [(1.0, 1.0)] + [(a, b) for a in DOT_SCALE_GRID for b in POP_SCALE_GRID]
+    best = (-1.0, 1.0, 1.0, 0.0)
+    for a, b in grid:
+        scores = a * dot + b * bias
+        w = calibrate_weight(scores, knn_valid) if knn_valid is not None else 0.0
+        if knn_valid is not None:
+            scores = scores + w * knn_valid
+        nd = float(ndcg_hr_at_k(scores, 10)[0].mean()) if len(scores) else 0.0
+        if nd > best[0] + 1e-12:
+            best = (nd, a, b, w)
+    _, a, b, w = best
+    with torch.no_grad():
+        heads.proj.mul_(a)
+        heads.cat_bias.mul_(b)
+        heads.item_bias.mul_(b)
+        if model.item_sim is not None:
+            heads.knn_weight.fill_(w)
+    return {"dot_scale": a, "pop_scale": b, "knn_weight": w, "valid_ndcg@10": best[0]}
 
 
 # --------------------------------------------------------------------------- adversarial parts
@@ -478,6 +535,8 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
         attach_knn(model, split, catalog.n_items)
         assert model.item_sim is not None
         knn = KnnScores(model.item_sim, split, device)  # fixed features: computed once
+    head_scales = (calibrate_heads(model, split, device, knn)
+                   if settings.head_init == "calibrated" else None)
 
     def full_eval(m: MarketModel) -> dict[str, object]:
         calibrate_knn(m, split, device, knn)  # no-op without item-kNN
@@ -507,6 +566,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                          adversary, selector, raw["transfer"])
     t2 = time.perf_counter()
     scratch: list[list[float]] = []
+    base: MarketModel | None = None
     if with_scratch:
         base = scratch_model(mcfg, catalog, split, settings.seed)
         if settings.item_knn:
@@ -528,7 +588,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     details = {"market": split.market, "encoder": str(encoder_path), "encoder_round": ck.round,
                "mapping": mapping.summary(), "settings": asdict(settings),
                "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
-               "raw_curves": raw,
+               "raw_curves": raw, "head_scales": head_scales,
                "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
     return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
 

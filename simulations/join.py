@@ -23,6 +23,7 @@ from shared.errors import DataError
 from shared.train import HISTORY_MODES, resolve_device
 from shared.transfer import (
     FRESH_INITS,
+    HEAD_INITS,
     SELECTIONS,
     VARIANTS,
     JoinSettings,
@@ -67,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--select", choices=SELECTIONS, default=d.select,
                    help="valid: each curve point is the checkpoint with the best validation "
                         "nDCG@10 so far, and that checkpoint is saved; none: the latest weights")
+    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init,
+                   help="calibrated: fresh heads' dot-product and popularity scales (and the "
+                        "kNN weight) picked on the market's valid split before any step; "
+                        "popularity: identity projections, log-popularity bias")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--history", choices=HISTORY_MODES, default=None,
                    help="a positive's input history while fine-tuning (default: the "
@@ -102,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, batch_size=batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
         seed=args.seed, history=history, loss=args.loss, select=args.select,
+        head_init=args.head_init,
         item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,

@@ -32,6 +32,7 @@ from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, StorefedError
 from shared.train import resolve_device
 from shared.transfer import (
+    HEAD_INITS,
     SELECTIONS,
     JoinOutcome,
     JoinSettings,
@@ -68,6 +69,7 @@ def summarize(outcome: JoinOutcome) -> dict[str, Any]:
             "steps_ratio": ratio, "zero_shot_over_scratch_best": zs,
             "targets": {"steps_ratio<=1/3": ratio is not None and ratio <= 1 / 3,
                         "zero_shot>=0.8x": zs is not None and zs >= 0.8},
+            "head_scales": outcome.details["head_scales"],
             "mapping": outcome.details["mapping"], "seconds": outcome.details["seconds"]}
 
 
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
                         item_knn=args.item_knn == "on", loss=args.loss,
                         eval_every=args.eval_every, batch_size=args.batch_size,
-                        select=args.select)
+                        select=args.select, head_init=args.head_init)
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
         runs.append(("adversarial", encoders["plain"],
@@ -205,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select", choices=SELECTIONS, default=d.select,
                    help="curve points: the best-on-validation checkpoint so far (valid) or the "
                         "latest weights (none)")
+    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init,
+                   help="calibrated: fresh heads' dot-product and popularity scales (and the "
+                        "kNN weight) picked on the market's valid split before any step; "
+                        "popularity: identity projections, log-popularity bias")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--item-knn", choices=("on", "off"), default="on" if d.item_knn else "off",
                    help="the joining market's private item-kNN term (as the federation's nodes)")

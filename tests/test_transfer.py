@@ -396,3 +396,48 @@ def test_recommend_scores_with_the_saved_knn_weight(joined):
     assert [i for i, _ in top] == want
     assert not rec_cmd.use_knn(neural, split)
     assert neural.model.item_sim is None
+
+
+def test_calibrated_heads_score_as_picked_and_never_below_the_unscaled_heads(encoder_path):
+    """``calibrate_heads`` folds the picked dot-product and popularity scales (and kNN weight)
+    into the heads: the model then scores valid exactly at the value it reports, which is at
+    least the unscaled heads' value (scale 1, 1 is in the grid), and a scale that was picked
+    is what the heads now hold."""
+    from shared.node import KnnScores, attach_knn, calibrate_knn, evaluate_split
+    from shared.transfer import DOT_SCALE_GRID, POP_SCALE_GRID, calibrate_heads
+
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    model = join_model(state, mcfg, catalog, split)
+    attach_knn(model, split, catalog.n_items)
+    assert model.item_sim is not None
+    knn = KnnScores(model.item_sim, split, CPU)
+    calibrate_knn(model, split, CPU, knn)
+    before = float(evaluate_split(model, split, catalog, "valid", CPU, knn=knn)["ndcg@10"])
+    proj, bias = model.heads.proj.detach().clone(), model.heads.item_bias.detach().clone()
+    picked = calibrate_heads(model, split, CPU, knn)
+    after = float(evaluate_split(model, split, catalog, "valid", CPU, knn=knn)["ndcg@10"])
+    assert after == pytest.approx(picked["valid_ndcg@10"], abs=1e-9)
+    assert after >= before - 1e-12
+    assert picked["dot_scale"] in DOT_SCALE_GRID and picked["pop_scale"] in POP_SCALE_GRID
+    torch.testing.assert_close(model.heads.proj, proj * picked["dot_scale"])
+    torch.testing.assert_close(model.heads.item_bias, bias * picked["pop_scale"])
+    assert float(model.heads.knn_weight[0]) == picked["knn_weight"]
+
+
+def test_join_calibrates_the_transfer_heads_and_reports_the_scales(encoder_path):
+    """head-init calibrated (the default) starts the transfer curve from calibrated heads and
+    records the scales; its zero-shot on valid is at least the popularity-initialised heads'.
+    The scratch curve is the same either way (its heads stay popularity-initialised)."""
+    catalog, split = _market()
+    base = dict(head_steps=0, encoder_steps=2, scratch_steps=2, eval_every=2, batch_size=64,
+                eval_split="valid")
+    cal = join_market(encoder_path, catalog, split, JoinSettings(**base), CPU)
+    pop = join_market(encoder_path, catalog, split,
+                      JoinSettings(**base, head_init="popularity"), CPU)
+    assert pop.details["head_scales"] is None
+    assert cal.doc["zero_shot"]["ndcg@10"] >= pop.doc["zero_shot"]["ndcg@10"] - 1e-12
+    assert cal.doc["zero_shot"]["ndcg@10"] == pytest.approx(
+        cal.details["head_scales"]["valid_ndcg@10"], abs=1e-9)
+    assert cal.doc["scratch"] == pop.doc["scratch"]
+
