@@ -81,3 +81,19 @@ def summarize(
             }
     out["categories"] = cats
     return out
+
+
+def paired_bootstrap(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,
+                     n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of ``a - b`` over users (two models' per-user metric on the same users) and its 95%
+    percentile interval over ``n_boot`` resamples of the users with replacement."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+        raise ValueError(f"paired_bootstrap needs two equal-length 1-d arrays, got shapes "
+                         f"{x.shape} and {y.shape}")
+    d = x - y
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "ci95_low": float(lo), "ci95_high": float(hi),
+            "users": int(d.size)}

@@ -46,7 +46,7 @@ from shared.config import RunConfig
 from shared.data import Catalog, MarketSplit
 from shared.errors import CheckpointError, ConfigError
 from shared.itemsim import calibrate_weight
-from shared.metrics import ndcg_hr_at_k
+from shared.metrics import ndcg_hr_at_k, paired_bootstrap
 from shared.model import (
     MarketModel,
     ModelConfig,
@@ -336,6 +336,19 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
     return {"dot_scale": a, "pop_scale": b, "knn_weight": w, "valid_ndcg@10": best[0]}
 
 
+def user_ndcg(model: MarketModel, split: MarketSplit, which: str, device: torch.device,
+              knn: KnnScores | None = None) -> np.ndarray:
+    """Per-user nDCG@10 (U,) of ``model`` on the market's valid or test set, scored as
+    ``evaluate_split`` scores (neural logits plus the weighted item-kNN term when attached)."""
+    ev = split.test if which == "test" else split.valid
+    scores = neural_scores(model, ev.histories, ev.candidates, device)
+    if model.item_sim is not None:
+        knn = knn or KnnScores(model.item_sim, split, device)
+        cats = model.item_category.cpu()[torch.as_tensor(ev.candidates)]
+        scores = scores + model.heads.knn_weight.detach().cpu()[cats] * knn.get(which)
+    return ndcg_hr_at_k(scores, 10)[0].numpy()
+
+
 # --------------------------------------------------------------------------- adversarial parts
 class _GradReverse(torch.autograd.Function):
     @staticmethod
@@ -521,6 +534,7 @@ class JoinOutcome:
     details: dict[str, Any]  # everything else (mapping, settings, timings, hr curves)
     model: MarketModel  # the fine-tuned transfer model
     mapping: EncoderMapping
+    scratch_model: MarketModel | None = None  # the scratch baseline as kept (None: skipped)
 
 
 def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
@@ -574,6 +588,11 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
         scratch = run_curve(base, split, [Phase(settings.scratch_budget, True, 1.0)], settings,
                             device, ndcg, selector=selector, raw=raw["scratch"])
     t3 = time.perf_counter()
+    # the two kept models on the same users: is transfer's edge (or deficit) beyond noise?
+    paired = (paired_bootstrap(user_ndcg(model, split, settings.eval_split, device, knn),
+                               user_ndcg(base, split, settings.eval_split, device, knn),
+                               seed=settings.seed)
+              if base is not None else None)
     best_s = max(v for _, v in scratch) if scratch else None
     best_t = max(v for _, v in transfer)
     doc: dict[str, Any] = {
@@ -589,8 +608,10 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                "mapping": mapping.summary(), "settings": asdict(settings),
                "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
                "raw_curves": raw, "head_scales": head_scales,
+               "transfer_minus_scratch_ndcg@10": paired,
                "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
-    return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
+    return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping,
+                       scratch_model=base)
 
 
 def save_joined(out: str | Path, outcome: JoinOutcome, catalog: Catalog,

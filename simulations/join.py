@@ -150,4 +150,8 @@ def _print(doc: dict[str, Any], details: dict[str, Any]) -> None:
     scratch = "-" if best["scratch"] is None else f"{best['scratch']:.4f}"
     print(f"best        transfer {best['transfer']:.4f}  scratch {scratch}")
     print(f"steps to scratch's best: transfer {reach['transfer']}  scratch {reach['scratch']}")
+    diff = details.get("transfer_minus_scratch_ndcg@10")
+    if diff:
+        print(f"kept transfer - kept scratch ndcg@10 {diff['mean']:+.4f} (95% paired bootstrap "
+              f"{diff['ci95_low']:+.4f} .. {diff['ci95_high']:+.4f}, {diff['users']} users)")
 

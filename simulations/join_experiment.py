@@ -69,6 +69,7 @@ def summarize(outcome: JoinOutcome) -> dict[str, Any]:
             "steps_ratio": ratio, "zero_shot_over_scratch_best": zs,
             "targets": {"steps_ratio<=1/3": ratio is not None and ratio <= 1 / 3,
                         "zero_shot>=0.8x": zs is not None and zs >= 0.8},
+            "transfer_minus_scratch_ndcg@10": outcome.details["transfer_minus_scratch_ndcg@10"],
             "head_scales": outcome.details["head_scales"],
             "mapping": outcome.details["mapping"], "seconds": outcome.details["seconds"]}
 

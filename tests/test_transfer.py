@@ -441,3 +441,41 @@ def test_join_calibrates_the_transfer_heads_and_reports_the_scales(encoder_path)
         cal.details["head_scales"]["valid_ndcg@10"], abs=1e-9)
     assert cal.doc["scratch"] == pop.doc["scratch"]
 
+
+def test_paired_difference_of_the_kept_models_matches_the_curves(encoder_path):
+    """details["transfer_minus_scratch_ndcg@10"] compares the two kept models user by user:
+    its mean is the difference of the curves' last points (each curve ends on its kept model),
+    and its interval contains the mean."""
+    catalog, split = _market()
+    for select in ("valid", "none"):
+        out = join_market(encoder_path, catalog, split,
+                          JoinSettings(head_steps=0, encoder_steps=4, scratch_steps=4,
+                                       eval_every=2, batch_size=64, select=select), CPU)
+        diff = out.details["transfer_minus_scratch_ndcg@10"]
+        expect = out.doc["transfer"][-1][1] - out.doc["scratch"][-1][1]
+        assert diff["mean"] == pytest.approx(expect, abs=1e-9)
+        assert diff["ci95_low"] <= diff["mean"] <= diff["ci95_high"]
+        assert diff["users"] == len(split.test.users)
+        assert out.scratch_model is not None
+
+
+def test_paired_bootstrap():
+    from shared.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    b = rng.random(500)
+    shifted = paired_bootstrap(b + 0.1, b)
+    assert shifted["mean"] == pytest.approx(0.1)
+    assert shifted["ci95_high"] - shifted["ci95_low"] < 1e-9
+    noise = paired_bootstrap(b, rng.permutation(b))
+    assert noise["ci95_low"] < 0 < noise["ci95_high"]
+    # cross-check the interval against scipy's percentile bootstrap of the mean difference
+    stats = pytest.importorskip("scipy.stats")
+    a = b + rng.normal(0.02, 0.2, size=b.size)
+    ours = paired_bootstrap(a, b, n_boot=20000)
+    ref = stats.bootstrap((a - b,), np.mean, n_resamples=20000, method="percentile",
+                          random_state=1).confidence_interval
+    assert ours["ci95_low"] == pytest.approx(ref.low, abs=2e-3)
+    assert ours["ci95_high"] == pytest.approx(ref.high, abs=2e-3)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap(np.zeros(3), np.zeros(4))
