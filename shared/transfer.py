@@ -12,6 +12,8 @@ Read top to bottom:
   scores neutrally and the market's popularity bias ranks it, instead of a random direction.
 * ``join_model``: the new market's ``MarketModel``: mapped encoder + fresh heads whose item bias
   is the market's log-popularity (``init_heads_from_data``; no training).
+* ``calibrate_heads``: the scales of those fresh heads' two terms (dot product, popularity) and
+  the item-kNN weight, picked on the market's validation split (no optimiser step).
 * ``run_curve``: one optimiser loop over a schedule of phases (heads only with the encoder frozen
   via ``set_encoder_trainable``, then optionally the encoder at a low lr scale), evaluating every
   ``eval_every`` local optimiser steps -> ``[[steps, ndcg@10], ...]``. The ``adversarial``
@@ -19,8 +21,9 @@ Read top to bottom:
   user vectors (DANN): source-domain inputs are pseudo-users whose histories are drawn from the
   items the federation trained (the only view of the source markets a joining market has,
   since their data never leaves them), target inputs are the new market's users.
-* ``join_market``: zero-shot + transfer curve + scratch curve (same data, same number of steps,
-  same popularity-initialised heads) -> the ``join.json`` document.
+* ``join_market``: zero-shot + transfer curve + scratch curve (same data, same number of steps;
+  scratch's heads popularity-initialised) -> the ``join.json`` document, plus the kept models'
+  paired per-user difference (``user_ndcg``, ``paired_bootstrap``) in the details.
 
 The Reptile-style meta-learned initialisation is a property of how the encoder was produced
 (the federation's server step, run-config key ``server-lr``), so ``join`` accepts any encoder;
