@@ -149,21 +149,31 @@ def calibrate_knn(model: MarketModel, split: MarketSplit, device: torch.device,
     return weight
 
 
-def evaluate_split(model: MarketModel, split: MarketSplit, catalog: Catalog, which: str,
-                   device: torch.device, histories: np.ndarray | None = None,
-                   knn: KnnScores | None = None) -> dict[str, object]:
-    """``evaluate`` on the market's valid or test set; with an item-kNN attached, its term
-    comes from ``knn`` (cached) instead of being recomputed: same scores, less work."""
+def split_scores(model: MarketModel, split: MarketSplit, which: str, device: torch.device,
+                 knn: KnnScores | None = None) -> torch.Tensor:
+    """The model's U x C scores of the market's valid or test candidates (CPU); with an
+    item-kNN attached, its weighted term comes from ``knn`` (cached) instead of being
+    recomputed: the scores ``score_candidates`` gives, with less work."""
     ev = split.test if which == "test" else split.valid
-    hist = ev.histories if histories is None else histories
-    if model.item_sim is None or histories is not None:
-        return evaluate(model, hist, ev.candidates, catalog.item_category, catalog.categories,
-                        device)
+    if model.item_sim is None:
+        return score_candidates(model, ev.histories, ev.candidates, device)
     knn = knn or KnnScores(model.item_sim, split, device)
     cats = model.item_category.cpu()[torch.as_tensor(ev.candidates)]
     weight = model.heads.knn_weight.detach().cpu()[cats]
-    scores = neural_scores(model, hist, ev.candidates, device) + weight * knn.get(which)
-    return summarize_scores(scores, ev.candidates, catalog.item_category, catalog.categories)
+    return neural_scores(model, ev.histories, ev.candidates, device) + weight * knn.get(which)
+
+
+def evaluate_split(model: MarketModel, split: MarketSplit, catalog: Catalog, which: str,
+                   device: torch.device, histories: np.ndarray | None = None,
+                   knn: KnnScores | None = None) -> dict[str, object]:
+    """``evaluate`` on the market's valid or test set (``split_scores``); ``histories``: other
+    model inputs than the split's own (then scored through the model)."""
+    ev = split.test if which == "test" else split.valid
+    if histories is not None:
+        return evaluate(model, histories, ev.candidates, catalog.item_category,
+                        catalog.categories, device)
+    return summarize_scores(split_scores(model, split, which, device, knn), ev.candidates,
+                            catalog.item_category, catalog.categories)
 
 
 def attach_knn(model: MarketModel, split: MarketSplit, n_items: int) -> None:

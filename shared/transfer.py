@@ -67,6 +67,7 @@ from shared.node import (
     init_heads_from_data,
     model_config,
     neural_scores,
+    split_scores,
 )
 from shared.train import (
     HISTORY_MODES,
@@ -342,14 +343,8 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
 def user_ndcg(model: MarketModel, split: MarketSplit, which: str, device: torch.device,
               knn: KnnScores | None = None) -> np.ndarray:
     """Per-user nDCG@10 (U,) of ``model`` on the market's valid or test set, scored as
-    ``evaluate_split`` scores (neural logits plus the weighted item-kNN term when attached)."""
-    ev = split.test if which == "test" else split.valid
-    scores = neural_scores(model, ev.histories, ev.candidates, device)
-    if model.item_sim is not None:
-        knn = knn or KnnScores(model.item_sim, split, device)
-        cats = model.item_category.cpu()[torch.as_tensor(ev.candidates)]
-        scores = scores + model.heads.knn_weight.detach().cpu()[cats] * knn.get(which)
-    return ndcg_hr_at_k(scores, 10)[0].numpy()
+    ``evaluate_split`` scores it."""
+    return ndcg_hr_at_k(split_scores(model, split, which, device, knn), 10)[0].numpy()
 
 
 # --------------------------------------------------------------------------- adversarial parts
@@ -537,7 +532,6 @@ class JoinOutcome:
     details: dict[str, Any]  # everything else (mapping, settings, timings, hr curves)
     model: MarketModel  # the fine-tuned transfer model
     mapping: EncoderMapping
-    scratch_model: MarketModel | None = None  # the scratch baseline as kept (None: skipped)
 
 
 def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
@@ -613,8 +607,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                "raw_curves": raw, "head_scales": head_scales,
                "transfer_minus_scratch_ndcg@10": paired,
                "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
-    return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping,
-                       scratch_model=base)
+    return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
 
 
 def save_joined(out: str | Path, outcome: JoinOutcome, catalog: Catalog,
