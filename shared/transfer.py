@@ -135,21 +135,12 @@ class JoinSettings:
     head_init: str = "calibrated"
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"join variant must be one of {', '.join(VARIANTS)}; "
-                              f"got {self.variant!r}")
-        if self.fresh_init not in FRESH_INITS:
-            raise ConfigError(f"join fresh-init must be one of {', '.join(FRESH_INITS)}; "
-                              f"got {self.fresh_init!r}")
-        if self.history not in HISTORY_MODES:
-            raise ConfigError(f"join history must be one of {', '.join(HISTORY_MODES)}; "
-                              f"got {self.history!r}")
-        if self.select not in SELECTIONS:
-            raise ConfigError(f"join select must be one of {', '.join(SELECTIONS)}; "
-                              f"got {self.select!r}")
-        if self.head_init not in HEAD_INITS:
-            raise ConfigError(f"join head-init must be one of {', '.join(HEAD_INITS)}; "
-                              f"got {self.head_init!r}")
+        for name, choices in (("variant", VARIANTS), ("fresh_init", FRESH_INITS),
+                              ("history", HISTORY_MODES), ("select", SELECTIONS),
+                              ("head_init", HEAD_INITS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"join {name.replace('_', '-')} must be one of "
+                                  f"{', '.join(choices)}; got {getattr(self, name)!r}")
         if self.eval_split not in ("test", "valid"):
             raise ConfigError(f"join eval split must be test or valid; got {self.eval_split!r}")
         for name in ("head_steps", "encoder_steps", "scratch_steps"):
@@ -315,9 +306,8 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
     heads = model.heads
     neural = neural_scores(model, ev.histories, ev.candidates, device).double()
     cands = torch.as_tensor(ev.candidates, dtype=torch.long)
-    with torch.no_grad():
-        bias = (heads.item_bias.detach().cpu()[cands]
-                + heads.cat_bias.detach().cpu()[model.item_category.cpu()[cands]]).double()
+    bias = (heads.item_bias.detach().cpu()[cands]
+            + heads.cat_bias.detach().cpu()[model.item_category.cpu()[cands]]).double()
     dot = neural - bias
     knn_valid = knn.get("valid").double() if knn is not None else None
     grid = [(1.0, 1.0)] + [(a, b) for a in DOT_SCALE_GRID for b in POP_SCALE_GRID]

@@ -34,6 +34,18 @@ from shared.transfer import (
 log = logging.getLogger("storefed")
 
 
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The join recipe's flags that ``storefed join`` and ``simulations.join_experiment`` share."""
+    d = JoinSettings()
+    p.add_argument("--select", choices=SELECTIONS, default=d.select,
+                   help="valid: each curve point is the checkpoint with the best validation "
+                        "nDCG@10 so far, and that checkpoint is saved; none: the latest weights")
+    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init,
+                   help="calibrated: fresh heads' dot-product and popularity scales (and the "
+                        "kNN weight) picked on the market's valid split before any step; "
+                        "popularity: identity projections, log-popularity bias")
+
+
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p = sub.add_parser("join", help="a new market joins from the global encoder",
                        description="Transfer-initialise a new market from a global encoder "
@@ -65,13 +77,7 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--fresh-init", choices=FRESH_INITS, default=d.fresh_init,
                    help="rows for items the encoder never trained")
     p.add_argument("--eval-split", choices=("test", "valid"), default=d.eval_split)
-    p.add_argument("--select", choices=SELECTIONS, default=d.select,
-                   help="valid: each curve point is the checkpoint with the best validation "
-                        "nDCG@10 so far, and that checkpoint is saved; none: the latest weights")
-    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init,
-                   help="calibrated: fresh heads' dot-product and popularity scales (and the "
-                        "kNN weight) picked on the market's valid split before any step; "
-                        "popularity: identity projections, log-popularity bias")
+    add_recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--history", choices=HISTORY_MODES, default=None,
                    help="a positive's input history while fine-tuning (default: the "

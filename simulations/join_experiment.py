@@ -32,14 +32,13 @@ from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, StorefedError
 from shared.train import resolve_device
 from shared.transfer import (
-    HEAD_INITS,
-    SELECTIONS,
     JoinOutcome,
     JoinSettings,
     join_market,
     save_joined,
     steps_to_target,
 )
+from simulations.join import add_recipe_args
 
 log = logging.getLogger("storefed")
 
@@ -205,13 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="fine-tuning mini-batch (both curves)")
     p.add_argument("--eval-split", choices=("test", "valid"), default="test")
-    p.add_argument("--select", choices=SELECTIONS, default=d.select,
-                   help="curve points: the best-on-validation checkpoint so far (valid) or the "
-                        "latest weights (none)")
-    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init,
-                   help="calibrated: fresh heads' dot-product and popularity scales (and the "
-                        "kNN weight) picked on the market's valid split before any step; "
-                        "popularity: identity projections, log-popularity bias")
+    add_recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--item-knn", choices=("on", "off"), default="on" if d.item_knn else "off",
                    help="the joining market's private item-kNN term (as the federation's nodes)")
