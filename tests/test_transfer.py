@@ -21,6 +21,7 @@ from shared.node import MarketNode, initial_encoder, model_config
 from shared.transfer import (
     Adversary,
     DomainDiscriminator,
+    JoinOutcome,
     JoinSettings,
     Phase,
     grad_reverse,
@@ -37,6 +38,7 @@ from shared.transfer import (
 from shared.wire import apply_summed_update, sum_updates
 from simulations import join as join_cmd
 from simulations import recommend as rec_cmd
+from simulations.join_experiment import summarize
 
 CPU = torch.device("cpu")
 SOURCES = ("m0", "m1", "m2")
@@ -237,6 +239,21 @@ def test_steps_to_target():
     assert steps_to_target(curve, 0.3) == 10
     assert steps_to_target(curve, 0.4) == 30
     assert steps_to_target(curve, 0.5) is None
+
+
+@pytest.mark.parametrize(("reach", "met", "ratio"), [
+    ((30, 90), True, 1 / 3), ((40, 90), False, 40 / 90), ((None, 90), False, None),
+    ((0, 0), True, None),  # scratch's best is its untrained step 0: transfer at 0 meets it
+    ((10, 0), False, None)])
+def test_experiment_summary_judges_the_steps_target_as_stated(reach, met, ratio):
+    doc = {"zero_shot": {"ndcg@10": 0.4, "hr@10": 0.5}, "best": {"transfer": 0.5, "scratch": 0.45},
+           "steps_to_target": {"transfer": reach[0], "scratch": reach[1]}}
+    details = {k: None for k in ("transfer_minus_scratch_ndcg@10", "head_scales", "mapping",
+                                 "seconds")}
+    s = summarize(JoinOutcome(doc=doc, details=details, model=None, mapping=None))
+    assert s["targets"]["steps_ratio<=1/3"] is met
+    assert s["steps_ratio"] == (pytest.approx(ratio) if ratio is not None else None)
+    assert s["zero_shot_over_scratch_best"] == pytest.approx(0.4 / 0.45)
 
 
 def test_gradient_reversal_and_adversarial_variant(encoder_path):
