@@ -576,10 +576,11 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                             device, ndcg, selector=selector, raw=raw["scratch"])
     t3 = time.perf_counter()
     # the two kept models on the same users: is transfer's edge (or deficit) beyond noise?
-    paired = (paired_bootstrap(user_ndcg(model, split, settings.eval_split, device, knn),
-                               user_ndcg(base, split, settings.eval_split, device, knn),
-                               seed=settings.seed)
-              if base is not None else None)
+    per_user = ({"transfer": user_ndcg(model, split, settings.eval_split, device, knn),
+                 "scratch": user_ndcg(base, split, settings.eval_split, device, knn)}
+                if base is not None else None)
+    paired = (paired_bootstrap(per_user["transfer"], per_user["scratch"], seed=settings.seed)
+              if per_user is not None else None)
     best_s = max(v for _, v in scratch) if scratch else None
     best_t = max(v for _, v in transfer)
     doc: dict[str, Any] = {
@@ -596,6 +597,12 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
                "raw_curves": raw, "head_scales": head_scales,
                "transfer_minus_scratch_ndcg@10": paired,
+               # the same two kept models user by user (eval split order), for pooling seeds
+               "per_user_ndcg@10": (None if per_user is None else
+                                    {"users": [split.user_ids[u] for u in
+                                               (split.test if settings.eval_split == "test"
+                                                else split.valid).users.tolist()],
+                                     **{k: v.tolist() for k, v in per_user.items()}}),
                "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
     return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
 

@@ -167,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
             save_joined(d, outcome, catalog, {"dataset": args.dataset, "data-dir": args.data_dir,
                                               "markets": m, "seed": args.seed})
             atomic_write_bytes(d / "join.json", json.dumps(outcome.doc, indent=2).encode())
+            atomic_write_bytes(d / "join_details.json",
+                               json.dumps(outcome.details, indent=2).encode())
             s = summarize(outcome)
             summary["markets"][m][name] = s
             log.info("%s [%s]: zero-shot %.4f (%.2fx scratch best %.4f), steps to target %s vs "

@@ -473,6 +473,10 @@ def test_paired_difference_of_the_kept_models_matches_the_curves(encoder_path):
         assert diff["mean"] == pytest.approx(expect, abs=1e-9)
         assert diff["ci95_low"] <= diff["mean"] <= diff["ci95_high"]
         assert diff["users"] == len(split.test.users)
+        per_user = out.details["per_user_ndcg@10"]  # what join_seeds pools over seeds
+        assert per_user["users"] == [split.user_ids[u] for u in split.test.users]
+        assert np.mean(np.subtract(per_user["transfer"], per_user["scratch"])) == \
+            pytest.approx(diff["mean"], abs=1e-12)
 
 
 def test_paired_bootstrap():
@@ -495,3 +499,71 @@ def test_paired_bootstrap():
     assert ours["ci95_high"] == pytest.approx(ref.high, abs=2e-3)
     with pytest.raises(ValueError, match="equal-length"):
         paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def _fake_run(root: Path, seed: int, transfer: list[float], scratch: list[float],
+              per_user: dict[str, list]) -> Path:
+    """A join_experiment --out with one market, "m", written as the experiment writes it."""
+    run = root / f"seed{seed}"
+    curves = {k: [[10 * i, v] for i, v in enumerate(c)]
+              for k, c in (("transfer", transfer), ("scratch", scratch))}
+    best = {k: max(v for _, v in c) for k, c in curves.items()}
+    doc = {"zero_shot": {"ndcg@10": transfer[0], "hr@10": 0.5}, **curves, "best": best,
+           "steps_to_target": {k: steps_to_target(c, best["scratch"]) for k, c in curves.items()}}
+    diff = {"mean": float(np.mean(np.subtract(per_user["transfer"], per_user["scratch"]))),
+            "ci95_low": -1.0, "ci95_high": 1.0, "users": len(per_user["users"])}
+    details = {"settings": {"seed": seed}, "per_user_ndcg@10": per_user,
+               "transfer_minus_scratch_ndcg@10": diff, "head_scales": None, "mapping": None,
+               "seconds": None}
+    (run / "m").mkdir(parents=True)
+    (run / "m" / "join.json").write_text(json.dumps(doc))
+    (run / "m" / "join_details.json").write_text(json.dumps(details))
+    summary = summarize(JoinOutcome(doc=doc, details=details, model=None, mapping=None))
+    (run / "summary.json").write_text(json.dumps({"markets": {"m": {"plain": summary}}}))
+    return run
+
+
+def test_join_seeds_pools_runs_into_counts_mean_curves_and_a_per_user_interval(tmp_path):
+    from simulations import join_seeds
+
+    users = ["u1", "u2", "u3", "u4"]
+    a = _fake_run(tmp_path, 0, [0.50, 0.50, 0.51, 0.51], [0.40, 0.45, 0.49, 0.52],
+                  {"users": users, "transfer": [1.0, 0.5, 0.0, 0.2],
+                   "scratch": [0.5, 0.5, 0.0, 0.2]})
+    b = _fake_run(tmp_path, 1, [0.46, 0.48, 0.50, 0.50], [0.40, 0.47, 0.47, 0.47],
+                  {"users": users, "transfer": [0.0, 0.5, 1.0, 0.2],
+                   "scratch": [0.5, 0.5, 0.0, 0.2]})
+    out = tmp_path / "pooled.json"
+    assert join_seeds.main([str(a), str(b), "--out", str(out)]) == 0
+    pooled = json.loads(out.read_text())["markets"]["m"]
+    # run a: transfer never reaches 0.52 (miss); run b: 0.47 reached at step 20 vs 10 (miss)
+    assert pooled["targets_met"] == {"steps_ratio<=1/3": 0, "zero_shot>=0.8x": 2}
+    assert [v for _, v in pooled["mean_curves"]["transfer"]] == pytest.approx(
+        [0.48, 0.49, 0.505, 0.505])
+    assert pooled["mean_curves_best"]["scratch"] == pytest.approx(0.495)  # (0.52 + 0.47) / 2
+    # mean transfer reaches 0.495 at step 20, mean scratch only at its best (step 30)
+    assert pooled["mean_curves_steps_to_target"] == {"transfer": 20, "scratch": 30}
+    assert pooled["mean_curves_steps_target_met"] is False
+    p = pooled["pooled_transfer_minus_scratch_ndcg@10"]
+    # per user, mean over runs: u1 (0.5 + -0.5)/2 = 0, u2 0, u3 (0 + 1)/2 = 0.5, u4 0
+    assert p["mean"] == pytest.approx(0.125)
+    assert p["users"] == 4
+
+
+def test_join_seeds_refuses_runs_it_cannot_pool(tmp_path, capsys):
+    from simulations import join_seeds
+
+    good = {"users": ["u1", "u2"], "transfer": [1.0, 0.0], "scratch": [0.0, 0.0]}
+    a = _fake_run(tmp_path, 0, [0.5, 0.5], [0.4, 0.5], good)
+    other_users = _fake_run(tmp_path, 1, [0.5, 0.5], [0.4, 0.5], {**good, "users": ["u1", "x"]})
+    assert join_seeds.main([str(a), str(other_users)]) == 2
+    assert "other users" in capsys.readouterr().err
+    other_steps = _fake_run(tmp_path, 2, [0.5, 0.5, 0.5], [0.4, 0.5, 0.5], good)
+    assert join_seeds.main([str(a), str(other_steps)]) == 2
+    assert "different steps" in capsys.readouterr().err
+    details = other_steps / "m" / "join_details.json"
+    details.write_text(json.dumps({"settings": {"seed": 2}}))
+    assert join_seeds.main([str(a), str(other_steps)]) == 2
+    assert f"{details}: no per_user_ndcg@10" in capsys.readouterr().err
+    assert join_seeds.main([str(a), str(tmp_path / "nowhere")]) == 2
+    assert "summary.json: missing" in capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""Pool join experiments run with different seeds into one verdict per joining market.
+
+    python -m simulations.join_seeds runs/join-xmarket-calt-seed{0..9} \
+        --out runs/join-xmarket-calt-seeds.json
+
+Each argument is an ``OUT`` of ``simulations.join_experiment`` (its ``summary.json`` and, per
+joining market, ``<market>/join.json`` and ``<market>/join_details.json``; the plain variant).
+On a market as small as XMarket ``in`` (239 test users) one run's verdict is decided by noise
+(one user moving one rank is ~0.002), so per market this reports:
+
+* one row per run (zero-shot, steps to scratch's best, both bests, the paired difference) and
+  how many runs meet each target;
+* the seed-averaged curves (mean over runs at each step) and the steps target judged on them;
+* the **pooled paired difference**: per user, transfer minus scratch averaged over the runs, with
+  a 95% bootstrap interval over users (the runs must score the same users).
+
+Prints a markdown table and writes the JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.checkpoint import atomic_write_bytes
+from shared.errors import DataError, StorefedError
+from shared.metrics import paired_bootstrap
+from shared.transfer import steps_to_target
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: missing (is its directory a join_experiment --out?)") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _row(run: Path, market: str) -> dict[str, Any]:
+    summary = _read_json(run / "summary.json")
+    try:
+        s = summary["markets"][market]["plain"]
+    except KeyError as exc:
+        raise DataError(f"{run / 'summary.json'}: no plain join of market {market!r}") from exc
+    doc = _read_json(run / market / "join.json")
+    details = _read_json(run / market / "join_details.json")
+    per_user = details.get("per_user_ndcg@10")
+    if not per_user:
+        raise DataError(f"{run / market / 'join_details.json'}: no per_user_ndcg@10 (made "
+                        "without a scratch curve, or before it was recorded: rerun the join)")
+    return {"run": str(run), "seed": details.get("settings", {}).get("seed"),
+            "zero_shot": s["zero_shot"]["ndcg@10"],
+            "zero_shot_over_scratch_best": s["zero_shot_over_scratch_best"],
+            "steps_to_target": s["steps_to_target"], "best": s["best"], "targets": s["targets"],
+            "transfer_minus_scratch_ndcg@10": s["transfer_minus_scratch_ndcg@10"],
+            "curves": {"transfer": doc["transfer"], "scratch": doc["scratch"]},
+            "per_user": per_user}
+
+
+def _mean_curve(curves: list[list[list[float]]], what: str) -> list[list[float]]:
+    steps = [[int(s) for s, _ in c] for c in curves]
+    if any(s != steps[0] for s in steps):
+        raise DataError(f"the runs' {what} curves are evaluated at different steps: pool only "
+                        "runs made with the same budget and eval-every")
+    values = np.asarray([[v for _, v in c] for c in curves], dtype=np.float64)
+    return [[s, float(v)] for s, v in zip(steps[0], values.mean(axis=0), strict=True)]
+
+
+def pool_market(rows: list[dict[str, Any]], market: str) -> dict[str, Any]:
+    """The verdict for one market over runs (``_row`` dicts)."""
+    users = rows[0]["per_user"]["users"]
+    for r in rows[1:]:
+        if r["per_user"]["users"] != users:
+            raise DataError(f"market {market}: {r['run']} scores other users than "
+                            f"{rows[0]['run']}: runs must come from the same data and split")
+    diff = {k: np.mean([r["per_user"][k] for r in rows], axis=0) for k in ("transfer", "scratch")}
+    mean_t = _mean_curve([r["curves"]["transfer"] for r in rows], "transfer")
+    mean_s = _mean_curve([r["curves"]["scratch"] for r in rows], "scratch")
+    best_s = max(v for _, v in mean_s)
+    reach = {"transfer": steps_to_target(mean_t, best_s),
+             "scratch": steps_to_target(mean_s, best_s)}
+    return {
+        "runs": len(rows),
+        "targets_met": {t: sum(bool(r["targets"][t]) for r in rows) for t in rows[0]["targets"]},
+        "rows": [{k: v for k, v in r.items() if k not in ("curves", "per_user")} for r in rows],
+        "mean_curves": {"transfer": mean_t, "scratch": mean_s},
+        "mean_curves_best": {"transfer": max(v for _, v in mean_t), "scratch": best_s},
+        "mean_curves_steps_to_target": reach,
+        "mean_curves_steps_target_met": (reach["transfer"] is not None
+                                         and reach["scratch"] is not None
+                                         and 3 * reach["transfer"] <= reach["scratch"]),
+        "pooled_transfer_minus_scratch_ndcg@10": paired_bootstrap(diff["transfer"],
+                                                                  diff["scratch"]),
+    }
+
+
+def _steps(r: dict[str, Any]) -> str:
+    t, s = r["steps_to_target"]["transfer"], r["steps_to_target"]["scratch"]
+    text = f"{t} vs {s}" if t is not None else f"not reached vs {s}"
+    if t and s:
+        text += f" ({t / s:.2f})"
+    return text if r["targets"]["steps_ratio<=1/3"] else f"**{text}**"
+
+
+def table(market: str, pooled: dict[str, Any]) -> str:
+    lines = ["| run (seed) | zero-shot (x scratch's best) | steps to scratch's best: transfer "
+             "vs scratch | best: transfer / scratch | kept transfer - scratch [95% CI] |",
+             "|---|---|---|---|---|"]
+    for r in pooled["rows"]:
+        d = r["transfer_minus_scratch_ndcg@10"]
+        lines.append(f"| `{market}` ({r['seed']}) | {r['zero_shot']:.4f} "
+                     f"({r['zero_shot_over_scratch_best']:.2f}x) | {_steps(r)} | "
+                     f"{r['best']['transfer']:.4f} / {r['best']['scratch']:.4f} | "
+                     f"{d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] |")
+    met, p = pooled["targets_met"], pooled["pooled_transfer_minus_scratch_ndcg@10"]
+    reach = pooled["mean_curves_steps_to_target"]
+    lines += ["", f"`{market}`: steps target met in {met['steps_ratio<=1/3']} of "
+              f"{pooled['runs']} runs, zero-shot target in {met['zero_shot>=0.8x']}; "
+              f"seed-averaged curves: transfer starts at "
+              f"{pooled['mean_curves']['transfer'][0][1]:.4f} (best "
+              f"{pooled['mean_curves_best']['transfer']:.4f}), scratch's best "
+              f"{pooled['mean_curves_best']['scratch']:.4f}, steps {reach['transfer']} vs "
+              f"{reach['scratch']}; pooled transfer - scratch {p['mean']:+.4f} "
+              f"[{p['ci95_low']:+.4f}, {p['ci95_high']:+.4f}] over {p['users']} users"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = [Path(r) for r in args.runs]
+    markets = (args.markets.split(",") if args.markets else
+               list(_read_json(runs[0] / "summary.json").get("markets", {})))
+    pooled_by_market: dict[str, Any] = {}
+    doc = {"runs": [str(r) for r in runs], "markets": pooled_by_market}
+    for m in markets:
+        pooled = pool_market([_row(r, m) for r in runs], m)
+        pooled_by_market[m] = pooled
+        print(table(m, pooled), end="\n\n")
+    if args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(doc, indent=2).encode())
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations.join_seeds",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("runs", nargs="+", help="join_experiment --out directories (one per seed)")
+    p.add_argument("--markets", default="", help="comma list (default: the first run's)")
+    p.add_argument("--out", default="", help="write the pooled JSON here")
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except StorefedError as exc:
+        print(f"join_seeds: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
