@@ -50,13 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("storefed").setLevel(logging.INFO)
+    return run_command(f"storefed {args.command}", commands[args.command], args)
+
+
+def run_command(prog: str, command: Command, args: argparse.Namespace) -> int:
+    """``command(args)``, with bad input (``StorefedError``) printed as one ``prog: error: ...``
+    paragraph and exit code 2 (130 on Ctrl-C). Also the ``main`` of the python -m scripts."""
     try:
-        return commands[args.command](args)
+        return command(args)
     except StorefedError as exc:
-        print(f"storefed {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"storefed {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -29,7 +29,7 @@ import torch
 from shared.checkpoint import atomic_write_bytes
 from shared.config import LOSSES, RunConfig
 from shared.data import DATASETS, available_markets, load_market
-from shared.errors import ConfigError, StorefedError
+from shared.errors import ConfigError
 from shared.train import resolve_device
 from shared.transfer import (
     JoinOutcome,
@@ -38,6 +38,7 @@ from shared.transfer import (
     save_joined,
     steps_to_target,
 )
+from simulations.cli import run_command
 from simulations.join import add_recipe_args
 
 log = logging.getLogger("storefed")
@@ -222,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("storefed").setLevel(logging.INFO)
-    try:
-        return run(args)
-    except StorefedError as exc:
-        print(f"join_experiment: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("join_experiment", run, args)
 
 
 if __name__ == "__main__":

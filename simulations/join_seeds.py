@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from shared.checkpoint import atomic_write_bytes
-from shared.errors import DataError, StorefedError
+from shared.errors import DataError
 from shared.metrics import paired_bootstrap
 from shared.transfer import steps_to_target
+from simulations.cli import run_command
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -157,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markets", default="", help="comma list (default: the first run's)")
     p.add_argument("--out", default="", help="write the pooled JSON here")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except StorefedError as exc:
-        print(f"join_seeds: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("join_seeds", run, args)
 
 
 if __name__ == "__main__":
