@@ -576,6 +576,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                             device, ndcg, selector=selector, raw=raw["scratch"])
     t3 = time.perf_counter()
     # the two kept models on the same users: is transfer's edge (or deficit) beyond noise?
+    ev_users = (split.test if settings.eval_split == "test" else split.valid).users
     per_user = ({"transfer": user_ndcg(model, split, settings.eval_split, device, knn),
                  "scratch": user_ndcg(base, split, settings.eval_split, device, knn)}
                 if base is not None else None)
@@ -597,11 +598,9 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
                "raw_curves": raw, "head_scales": head_scales,
                "transfer_minus_scratch_ndcg@10": paired,
-               # the same two kept models user by user (eval split order), for pooling seeds
+               # the same two kept models user by user, for pooling seeds (simulations.join_seeds)
                "per_user_ndcg@10": (None if per_user is None else
-                                    {"users": [split.user_ids[u] for u in
-                                               (split.test if settings.eval_split == "test"
-                                                else split.valid).users.tolist()],
+                                    {"users": [split.user_ids[u] for u in ev_users.tolist()],
                                      **{k: v.tolist() for k, v in per_user.items()}}),
                "seconds": {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}}
     return JoinOutcome(doc=doc, details=details, model=model, mapping=mapping)
