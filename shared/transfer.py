@@ -22,8 +22,9 @@ Read top to bottom:
   items the federation trained (the only view of the source markets a joining market has,
   since their data never leaves them), target inputs are the new market's users.
 * ``join_market``: zero-shot + transfer curve + scratch curve (same data, same number of steps;
-  scratch's heads popularity-initialised) -> the ``join.json`` document, plus the kept models'
-  paired per-user difference (``user_ndcg``, ``paired_bootstrap``) in the details.
+  scratch's heads popularity-initialised) -> the ``join.json`` document, plus the two kept
+  models' per-user nDCG@10 (``user_ndcg``) and their paired difference (``paired_bootstrap``) in
+  the details; ``simulations/join_seeds.py`` pools those over seeds.
 
 The Reptile-style meta-learned initialisation is a property of how the encoder was produced
 (the federation's server step, run-config key ``server-lr``), so ``join`` accepts any encoder;
