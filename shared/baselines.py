@@ -191,7 +191,7 @@ def run_popularity(splits: Mapping[str, MarketSplit], n_items: int,
                    which: str = "test") -> dict[str, dict[str, object]]:
     out = {}
     for m, s in splits.items():
-        ev = s.test if which == "test" else s.valid
+        ev = s.eval_set(which)
         out[m] = score_metrics(popularity_scores(s, n_items, ev))
     return out
 
@@ -201,7 +201,7 @@ def run_itemknn_pooled(splits: Mapping[str, MarketSplit], n_items: int,
     knn = fit_itemknn(list(splits.values()), n_items)
     out = {}
     for m, s in splits.items():
-        ev = s.test if which == "test" else s.valid
+        ev = s.eval_set(which)
         scores = knn.scores(ev.histories, ev.candidates)
         out[m] = score_metrics(scores + _tie_break(market_counts(s, n_items), ev.candidates))
     return out

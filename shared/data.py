@@ -132,6 +132,10 @@ class MarketSplit:
     def n_train(self) -> int:
         return int(self.train_users.shape[0])
 
+    def eval_set(self, which: str) -> EvalSet:
+        """The held-out set ``which`` names: ``"test"``, else the validation set."""
+        return self.test if which == "test" else self.valid
+
     def __repr__(self) -> str:
         return (
             f"MarketSplit(market={self.market!r}, n_users={self.n_users}, n_train={self.n_train}, "

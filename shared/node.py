@@ -102,7 +102,7 @@ class KnnScores:
 
     def get(self, which: str, batch_size: int = 1024) -> torch.Tensor:
         if which not in self._scores:
-            ev = self.split.test if which == "test" else self.split.valid
+            ev = self.split.eval_set(which)
             parts = [self.sim.scores(  # type: ignore[operator]
                 torch.as_tensor(ev.histories[s:s + batch_size], device=self.device),
                 torch.as_tensor(ev.candidates[s:s + batch_size], device=self.device)).cpu()
@@ -154,7 +154,7 @@ def split_scores(model: MarketModel, split: MarketSplit, which: str, device: tor
     """The model's U x C scores of the market's valid or test candidates (CPU); with an
     item-kNN attached, its weighted term comes from ``knn`` (cached) instead of being
     recomputed: the scores ``score_candidates`` gives, with less work."""
-    ev = split.test if which == "test" else split.valid
+    ev = split.eval_set(which)
     if model.item_sim is None:
         return score_candidates(model, ev.histories, ev.candidates, device)
     knn = knn or KnnScores(model.item_sim, split, device)
@@ -168,7 +168,7 @@ def evaluate_split(model: MarketModel, split: MarketSplit, catalog: Catalog, whi
                    knn: KnnScores | None = None) -> dict[str, object]:
     """``evaluate`` on the market's valid or test set (``split_scores``); ``histories``: other
     model inputs than the split's own (then scored through the model)."""
-    ev = split.test if which == "test" else split.valid
+    ev = split.eval_set(which)
     if histories is not None:
         return evaluate(model, histories, ev.candidates, catalog.item_category,
                         catalog.categories, device)
@@ -274,7 +274,7 @@ class MarketNode:
     def histories(self, which: str) -> np.ndarray:
         """Model input for ``which`` ("valid"/"test"): the eval histories, or per category
         (rows x N x L) for the single-task model, which must not see other categories."""
-        ev = self.split.test if which == "test" else self.split.valid
+        ev = self.split.eval_set(which)
         if self.cfg.mtl != "single-task":
             return ev.histories
         return category_histories(self.split, which, self.catalog.item_category,

@@ -397,7 +397,7 @@ Evaluator = Callable[[MarketModel], float]
 def split_evaluator(split: MarketSplit, catalog: Catalog, which: str,
                     device: torch.device) -> Callable[[MarketModel], dict[str, object]]:
     """model -> evaluate() dict on the market's valid or test set."""
-    ev = split.test if which == "test" else split.valid
+    ev = split.eval_set(which)
 
     def run(model: MarketModel) -> dict[str, object]:
         return evaluate(model, ev.histories, ev.candidates, catalog.item_category,
@@ -492,6 +492,14 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
     return curve
 
 
+def steps_target_met(reach: dict[str, int | None]) -> bool:
+    """The issue's steps target on ``{"transfer": a, "scratch": b}`` steps to scratch's best:
+    ``a <= b / 3``, with ``a`` reached at all (so ``0 vs 0`` meets it: scratch's best was its
+    untrained step 0 and transfer was there at once)."""
+    t, s = reach["transfer"], reach["scratch"]
+    return t is not None and s is not None and 3 * t <= s
+
+
 def steps_to_target(curve: list[list[float]], target: float) -> int | None:
     """First step count whose metric reaches ``target`` (None if never)."""
     for steps, value in curve:
@@ -577,7 +585,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                             device, ndcg, selector=selector, raw=raw["scratch"])
     t3 = time.perf_counter()
     # the two kept models on the same users: is transfer's edge (or deficit) beyond noise?
-    ev_users = (split.test if settings.eval_split == "test" else split.valid).users
+    ev_users = split.eval_set(settings.eval_split).users
     per_user = ({"transfer": user_ndcg(model, split, settings.eval_split, device, knn),
                  "scratch": user_ndcg(base, split, settings.eval_split, device, knn)}
                 if base is not None else None)

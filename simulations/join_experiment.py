@@ -36,6 +36,7 @@ from shared.transfer import (
     JoinSettings,
     join_market,
     save_joined,
+    steps_target_met,
     steps_to_target,
 )
 from simulations.cli import run_command
@@ -64,14 +65,10 @@ def summarize(outcome: JoinOutcome) -> dict[str, Any]:
     reach = doc["steps_to_target"]
     ratio = (reach["transfer"] / reach["scratch"]
              if reach["transfer"] is not None and reach["scratch"] else None)
-    # the target as stated: transfer's steps <= 1/3 of scratch's. Not via the ratio, which is
-    # undefined when scratch's best is its untrained step 0 (then only transfer at 0 meets it)
-    met = (reach["transfer"] is not None and reach["scratch"] is not None
-           and 3 * reach["transfer"] <= reach["scratch"])
     zs = doc["zero_shot"]["ndcg@10"] / best_s if best_s else None
     return {"zero_shot": doc["zero_shot"], "best": doc["best"], "steps_to_target": reach,
             "steps_ratio": ratio, "zero_shot_over_scratch_best": zs,
-            "targets": {"steps_ratio<=1/3": met,
+            "targets": {"steps_ratio<=1/3": steps_target_met(reach),
                         "zero_shot>=0.8x": zs is not None and zs >= 0.8},
             "transfer_minus_scratch_ndcg@10": outcome.details["transfer_minus_scratch_ndcg@10"],
             "head_scales": outcome.details["head_scales"],

@@ -30,7 +30,7 @@ import numpy as np
 from shared.checkpoint import atomic_write_bytes
 from shared.errors import DataError
 from shared.metrics import paired_bootstrap
-from shared.transfer import steps_to_target
+from shared.transfer import steps_target_met, steps_to_target
 from simulations.cli import run_command
 
 
@@ -46,8 +46,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _row(run: Path, market: str) -> dict[str, Any]:
-    summary = _read_json(run / "summary.json")
+def _row(run: Path, summary: dict[str, Any], market: str) -> dict[str, Any]:
+    """One run's figures for ``market``: ``summary`` is the run's parsed summary.json."""
     try:
         s = summary["markets"][market]["plain"]
     except KeyError as exc:
@@ -96,9 +96,7 @@ def pool_market(rows: list[dict[str, Any]], market: str) -> dict[str, Any]:
         "mean_curves": {"transfer": mean_t, "scratch": mean_s},
         "mean_curves_best": {"transfer": max(v for _, v in mean_t), "scratch": best_s},
         "mean_curves_steps_to_target": reach,
-        "mean_curves_steps_target_met": (reach["transfer"] is not None
-                                         and reach["scratch"] is not None
-                                         and 3 * reach["transfer"] <= reach["scratch"]),
+        "mean_curves_steps_target_met": steps_target_met(reach),
         "pooled_transfer_minus_scratch_ndcg@10": paired_bootstrap(diff["transfer"],
                                                                   diff["scratch"]),
     }
@@ -137,12 +135,13 @@ def table(market: str, pooled: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.runs]
+    summaries = [_read_json(r / "summary.json") for r in runs]  # read once, used per market
     markets = (args.markets.split(",") if args.markets else
-               list(_read_json(runs[0] / "summary.json").get("markets", {})))
+               list(summaries[0].get("markets", {})))
     pooled_by_market: dict[str, Any] = {}
     doc = {"runs": [str(r) for r in runs], "markets": pooled_by_market}
     for m in markets:
-        pooled = pool_market([_row(r, m) for r in runs], m)
+        pooled = pool_market([_row(r, s, m) for r, s in zip(runs, summaries, strict=True)], m)
         pooled_by_market[m] = pooled
         print(table(m, pooled), end="\n\n")
     if args.out:
