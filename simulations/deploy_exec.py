@@ -10,8 +10,10 @@ module and the market's data (``shared.data.load_market`` is cached) are loaded 
 
 The ClientApp that runs is the FAB's own ``[tool.flwr.app.components] clientapp`` - the same
 ``client.client_app:app`` the simulation uses; its private state travels in the context the
-SuperNode keeps, exactly as with ``flwr-clientapp``. Tasks run one at a time (one market per
-node). It uses Flower 1.42's runtime client and the helpers of ``flwr-clientapp`` itself.
+SuperNode keeps, exactly as with ``flwr-clientapp``. The ClientApp runs one task at a time (one
+market per node), but each task pulls its input in its own thread, so a task whose message never
+arrives cannot hold up the next one (``WarmExecutor.start_task``). It uses Flower 1.42's runtime
+client and the helpers of ``flwr-clientapp`` itself.
 """
 
 from __future__ import annotations
@@ -53,12 +55,14 @@ def warm_up() -> None:
 
 
 class WarmExecutor:
-    """Runs the ClientApp tasks of one SuperNode in this process, one after another."""
+    """Runs the ClientApp tasks of one SuperNode in this process, one ClientApp call at a time."""
 
     def __init__(self, runtime_api_address: str, poll_interval: float = 0.2) -> None:
         self.address = runtime_api_address
         self.poll_interval = poll_interval
         self.tasks_done = 0
+        self._one_app_at_a_time = threading.Lock()
+        self._count = threading.Lock()
         self._apps: dict[str, ClientApp] = {}
         self._installed: set[str] = set()
         self._load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
@@ -88,7 +92,7 @@ class WarmExecutor:
                     stop.wait(0.5)
                     continue
                 if res.HasField("task") and res.token:
-                    self.run_task(res.token)
+                    self.start_task(res.token)
                 else:
                     stop.wait(self.poll_interval)
         finally:
@@ -102,8 +106,26 @@ class WarmExecutor:
             self._apps[fab_hash] = self._load(fab_id, fab_version, fab_hash)
         return self._apps[fab_hash]
 
+    def start_task(self, token: str) -> threading.Thread:
+        """Run one task (``run_task``) in a thread of its own and return at once.
+
+        Why not in the polling loop: after a SuperLink restart, Flower 1.42's SuperNode can be
+        handed a message of a run the restarted SuperLink no longer runs. It has created the task
+        before the SuperLink refuses the message's contents (``RunNotRunningException``), and it
+        leaves that task pending, its message stored without the contents. Pulling that task's
+        input then waits for contents that never come, for up to ``PULL_MAX_TIME`` (2 h). Under
+        ``flwr-clientapp`` (one process per task) only that process waits; an executor that
+        pulled tasks one after another would wait with it and the node would miss every later
+        round. Here only that task's thread waits (it ends with an ``ObjectPullError`` reported
+        as a failed task); the ClientApp calls themselves still run one at a time."""
+        thread = threading.Thread(target=self.run_task, args=(token,), daemon=True,
+                                  name="storefed-task")
+        thread.start()
+        return thread
+
     def run_task(self, token: str) -> None:
-        """One task, as ``flwr-clientapp --token`` would run it (errors become Error replies)."""
+        """One task, as ``flwr-clientapp --token`` would run it (errors become Error replies).
+        Pulling the input may wait; the ClientApp call holds the executor's lock."""
         client = self._client(token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
@@ -113,9 +135,10 @@ class WarmExecutor:
         sub_status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
             message, context, run, fab = pull_task_input(client)
-            app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
-            t0 = time.perf_counter()
-            reply = app(message=message, context=context)
+            with self._one_app_at_a_time:
+                app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+                t0 = time.perf_counter()
+                reply = app(message=message, context=context)
             log.info("%s message of run %s round %s handled in %.2fs",
                      message.metadata.message_type, run.run_id,
                      message.metadata.group_id or "-", time.perf_counter() - t0)
@@ -138,7 +161,8 @@ class WarmExecutor:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-            self.tasks_done += 1
+            with self._count:
+                self.tasks_done += 1
 
 
 class _CappedSleep(ModuleType):
