@@ -604,7 +604,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     }
     details = {"market": split.market, "encoder": str(encoder_path), "encoder_round": ck.round,
                "mapping": mapping.summary(), "settings": asdict(settings),
-               "train_examples": split.n_train, "eval_users": int(len(split.test.users)),
+               "train_examples": split.n_train, "eval_users": int(len(ev_users)),
                "raw_curves": raw, "head_scales": head_scales,
                "transfer_minus_scratch_ndcg@10": paired,
                # the same two kept models user by user, for pooling seeds (simulations.join_seeds)
