@@ -10,10 +10,11 @@ module and the market's data (``shared.data.load_market`` is cached) are loaded 
 
 The ClientApp that runs is the FAB's own ``[tool.flwr.app.components] clientapp`` - the same
 ``client.client_app:app`` the simulation uses; its private state travels in the context the
-SuperNode keeps, exactly as with ``flwr-clientapp``. The ClientApp runs one task at a time (one
-market per node), but each task pulls its input in its own thread, so a task whose message never
-arrives cannot hold up the next one (``WarmExecutor.start_task``). It uses Flower 1.42's runtime
-client and the helpers of ``flwr-clientapp`` itself.
+SuperNode keeps, exactly as with ``flwr-clientapp``. Tasks run one at a time (one market per
+node): the next task is taken once the previous one has pushed its reply and context. Each task
+pulls its input in its own thread, though, so a task whose message never arrives cannot hold up
+the next one (``WarmExecutor.start_task``). It uses Flower 1.42's runtime client and the helpers
+of ``flwr-clientapp`` itself.
 """
 
 from __future__ import annotations
@@ -55,14 +56,16 @@ def warm_up() -> None:
 
 
 class WarmExecutor:
-    """Runs the ClientApp tasks of one SuperNode in this process, one ClientApp call at a time."""
+    """Runs the ClientApp tasks of one SuperNode in this process, one at a time."""
 
     def __init__(self, runtime_api_address: str, poll_interval: float = 0.2) -> None:
         self.address = runtime_api_address
         self.poll_interval = poll_interval
         self.tasks_done = 0
         self._one_app_at_a_time = threading.Lock()
-        self._count = threading.Lock()
+        # tasks whose input has arrived and whose output is not pushed yet
+        self._running = 0
+        self._changed = threading.Condition()
         self._apps: dict[str, ClientApp] = {}
         self._installed: set[str] = set()
         self._load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
@@ -84,6 +87,8 @@ class WarmExecutor:
         acquirer = self._client()
         try:
             while not stop.is_set():
+                if not self._wait_idle(self.poll_interval):
+                    continue  # the next task's context is the one this task will push
                 try:
                     res = acquirer.AcquireTask(AcquireTaskRequest(
                         supported_task_types=[TaskType.CLIENT_APP.value]))
@@ -106,6 +111,10 @@ class WarmExecutor:
             self._apps[fab_hash] = self._load(fab_id, fab_version, fab_hash)
         return self._apps[fab_hash]
 
+    def _wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._running == 0, timeout)
+
     def start_task(self, token: str) -> threading.Thread:
         """Run one task (``run_task``) in a thread of its own and return at once.
 
@@ -117,7 +126,9 @@ class WarmExecutor:
         ``flwr-clientapp`` (one process per task) only that process waits; an executor that
         pulled tasks one after another would wait with it and the node would miss every later
         round. Here only that task's thread waits (it ends with an ``ObjectPullError`` reported
-        as a failed task); the ClientApp calls themselves still run one at a time."""
+        as a failed task). A task whose input has arrived still runs alone: ``serve`` takes no
+        new task until it has pushed its output, since the SuperNode hands the next task the
+        context as last pushed."""
         thread = threading.Thread(target=self.run_task, args=(token,), daemon=True,
                                   name="storefed-task")
         thread.start()
@@ -125,7 +136,8 @@ class WarmExecutor:
 
     def run_task(self, token: str) -> None:
         """One task, as ``flwr-clientapp --token`` would run it (errors become Error replies).
-        Pulling the input may wait; the ClientApp call holds the executor's lock."""
+        Pulling the input may wait; from its arrival to the pushed output the task counts as
+        running, and the ClientApp call holds the executor's lock."""
         client = self._client(token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
@@ -133,8 +145,12 @@ class WarmExecutor:
         reply: Message | None = None
         context: Context | None = None
         sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+        counted = False
         try:
             message, context, run, fab = pull_task_input(client)
+            with self._changed:
+                self._running += 1
+                counted = True
             with self._one_app_at_a_time:
                 app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
                 t0 = time.perf_counter()
@@ -161,8 +177,11 @@ class WarmExecutor:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-            with self._count:
+            with self._changed:
                 self.tasks_done += 1
+                if counted:
+                    self._running -= 1
+                self._changed.notify_all()
 
 
 class _CappedSleep(ModuleType):

@@ -137,6 +137,7 @@ class _Executor:
         self.release, self.stop = threading.Event(), threading.Event()
         self.done: dict[str, threading.Event] = {t: threading.Event() for t in tokens}
         self.in_app, self.most_in_app = 0, 0
+        self.events: list[tuple[str, str]] = []  # ("pull" | "output", token)
         pending = list(tokens)
         outer = self
 
@@ -152,6 +153,7 @@ class _Executor:
                 pass
 
         def pull(client: Client) -> tuple[object, ...]:
+            outer.events.append(("pull", str(client.token)))  # the SuperNode hands the context
             if client.token == "stale":
                 outer.release.wait(60)
                 raise RuntimeError("message contents never arrived")
@@ -179,7 +181,8 @@ class _Executor:
 
         monkeypatch.setattr(X, "pull_task_input", pull)
         monkeypatch.setattr(X, "push_message", lambda client, reply, context: None)
-        monkeypatch.setattr(X, "push_task_output", lambda client, context, status, details: None)
+        monkeypatch.setattr(X, "push_task_output", lambda client, context, status, details:
+                            outer.events.append(("output", str(client.token))))
         monkeypatch.setattr(X, "HeartbeatSender", Heartbeat)
         monkeypatch.setattr(X, "make_task_heartbeat_fn_http", lambda client: None)
         monkeypatch.setattr(X, "warm_up", lambda: None)
@@ -212,9 +215,12 @@ def test_a_task_whose_message_never_arrives_does_not_hold_up_the_next(monkeypatc
     assert ex.executor.tasks_done == 2 and not ex.done["stale"].is_set()
 
 
-def test_the_clientapp_still_runs_one_task_at_a_time(monkeypatch):
+def test_tasks_still_run_one_after_another(monkeypatch):
+    """The SuperNode hands a task the context as last pushed, so a task's input must be pulled
+    only after the previous task pushed its output (context included)."""
     with _Executor(monkeypatch, ["a", "b", "c"], app_seconds=0.2) as ex:
         assert all(ex.done[t].wait(10) for t in "abc")
+    assert ex.events == [(e, t) for t in "abc" for e in ("pull", "output")]
     assert ex.most_in_app == 1
 
 
