@@ -201,6 +201,13 @@ class _Executor:
         self.stop.set()
         self.thread.join(10)
 
+    def wait_tasks_done(self, n: int) -> int:
+        """Wait (10 s at most) until ``n`` tasks have pushed their output; returns the count."""
+        end = time.monotonic() + 10
+        while self.executor.tasks_done < n and time.monotonic() < end:
+            time.sleep(0.01)
+        return self.executor.tasks_done
+
 
 def test_a_task_whose_message_never_arrives_does_not_hold_up_the_next(monkeypatch):
     """After a SuperLink restart the SuperNode can leave a task pending whose message contents
@@ -209,17 +216,15 @@ def test_a_task_whose_message_never_arrives_does_not_hold_up_the_next(monkeypatc
     with _Executor(monkeypatch, ["stale", "next"]) as ex:
         assert ex.done["next"].wait(10), "the next task waited for the stale one"
         assert not ex.done["stale"].is_set()
-    end = time.monotonic() + 10  # released (on exit), the stale task ends as a failed task
-    while ex.executor.tasks_done < 2 and time.monotonic() < end:
-        time.sleep(0.01)
-    assert ex.executor.tasks_done == 2 and not ex.done["stale"].is_set()
+    # released (on exit), the stale task ends as a failed task: no ClientApp call
+    assert ex.wait_tasks_done(2) == 2 and not ex.done["stale"].is_set()
 
 
 def test_tasks_still_run_one_after_another(monkeypatch):
     """The SuperNode hands a task the context as last pushed, so a task's input must be pulled
     only after the previous task pushed its output (context included)."""
     with _Executor(monkeypatch, ["a", "b", "c"], app_seconds=0.2) as ex:
-        assert all(ex.done[t].wait(10) for t in "abc")
+        assert ex.wait_tasks_done(3) == 3
     assert ex.events == [(e, t) for t in "abc" for e in ("pull", "output")]
     assert ex.most_in_app == 1
 
