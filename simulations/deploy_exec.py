@@ -115,7 +115,7 @@ class WarmExecutor:
         with self._changed:
             return self._changed.wait_for(lambda: self._running == 0, timeout)
 
-    def start_task(self, token: str) -> threading.Thread:
+    def start_task(self, token: str) -> None:
         """Run one task (``run_task``) in a thread of its own and return at once.
 
         Why not in the polling loop: after a SuperLink restart, Flower 1.42's SuperNode can be
@@ -129,10 +129,8 @@ class WarmExecutor:
         as a failed task). A task whose input has arrived still runs alone: ``serve`` takes no
         new task until it has pushed its output, since the SuperNode hands the next task the
         context as last pushed."""
-        thread = threading.Thread(target=self.run_task, args=(token,), daemon=True,
-                                  name="storefed-task")
-        thread.start()
-        return thread
+        threading.Thread(target=self.run_task, args=(token,), daemon=True,
+                         name="storefed-task").start()
 
     def run_task(self, token: str) -> None:
         """One task, as ``flwr-clientapp --token`` would run it (errors become Error replies).
