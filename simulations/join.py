@@ -24,6 +24,8 @@ from shared.train import HISTORY_MODES, resolve_device
 from shared.transfer import (
     FRESH_INITS,
     HEAD_INITS,
+    SCRATCH_AUTO_LOSSES,
+    SCRATCH_LOSSES,
     SELECTIONS,
     VARIANTS,
     JoinSettings,
@@ -37,6 +39,9 @@ log = logging.getLogger("storefed")
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """The join recipe's flags that ``storefed join`` and ``simulations.join_experiment`` share."""
     d = JoinSettings()
+    p.add_argument("--scratch-loss", choices=SCRATCH_LOSSES, default=d.scratch_loss,
+                   help="the scratch baseline's loss; auto: train it with each of "
+                        f"{', '.join(SCRATCH_AUTO_LOSSES)} and keep the better on valid")
     p.add_argument("--select", choices=SELECTIONS, default=d.select,
                    help="valid: each curve point is the checkpoint with the best validation "
                         "nDCG@10 so far, and that checkpoint is saved; none: the latest weights")
@@ -82,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--history", choices=HISTORY_MODES, default=None,
                    help="a positive's input history while fine-tuning (default: the "
                         "federation's train-history, from the checkpoint)")
-    p.add_argument("--loss", choices=LOSSES, default=d.loss, help="fine-tuning loss")
+    p.add_argument("--loss", choices=LOSSES, default=None,
+                   help="the transfer model's fine-tuning loss (default: the loss the encoder "
+                        "was federated with, from the checkpoint)")
     p.add_argument("--item-knn", choices=("on", "off"), default=None,
                    help="add the market's private item-kNN term (weight picked on its valid "
                         "split), as the federation's nodes do (default: the federation's "
@@ -107,13 +114,14 @@ def run(args: argparse.Namespace) -> int:
     fed_cfg: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
     history = args.history or str(fed_cfg.get("train-history", JoinSettings.history))
     batch_size = int(args.batch_size or fed_cfg.get("batch-size", JoinSettings.batch_size))
+    loss = args.loss or str(fed_cfg.get("loss", JoinSettings.loss))
     settings = JoinSettings(
         variant=args.variant, head_steps=args.head_steps, encoder_steps=args.encoder_steps,
         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
         eval_every=args.eval_every, batch_size=batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
-        seed=args.seed, history=history, loss=args.loss, select=args.select,
-        head_init=args.head_init,
+        seed=args.seed, history=history, loss=loss, scratch_loss=args.scratch_loss,
+        select=args.select, head_init=args.head_init,
         item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,

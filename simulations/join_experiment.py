@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                         head_steps=args.head_steps, encoder_steps=args.encoder_steps,
                         encoder_lr_scale=args.encoder_lr_scale, scratch_steps=args.scratch_steps,
                         item_knn=args.item_knn == "on", loss=args.loss,
+                        scratch_loss=args.scratch_loss,
                         eval_every=args.eval_every, batch_size=args.batch_size,
                         select=args.select, head_init=args.head_init)
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--item-knn", choices=("on", "off"), default="on" if d.item_knn else "off",
                    help="the joining market's private item-kNN term (as the federation's nodes)")
-    p.add_argument("--loss", choices=LOSSES, default=d.loss, help="fine-tuning loss")
+    p.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="the transfer model's fine-tuning loss (default: the federation's)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")

@@ -215,6 +215,44 @@ def test_join_market_document_and_curves(encoder_path):
     json.dumps(doc)
 
 
+def test_scratch_loss_auto_keeps_the_loss_better_on_valid(encoder_path, monkeypatch):
+    """scratch-loss auto trains the scratch model once per candidate loss and reports the one
+    whose kept model scores higher on valid, whichever order they are tried in; a fixed
+    scratch-loss trains that one only."""
+    import shared.transfer as tr
+
+    catalog, split = _market()
+    base = dict(head_steps=0, encoder_steps=2, scratch_steps=6, eval_every=2, batch_size=64)
+    picks = []
+    for order in (("bce", "full-softmax"), ("full-softmax", "bce")):
+        monkeypatch.setattr(tr, "SCRATCH_AUTO_LOSSES", order)
+        out = join_market(encoder_path, catalog, split, JoinSettings(**base), CPU)
+        tried = out.details["scratch_by_loss"]
+        assert list(tried) == list(order)
+        valid = {k: v["valid_ndcg@10"] for k, v in tried.items()}
+        assert valid["bce"] != valid["full-softmax"]  # else the order decides
+        picked = out.details["scratch_loss"]
+        assert picked == max(valid, key=valid.__getitem__)
+        assert out.doc["scratch"] == tried[picked]["curve"]
+        assert out.doc["best"]["scratch"] == tried[picked]["best"]
+        picks.append(picked)
+    assert picks[0] == picks[1]
+    fixed = join_market(encoder_path, catalog, split,
+                        JoinSettings(**base, scratch_loss="bpr"), CPU)
+    assert list(fixed.details["scratch_by_loss"]) == ["bpr"]
+    assert fixed.details["scratch_loss"] == "bpr"
+
+
+def test_join_settings_reject_unknown_losses():
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss"):
+        JoinSettings(loss="hinge")
+    with pytest.raises(ConfigError, match="scratch-loss"):
+        JoinSettings(scratch_loss="softmx")
+    assert JoinSettings().loss == RunConfig().loss  # fine-tune with the federation's loss
+
+
 def test_fine_tuning_batches_follow_the_federations_history_recipe(encoder_path):
     """run_curve builds batches with train_local's helpers: the default input history is the
     run config's (causal), and it changes what the model is trained on."""
@@ -316,6 +354,22 @@ def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
     assert node.restore(None) == "disk"
     ck = load_encoder(joined / "encoder.pt")
     assert ck.catalog_fingerprint == node.catalog.fingerprint()
+
+
+def test_join_cli_fine_tunes_with_the_loss_the_encoder_was_federated_with(encoder_path,
+                                                                          tmp_path):
+    ck = load_encoder(encoder_path)
+    cfg = {**ck.meta["config"], "loss": "bpr"}  # a federation that trained with BPR
+    path = tmp_path / "encoder.pt"
+    save_encoder(path, ck.state, ck.model, ck.item_ids, ck.categories,
+                 list(ck.item_category), ck.catalog_fingerprint, ck.round, meta={"config": cfg})
+    argv = ["join", "--encoder", str(path), "--dataset", "synthetic", "--market", NEW,
+            "--encoder-steps", "2", "--eval-every", "2", "--no-scratch", "--device", "cpu"]
+    assert _run(join_cmd, [*argv, "--out", str(tmp_path / "a")]) == 0
+    assert _run(join_cmd, [*argv, "--out", str(tmp_path / "b"), "--loss", "bce"]) == 0
+    settings = {d: json.loads((tmp_path / d / "join_details.json").read_text())["settings"]
+                for d in ("a", "b")}
+    assert settings["a"]["loss"] == "bpr" and settings["b"]["loss"] == "bce"
 
 
 def test_join_cli_rejects_a_corrupted_encoder(tmp_path):
