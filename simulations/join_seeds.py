@@ -9,7 +9,9 @@ On a market as small as XMarket ``in`` (239 test users) one run's verdict is dec
 (one user moving one rank is ~0.002), so per market this reports:
 
 * one row per run (zero-shot, steps to scratch's best, both bests, the paired difference) and
-  how many runs meet each target;
+  how many runs meet each target; where a run trained its scratch baseline with more than one
+  loss (``storefed join --scratch-loss auto``), also how many meet the steps target against
+  every one of them, not only against the loss picked on valid;
 * the seed-averaged curves (mean over runs at each step) and the steps target judged on them;
 * the **pooled paired difference**: per user, transfer minus scratch averaged over the runs, with
   a 95% bootstrap interval over users (the runs must score the same users).
@@ -63,8 +65,22 @@ def _row(run: Path, summary: dict[str, Any], market: str) -> dict[str, Any]:
             "zero_shot_over_scratch_best": s["zero_shot_over_scratch_best"],
             "steps_to_target": s["steps_to_target"], "best": s["best"], "targets": s["targets"],
             "transfer_minus_scratch_ndcg@10": s["transfer_minus_scratch_ndcg@10"],
+            "scratch_loss": details.get("scratch_loss"),
+            "steps_target_by_scratch_loss": _by_scratch_loss(doc["transfer"],
+                                                             details.get("scratch_by_loss")),
             "curves": {"transfer": doc["transfer"], "scratch": doc["scratch"]},
             "per_user": per_user}
+
+
+def _by_scratch_loss(transfer: list[list[float]],
+                     by_loss: dict[str, Any] | None) -> dict[str, bool] | None:
+    """Per scratch loss tried (``join_details.json``'s ``scratch_by_loss``): does ``transfer``
+    reach that scratch curve's best within a third of its steps?"""
+    if not by_loss:
+        return None
+    return {loss: steps_target_met({"transfer": steps_to_target(transfer, r["best"]),
+                                    "scratch": r["steps_to_best"]})
+            for loss, r in by_loss.items()}
 
 
 def _mean_curve(curves: list[list[list[float]]], what: str) -> list[list[float]]:
@@ -89,9 +105,14 @@ def pool_market(rows: list[dict[str, Any]], market: str) -> dict[str, Any]:
     best_s = max(v for _, v in mean_s)
     reach = {"transfer": steps_to_target(mean_t, best_s),
              "scratch": steps_to_target(mean_s, best_s)}
+    by_loss = [r["steps_target_by_scratch_loss"] for r in rows]
     return {
         "runs": len(rows),
         "targets_met": {t: sum(bool(r["targets"][t]) for r in rows) for t in rows[0]["targets"]},
+        # the steps target against every scratch loss each run tried (None: a run tried one)
+        "steps_target_met_vs_every_scratch_loss": (
+            None if any(b is None for b in by_loss)
+            else sum(all(b.values()) for b in by_loss if b is not None)),
         "rows": [{k: v for k, v in r.items() if k not in ("curves", "per_user")} for r in rows],
         "mean_curves": {"transfer": mean_t, "scratch": mean_s},
         "mean_curves_best": {"transfer": max(v for _, v in mean_t), "scratch": best_s},
@@ -118,12 +139,14 @@ def table(market: str, pooled: dict[str, Any]) -> str:
         d = r["transfer_minus_scratch_ndcg@10"]
         lines.append(f"| `{market}` ({r['seed']}) | {r['zero_shot']:.4f} "
                      f"({r['zero_shot_over_scratch_best']:.2f}x) | {_steps(r)} | "
-                     f"{r['best']['transfer']:.4f} / {r['best']['scratch']:.4f} | "
+                     f"{r['best']['transfer']:.4f} / {r['best']['scratch']:.4f}"
+                     f"{'' if not r.get('scratch_loss') else ' (' + r['scratch_loss'] + ')'} | "
                      f"{d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] |")
     met, p = pooled["targets_met"], pooled["pooled_transfer_minus_scratch_ndcg@10"]
     reach = pooled["mean_curves_steps_to_target"]
     lines += ["", f"`{market}`: steps target met in {met['steps_ratio<=1/3']} of "
-              f"{pooled['runs']} runs, zero-shot target in {met['zero_shot>=0.8x']}; "
+              f"{pooled['runs']} runs{_every(pooled)}, zero-shot target in "
+              f"{met['zero_shot>=0.8x']}; "
               f"seed-averaged curves: transfer starts at "
               f"{pooled['mean_curves']['transfer'][0][1]:.4f} (best "
               f"{pooled['mean_curves_best']['transfer']:.4f}), scratch's best "
@@ -131,6 +154,11 @@ def table(market: str, pooled: dict[str, Any]) -> str:
               f"{reach['scratch']}; pooled transfer - scratch {p['mean']:+.4f} "
               f"[{p['ci95_low']:+.4f}, {p['ci95_high']:+.4f}] over {p['users']} users"]
     return "\n".join(lines)
+
+
+def _every(pooled: dict[str, Any]) -> str:
+    n = pooled["steps_target_met_vs_every_scratch_loss"]
+    return "" if n is None else f" ({n} against every scratch loss tried)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -556,7 +556,7 @@ def test_paired_bootstrap():
 
 
 def _fake_run(root: Path, seed: int, transfer: list[float], scratch: list[float],
-              per_user: dict[str, list]) -> Path:
+              per_user: dict[str, list], other_scratch: list[float] | None = None) -> Path:
     """A join_experiment --out with one market, "m", written as the experiment writes it."""
     run = root / f"seed{seed}"
     curves = {k: [[10 * i, v] for i, v in enumerate(c)]
@@ -569,6 +569,14 @@ def _fake_run(root: Path, seed: int, transfer: list[float], scratch: list[float]
     details = {"settings": {"seed": seed}, "per_user_ndcg@10": per_user,
                "transfer_minus_scratch_ndcg@10": diff, "head_scales": None, "mapping": None,
                "seconds": None}
+    if other_scratch is not None:  # scratch-loss auto: "bce" kept, "full-softmax" also tried
+        other = [[10 * i, v] for i, v in enumerate(other_scratch)]
+        details["scratch_loss"] = "bce"
+        details["scratch_by_loss"] = {
+            "bce": {"curve": curves["scratch"], "best": best["scratch"],
+                    "steps_to_best": steps_to_target(curves["scratch"], best["scratch"])},
+            "full-softmax": {"curve": other, "best": max(other_scratch),
+                             "steps_to_best": steps_to_target(other, max(other_scratch))}}
     (run / "m").mkdir(parents=True)
     (run / "m" / "join.json").write_text(json.dumps(doc))
     (run / "m" / "join_details.json").write_text(json.dumps(details))
@@ -602,6 +610,26 @@ def test_join_seeds_pools_runs_into_counts_mean_curves_and_a_per_user_interval(t
     # per user, mean over runs: u1 (0.5 + -0.5)/2 = 0, u2 0, u3 (0 + 1)/2 = 0.5, u4 0
     assert p["mean"] == pytest.approx(0.125)
     assert p["users"] == 4
+    assert pooled["steps_target_met_vs_every_scratch_loss"] is None  # runs tried one loss
+
+
+def test_join_seeds_counts_the_steps_target_against_every_scratch_loss_tried(tmp_path):
+    from simulations import join_seeds
+
+    pu = {"users": ["u1"], "transfer": [0.5], "scratch": [0.4]}
+    # both runs meet the target against the kept scratch (0.45, reached at step 0 vs 30); run b
+    # also tried a scratch loss that peaked higher (0.52 at step 30), which its transfer misses
+    a = _fake_run(tmp_path, 0, [0.50, 0.50, 0.50, 0.50], [0.40, 0.42, 0.44, 0.45], pu,
+                  other_scratch=[0.40, 0.41, 0.42, 0.43])
+    b = _fake_run(tmp_path, 1, [0.50, 0.50, 0.50, 0.50], [0.40, 0.42, 0.44, 0.45], pu,
+                  other_scratch=[0.40, 0.45, 0.50, 0.52])
+    out = tmp_path / "pooled.json"
+    assert join_seeds.main([str(a), str(b), "--out", str(out)]) == 0
+    pooled = json.loads(out.read_text())["markets"]["m"]
+    assert pooled["targets_met"]["steps_ratio<=1/3"] == 2
+    assert pooled["steps_target_met_vs_every_scratch_loss"] == 1
+    assert [r["steps_target_by_scratch_loss"] for r in pooled["rows"]] == [
+        {"bce": True, "full-softmax": True}, {"bce": True, "full-softmax": False}]
 
 
 def test_join_seeds_refuses_runs_it_cannot_pool(tmp_path, capsys):
