@@ -88,11 +88,12 @@ def plot(results: dict[str, dict[str, JoinOutcome]], path: Path, title: str) -> 
         for variant, outcome in results[m].items():
             doc = outcome.doc
             t = doc["transfer"]
-            ax.plot([s for s, _ in t], [v for _, v in t], label=f"transfer ({variant})")
+            loss = outcome.details.get("settings", {}).get("loss")
+            ax.plot([s for s, _ in t], [v for _, v in t], label=f"transfer ({variant}, {loss})")
             if not scratch_drawn and doc["scratch"]:
                 s_curve = doc["scratch"]
                 ax.plot([s for s, _ in s_curve], [v for _, v in s_curve], color="black",
-                        label="scratch")
+                        label=f"scratch ({outcome.details.get('scratch_loss')})")
                 ax.axhline(doc["best"]["scratch"], color="gray", ls=":",
                            label="scratch best (target)")
                 scratch_drawn = True
