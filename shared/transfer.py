@@ -604,7 +604,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
             curve = run_curve(candidate, split, [Phase(settings.scratch_budget, True, 1.0)],
                               dataclasses.replace(settings, loss=loss), device, ndcg,
                               selector=selector, raw=raw_c)
-            ndcg(candidate)  # re-picks its kNN weight on valid, as every evaluation does
+            calibrate_knn(candidate, split, device, knn)  # as every evaluation does
             kept_valid = valid_ndcg(candidate)
             best_c = max(v for _, v in curve)
             by_loss[loss] = {"valid_ndcg@10": kept_valid, "best": best_c,
