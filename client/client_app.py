@@ -17,6 +17,7 @@ from shared.config import RunConfig
 from shared.data import available_markets
 from shared.errors import ConfigError
 from shared.node import MarketNode
+from shared.policy import PolicyRefusedError, PrivacyPolicy, load_policy
 from shared.report import flatten_eval
 from shared.wire import state_from_record, to_record
 
@@ -56,6 +57,23 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunCo
     return cfg, market, state_dir
 
 
+def market_policy(context: Context,
+                  fixed: Mapping[str, Any]) -> tuple[RunConfig, str, PrivacyPolicy]:
+    """The run config and this market's own privacy policy (``shared/policy.py``: from the
+    node config or the market's state directory, never from the run config or the server).
+    A run config its policy forbids (``secagg = false`` for a secure-aggregation-only market)
+    is refused here, before anything is trained or sent."""
+    cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
+    _, market, state_dir = node_settings(cfg, context.node_config)
+    policy = load_policy(context.node_config, state_dir / market)
+    if policy.secure_aggregation_only and not cfg.secagg:
+        log.warning("market %s refuses the run: its config has secagg = false and its privacy "
+                    "policy is secure-aggregation-only", market)
+        raise PolicyRefusedError(f"market {market}: run config secagg = false, policy is "
+                                 f"secure-aggregation-only")
+    return cfg, market, policy
+
+
 def _open_node(msg: Message, context: Context,
                fixed: Mapping[str, Any]) -> tuple[MarketNode, dict[str, torch.Tensor]]:
     cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
@@ -84,6 +102,12 @@ def make_app(overrides: Mapping[str, Any] | None = None,
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        _, _, policy = market_policy(context, fixed)
+        if policy.secure_aggregation_only:
+            log.warning("refusing a plain train message: this market's privacy policy sends "
+                        "updates only under secure aggregation (secure-aggregation-only)")
+            raise PolicyRefusedError("plain train message refused: the market's policy is "
+                                     "secure-aggregation-only")
         node, global_encoder = _open_node(msg, context, fixed)
         rnd = int(cast(int, msg.content.config_records["config"]["server-round"]))
         update, metrics = node.train_round(global_encoder, rnd)
@@ -96,22 +120,27 @@ def make_app(overrides: Mapping[str, Any] | None = None,
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        _, _, policy = market_policy(context, fixed)
         node, global_encoder = _open_node(msg, context, fixed)
-        flat = flatten_eval(node.evaluate(global_encoder, "test"))
-        flat["num-examples"] = flat["examples"]
-        content = RecordDict({"metrics": MetricRecord(cast(MetricDict, flat)),
-                              "info": ConfigRecord({"market": node.market})})
+        summary = node.evaluate(global_encoder, "test")
+        content = RecordDict()
+        if policy.share_evaluation:
+            flat = flatten_eval(summary)
+            flat["num-examples"] = flat["examples"]
+            content["metrics"] = MetricRecord(cast(MetricDict, flat))
+            content["info"] = ConfigRecord({"market": node.market})
         if "secagg" in msg.content.config_records:  # SecAgg+ share-keys for the next round
             from client.secagg import RECORD, piggyback  # noqa: PLC0415
 
-            content[RECORD] = piggyback(msg, context)
+            content[RECORD] = piggyback(msg, context, policy)
         return Message(content, reply_to=msg)
 
     @app.train("secagg")
     def train_secagg(msg: Message, context: Context) -> Message:
         from client.secagg import handle_secagg  # noqa: PLC0415 - imports this module
 
-        return handle_secagg(msg, context, fixed)
+        _, market, policy = market_policy(context, fixed)
+        return handle_secagg(msg, context, fixed, market, policy)
 
     return app
 

@@ -17,13 +17,14 @@ per (round, attempt); records of older rounds are dropped.
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import (
@@ -31,9 +32,9 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from shared.config import RunConfig
-from shared.dp import client_noise_std, privatize
+from shared.dp import privatize
 from shared.model import encoder_state
+from shared.policy import PolicyRefusedError, PrivacyLedger, PrivacyPolicy
 from shared.secagg import (
     MASKED,
     MASKED_KEY,
@@ -49,52 +50,55 @@ from shared.secagg import (
     pair_sign,
     prg_mask,
     shared_key,
+    with_stats,
 )
 from shared.wire import make_update
 
+log = logging.getLogger("storefed")
 STATE_KEY = "secagg-state"
 VECTOR_KEY = "secagg-vector"
-METRICS_KEY = "secagg-metrics"
 MARKET_KEY = "secagg-market"
+RELEASED_KEY = "secagg-released"  # the last round whose unmask this node answered
 
 
 class SecAggRefusedError(ValueError):
     """The client refuses a protocol step (wrong order, bad keys, unsafe request)."""
 
 
-def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any]) -> Message:
+def _refuse(why: str) -> PolicyRefusedError:
+    log.warning("secagg: this market refuses the message: %s", why)
+    return PolicyRefusedError(why)
+
+
+def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any], market: str,
+                  policy: PrivacyPolicy) -> Message:
     """Answer one ``train.secagg`` message: its ``secagg`` stage, plus the next round's setup
-    when the server piggybacks it (``secagg-next``, on the unmask message)."""
+    when the server piggybacks it (``secagg-next``, on the unmask message). The reply carries
+    protocol fields and the masked vector only: no metrics; the market's name only with its
+    setup keys (who a node is, the server knows anyway from the node's authentication key)."""
     content = RecordDict()
-    res, extra = _stage(msg, context, fixed, msg.content.config_records[RECORD])
+    rec = msg.content.config_records[RECORD]
+    res, extra = _stage(msg, context, fixed, rec, policy)
     content[RECORD] = ConfigRecord(res)
     for k, v in extra.items():
         content[k] = v
     if RECORD_NEXT in msg.content.config_records:
-        nxt, _ = _stage(msg, context, fixed, msg.content.config_records[RECORD_NEXT])
+        nxt, _ = _stage(msg, context, fixed, msg.content.config_records[RECORD_NEXT], policy)
         content[RECORD_NEXT] = ConfigRecord(nxt)
-    content["info"] = ConfigRecord({"market": _market(context, fixed)})
+    if rec["stage"] == SETUP or RECORD_NEXT in msg.content.config_records:
+        content["info"] = ConfigRecord({"market": market})
     return Message(content, reply_to=msg)
 
 
-def _market(context: Context, fixed: Mapping[str, Any]) -> str:
-    if MARKET_KEY in context.state:
-        return str(context.state.config_records[MARKET_KEY]["market"])
-    from client.client_app import node_settings  # noqa: PLC0415 - no import cycle
-
-    cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
-    return node_settings(cfg, context.node_config)[1]
-
-
-def piggyback(msg: Message, context: Context) -> ConfigRecord:
+def piggyback(msg: Message, context: Context, policy: PrivacyPolicy) -> ConfigRecord:
     """The reply to the ``secagg`` record riding on another message (the next round's
     share-keys on an evaluate message)."""
-    res, _ = _stage(msg, context, {}, msg.content.config_records[RECORD])
+    res, _ = _stage(msg, context, {}, msg.content.config_records[RECORD], policy)
     return ConfigRecord(res)
 
 
 def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
-           rec: ConfigRecord) -> tuple[dict[str, Any], RecordDict]:
+           rec: ConfigRecord, policy: PrivacyPolicy) -> tuple[dict[str, Any], RecordDict]:
     stage = str(rec["stage"])
     if stage not in STAGES:
         raise SecAggRefusedError(f"unknown secagg stage {stage!r}")
@@ -116,28 +120,34 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
                                      f"this node is at {st.get('stage') or 'no stage'} of it")
         st["stage"] = stage
         if stage == SHARE_KEYS:
-            res = _share_keys(st, rec)
+            res = _share_keys(st, rec, policy)
         elif stage == MASKED:
-            _ensure_update(msg, context, fixed, rec)
+            _ensure_update(msg, context, fixed, rec, policy)
             res = _masked(st, rec, context)
-            metrics = dict(context.state.metric_records[METRICS_KEY])
-            extra = RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(res.pop("_vec"))}),
-                                "metrics": MetricRecord(metrics)})
+            extra = RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(res.pop("_vec"))})})
         else:
-            res = _unmask(st, rec)
+            res = _unmask(st, rec, policy)
+            context.state[RELEASED_KEY] = ConfigRecord({"round": rnd})
     _save(context, st)
     return res, extra
 
 
 # ---------------------------------------------------------------------------- stages
 def _ensure_update(msg: Message, context: Context, fixed: Mapping[str, Any],
-                   rec: ConfigRecord) -> None:
-    """Train and encode once per round (a restarted attempt reuses the encoded update)."""
+                   rec: ConfigRecord, policy: PrivacyPolicy) -> None:
+    """Train and encode once per round. A restarted attempt reuses the encoded update only if
+    no unmask of the round was answered yet: once the server could decode a sum holding this
+    update, the update never goes into a second sum (two sums differing by one market would
+    hand the server that market's update)."""
     rnd = int(cast(int, rec["round"]))
+    if (RELEASED_KEY in context.state
+            and int(cast(int, context.state.config_records[RELEASED_KEY]["round"])) >= rnd):
+        raise _refuse(f"round {rnd} was already unmasked with this market's update in it: "
+                      f"it is not uploaded into another sum")
     cached = (VECTOR_KEY in context.state
               and int(cast(int, context.state.config_records[MARKET_KEY]["round"])) == rnd)
     if not cached:
-        _train_and_encode(msg, context, fixed, rec)
+        _train_and_encode(msg, context, fixed, rec, policy)
     size = int(context.state.array_records[VECTOR_KEY]["vec"].numpy().shape[0])
     if size != int(cast(int, rec["size"])):
         raise SecAggRefusedError("secagg: this node's update does not match the server's "
@@ -145,41 +155,57 @@ def _ensure_update(msg: Message, context: Context, fixed: Mapping[str, Any],
 
 
 def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
-                      rec: ConfigRecord) -> None:
+                      rec: ConfigRecord, policy: PrivacyPolicy) -> None:
     from client.client_app import PRIVATE_KEY, _open_node  # noqa: PLC0415 - no import cycle
 
     rnd = int(cast(int, rec["round"]))
     node, global_encoder = _open_node(msg, context, fixed)
     cfg = node.cfg
-    update, metrics = node.train_round(global_encoder, rnd)
-    if cfg.dp_clip > 0:
+    if bool(rec.get("rowwise", False)):
+        raise _refuse("the server asks for row-wise weights: a row weight of an item only this "
+                      "market trained would be its own interaction count")
+    # the noise and clip are the market's: the run may ask for more, never for less
+    clip = policy.clip(cfg.dp_clip)
+    std = policy.noise_std(cfg.dp_noise, cfg.dp_clip, int(cast(int, rec["sampled"])))
+    multiplier = std * (policy.min_markets ** 0.5) / clip if clip > 0 else 0.0
+    ledger = PrivacyLedger.open(node.state_path.parent if node.state_path else None)
+    delta = min(policy.dp_delta, cfg.dp_delta)
+    if ledger.epsilon(delta, multiplier) > policy.epsilon_budget:
+        raise _refuse(f"its privacy budget (epsilon {policy.epsilon_budget:g}) would be "
+                      f"exceeded by one more release; it stops contributing")
+    update, metrics = node.train_round(global_encoder, rnd, rowwise=False)
+    weight = float(metrics["num-examples"])
+    if clip > 0:
         rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
-        std = client_noise_std(cfg.dp_noise, cfg.dp_clip, int(cast(int, rec["sampled"])))
-        local, norm = privatize(encoder_state(node.model), global_encoder, cfg.dp_clip, std, rng)
-        update = make_update(local, global_encoder, 1, None)
-        metrics["dp-delta-norm"] = norm
-        metrics["dp-noise-std"] = std
+        local, _ = privatize(encoder_state(node.model), global_encoder, clip, std, rng)
+        update, weight = make_update(local, global_encoder, 1, None), 1.0
     context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
     node.persist(rnd)
-    layout = VectorLayout.for_encoder(global_encoder, bool(rec["rowwise"]))
+    layout = VectorLayout.for_encoder(global_encoder)
+    update = with_stats(update, float(metrics["train-loss"]), weight)
     # the stochastic rounding only keeps the fixed-point sum unbiased (the masks hide the
     # vector): seeded per (seed, round, market), so a run's sums, hence its results, are
     # reproducible (integer sums are exact and order-free)
     rounding = np.random.default_rng([cfg.seed % 2**32, rnd, zlib.crc32(node.market.encode())])
-    vec, clipped = encode(update, layout, float(cast(float, rec["clip-range"])),
-                          int(cast(int, rec["quant-range"])), rounding)
-    metrics["secagg-clipped"] = float(clipped)
+    vec, _ = encode(update, layout, float(cast(float, rec["clip-range"])),
+                    int(cast(int, rec["quant-range"])), rounding)
+    ledger.record(rnd, int(cast(int, rec["attempt"])), multiplier, delta)
     context.state[VECTOR_KEY] = ArrayRecord({"vec": Array(vec)})
-    context.state[METRICS_KEY] = MetricRecord({k: float(v) for k, v in metrics.items()})
     context.state[MARKET_KEY] = ConfigRecord({"market": node.market, "round": rnd})
 
 
-def _share_keys(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
+def _share_keys(st: dict[str, Any], rec: ConfigRecord, policy: PrivacyPolicy) -> dict[str, Any]:
     me, t = st["nid"], int(cast(int, rec["threshold"]))
     nids = [int(x) for x in cast(list[int], rec["neighbours"])]
     pk1s, pk2s = cast(list[bytes], rec["pk1"]), cast(list[bytes], rec["pk2"])
     if me not in nids or len(pk1s) != len(nids) or len(pk2s) != len(nids):
         raise SecAggRefusedError("secagg share-keys: malformed neighbour list")
+    if len(nids) < policy.min_markets:
+        raise _refuse(f"share-keys with {len(nids)} markets; its policy needs at least "
+                      f"{policy.min_markets} in any sum (min-markets)")
+    if t < policy.min_shares(len(nids)):
+        raise _refuse(f"threshold {t} of {len(nids)}; its policy needs at least "
+                      f"{policy.min_shares(len(nids))} (more than half, min-threshold)")
     i = nids.index(me)
     if pk1s[i] != st["pk1"] or pk2s[i] != st["pk2"]:
         raise SecAggRefusedError("secagg share-keys: this node's public keys were altered")
@@ -233,7 +259,7 @@ def _masked(st: dict[str, Any], rec: ConfigRecord, context: Context) -> dict[str
     return {"_vec": vec}
 
 
-def _unmask(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
+def _unmask(st: dict[str, Any], rec: ConfigRecord, policy: PrivacyPolicy) -> dict[str, Any]:
     me = st["nid"]
     active = [int(x) for x in cast(list[int], rec["active"])]
     dead = [int(x) for x in cast(list[int], rec["dead"])]
@@ -244,6 +270,9 @@ def _unmask(st: dict[str, Any], rec: ConfigRecord) -> dict[str, Any]:
         raise SecAggRefusedError("secagg unmask: asked about nodes this node did not share with")
     if len(active) < st["threshold"]:
         raise SecAggRefusedError("secagg unmask: fewer surviving neighbours than the threshold")
+    if len(active) < policy.min_markets:
+        raise _refuse(f"unmask of a sum over {len(active)} of its neighbours; its policy needs "
+                      f"at least {policy.min_markets} markets in any sum (min-markets)")
     shares = [st["rd_shares"][n] for n in active] + [st["sk_shares"][n] for n in dead]
     return {"nids": active + dead, "shares": shares}
 

@@ -27,11 +27,16 @@ itself; a node that failed the piggybacked share-keys is a share-keys dropout of
 If a stage leaves fewer than two nodes, or a secret that will be needed has fewer holders than
 the threshold, the attempt is abandoned (no sum was revealed) and the round restarts from setup
 with the survivors (fresh keys), up to ``secagg-retries`` times; clients reuse the update they
-trained for the round. The round record in ``metrics.json`` gets a ``secagg`` entry: attempts,
-who dropped at which stage, how many values were clipped, the quantisation bound, stage times
-and (DP mode) epsilon.
-Integrity: the decoded sum of dense weights must equal the sum of the ``num-examples`` the
-markets reported (the number of markets in DP mode), else the round's update is rejected.
+trained for the round, but never once an unmask of the round was answered (a restart after
+unmask is refused: two decoded sums differing by one market would reveal it). The round record
+in ``metrics.json`` gets a ``secagg`` entry: attempts, who dropped at which stage, the summed
+number of clipped values and mean train loss, the quantisation bound, stage times and (DP mode)
+epsilon.
+Every reply of every stage is checked; a malformed one is that node dropping out, never a crash.
+Integrity, from sums only (no market's own figures reach the server): the decoded market count
+must equal the number of nodes summed and every tensor's summed weight must be the same (the
+number of markets in DP mode), else the round's update is rejected; every decoded sum counts
+towards epsilon, rejected or not.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from server.server_app import ServerRun, final_doc, finish_round, prepare_run
 from shared.config import RunConfig
 from shared.dp import effective_multiplier, epsilon_spent
 from shared.secagg import (
+    COUNTER_PREFIX,
     MASKED,
     MASKED_KEY,
     MESSAGE_TYPE,
@@ -126,16 +132,18 @@ class SecAggRound:
 
     def __init__(self, grid: Grid, cfg: RunConfig, rnd: int,
                  global_state: dict[str, torch.Tensor], nodes: list[int],
-                 prepared: KeyRing | None = None, pipeline: bool = False) -> None:
+                 prepared: KeyRing | None = None, pipeline: bool = False,
+                 markets: dict[int, str] | None = None) -> None:
         self.grid, self.cfg, self.rnd = grid, cfg, rnd
         self.global_state = global_state
-        self.rowwise = cfg.aggregation == "rowwise" and cfg.dp_clip == 0
-        self.layout = VectorLayout.for_encoder(global_state, self.rowwise)
+        # one scalar weight per market under secure aggregation (see shared/secagg.py)
+        self.layout = VectorLayout.for_encoder(global_state)
         self.nodes = list(nodes)
         self.prepared, self.pipeline = prepared, pipeline
         self.next_ring: KeyRing | None = None  # next round: keys received at unmask
         self.next_prepared: KeyRing | None = None  # ... and shares received at evaluate
-        self.markets: dict[int, str] = {}
+        # node -> market, as nodes name themselves with their setup keys (kept across rounds)
+        self.markets: dict[int, str] = {} if markets is None else markets
         self.dropped: dict[str, list[str]] = {}
         self.attempts: list[dict[str, Any]] = []
         self.received: list[Message] = []
@@ -196,13 +204,21 @@ class SecAggRound:
 
     def _setup(self, attempt: int, rep: dict[int, Message], key: str,
                rnd: int | None = None) -> KeyRing:
-        """Public keys received -> the neighbour graph and threshold of the instance."""
-        u1 = set(rep)
+        """Public keys received -> the neighbour graph and threshold of the instance. A reply
+        without two 32-byte keys is that node dropping out of setup."""
+        pks: dict[int, tuple[bytes, bytes]] = {}
+        for n, m in rep.items():
+            rec = m.content.config_records.get(key)
+            pk1, pk2 = (rec.get("pk1"), rec.get("pk2")) if rec is not None else (None, None)
+            if not (isinstance(pk1, bytes) and isinstance(pk2, bytes)
+                    and len(pk1) == len(pk2) == 32):
+                self._drop(SETUP, n, "malformed public keys")
+                continue
+            pks[n] = (pk1, pk2)
+        u1 = set(pks)
         if len(u1) < 2:
             raise AttemptFailedError(f"{len(u1)} node(s) answered setup", u1)
         check_capacity(len(u1), self.cfg.secagg_quant_range)
-        pks = {n: (cast(bytes, m.content.config_records[key]["pk1"]),
-                   cast(bytes, m.content.config_records[key]["pk2"])) for n, m in rep.items()}
         order = sorted(u1)
         random.SystemRandom().shuffle(order)
         shares = self.cfg.secagg_shares
@@ -222,13 +238,24 @@ class SecAggRound:
         return out
 
     def _share_keys(self, ring: KeyRing, rep: dict[int, Message]) -> None:
-        """Encrypted shares received -> what to forward to whom (from ``u2`` only)."""
-        ring.u2 = set(rep)
-        ring.fwd = {n: ([], []) for n in ring.u2}
+        """Encrypted shares received -> what to forward to whom (from ``u2`` only). A reply
+        whose lists are malformed is that node dropping out of share-keys."""
+        good: dict[int, list[tuple[int, bytes]]] = {}
         for src, m in rep.items():
-            rec = m.content.config_records[RECORD]
-            for dst, ct in zip(cast(list[int], rec["dsts"]), cast(list[bytes], rec["ctxts"]),
-                               strict=True):
+            rec = m.content.config_records.get(RECORD)
+            dsts, ctxts = (rec.get("dsts"), rec.get("ctxts")) if rec is not None else (None, None)
+            if not (src in ring.graph and isinstance(dsts, list) and isinstance(ctxts, list)
+                    and len(dsts) == len(ctxts)
+                    and all(isinstance(d, int) and not isinstance(d, bool) for d in dsts)
+                    and all(isinstance(c, bytes) for c in ctxts)
+                    and len(set(dsts)) == len(dsts)):
+                self._drop(SHARE_KEYS, src, "malformed share-keys reply")
+                continue
+            good[src] = list(zip(cast(list[int], dsts), cast(list[bytes], ctxts), strict=True))
+        ring.u2 = set(good)
+        ring.fwd = {n: ([], []) for n in ring.u2}
+        for src, pairs in good.items():
+            for dst, ct in pairs:
                 if dst in ring.fwd and dst in ring.graph[src]:
                     ring.fwd[dst][0].append(src)
                     ring.fwd[dst][1].append(ct)
@@ -246,17 +273,15 @@ class SecAggRound:
             "arrays": arrays, "config": config,
             RECORD: ConfigRecord({**base, "stage": MASKED, "srcs": ring.fwd[n][0],
                                   "ctxts": ring.fwd[n][1], "sampled": len(self.nodes),
-                                  "size": self.layout.size, "rowwise": self.rowwise,
+                                  "size": self.layout.size,
                                   "clip-range": float(cfg.secagg_clip_range),
                                   "quant-range": int(cfg.secagg_quant_range)})}) for n in u2}
         rep = self._send(MASKED, masked_msgs, cfg.round_timeout)
         total = np.zeros(self.layout.size, dtype=np.uint64)
-        train: dict[int, dict[str, float]] = {}
+        train: dict[int, dict[str, float]] = {}  # a market's own metrics never travel here
         for n, m in rep.items():
             try:
                 vec = m.content.array_records["arrays"][MASKED_KEY].numpy()
-                metrics = {k: float(cast(float, v))
-                           for k, v in m.content.metric_records["metrics"].items()}
             except (KeyError, TypeError, ValueError) as exc:
                 self._drop(MASKED, n, f"malformed masked upload: {exc}")
                 continue
@@ -264,7 +289,7 @@ class SecAggRound:
                 self._drop(MASKED, n, f"masked vector {vec.dtype}{vec.shape}")
                 continue
             total += vec
-            train[n] = metrics
+            train[n] = {}
         u3 = set(train)
         dead = ring.u2 - u3
         self._check_holders(u3, graph, u3, t, "masked upload")
@@ -282,15 +307,42 @@ class SecAggRound:
         rep = self._send(UNMASK, unmask_msgs, cfg.secagg_timeout)
         t_unmask = time.perf_counter()
         shares: dict[int, list[bytes]] = {n: [] for n in u3 | dead}
-        for m in rep.values():
-            rec = m.content.config_records[RECORD]
-            for owner, share in zip(cast(list[int], rec["nids"]),
-                                    cast(list[bytes], rec["shares"]), strict=True):
-                if owner in shares:
-                    shares[owner].append(share)
+        for n, m in rep.items():
+            rec = m.content.config_records.get(RECORD)
+            nids, got = (rec.get("nids"), rec.get("shares")) if rec is not None else (None, None)
+            asked = set(graph[n]) & (u3 | dead)
+            if not (isinstance(nids, list) and isinstance(got, list) and len(nids) == len(got)
+                    and len(set(nids)) == len(nids)
+                    and all(isinstance(o, int) and o in asked for o in nids)
+                    and all(isinstance(sh, bytes) for sh in got)):
+                self._drop(UNMASK, n, "malformed unmask reply")
+                continue
+            for owner, share in zip(cast(list[int], nids), cast(list[bytes], got), strict=True):
+                shares[owner].append(share)
         short = [n for n, s in shares.items() if len(s) < t]
         if short:
             raise AttemptFailedError(f"too few shares to unmask {len(short)} node(s)", set(rep))
+        try:
+            self._remove_masks(total, shares, ring, u3, dead)
+        except (ValueError, TypeError, IndexError) as exc:  # a share that rebuilds nothing
+            raise AttemptFailedError(f"unmask shares do not rebuild a secret: {exc}",
+                                     set()) from exc
+        summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
+        self._time("server-unmask", t_unmask)
+        if self.pipeline:
+            nxt = {n: m for n, m in rep.items() if RECORD_NEXT in m.content.config_records}
+            try:
+                self.next_ring = self._setup(0, nxt, RECORD_NEXT, rnd=self.rnd + 1)
+            except AttemptFailedError:
+                self.next_ring = None
+        return summed, {self._label(n, u3): train[n] for n in sorted(u3)}
+
+    @staticmethod
+    def _remove_masks(total: np.ndarray, shares: dict[int, list[bytes]], ring: KeyRing,
+                      u3: set[int], dead: set[int]) -> None:
+        """Subtract every aggregated node's private mask and the pairwise masks between the
+        aggregated nodes and the masked-upload dropouts (``total`` in place)."""
+        t, graph = ring.t, ring.graph
         # t shares rebuild a secret (Lagrange over more points gives the same, slower)
         for n in u3:  # private masks of every aggregated node
             total -= prg_mask(combine_shares(shares[n][:t]), total.shape[0])
@@ -303,15 +355,6 @@ class SecAggRound:
                         total -= mask
                     else:
                         total += mask
-        summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
-        self._time("server-unmask", t_unmask)
-        if self.pipeline:
-            nxt = {n: m for n, m in rep.items() if RECORD_NEXT in m.content.config_records}
-            try:
-                self.next_ring = self._setup(0, nxt, RECORD_NEXT, rnd=self.rnd + 1)
-            except AttemptFailedError:
-                self.next_ring = None
-        return summed, {self._label(n, u3): train[n] for n in sorted(u3)}
 
     # ------------------------------------------------------------------ pipelining
     def next_share_records(self) -> dict[int, dict[str, ConfigRecord]]:
@@ -366,8 +409,9 @@ class SecAggRound:
             elif RECORD not in reply.content:
                 self._drop(stage, n, "reply without secagg record")
             else:
-                if "info" in reply.content:
-                    self.markets[n] = str(reply.content.config_records["info"]["market"])
+                info = reply.content.config_records.get("info")
+                if info is not None and isinstance(info.get("market"), str):
+                    self.markets[n] = str(info["market"])
                 ok[n] = reply
         for n in contents:
             if n not in seen:
@@ -401,15 +445,19 @@ class SecAggRound:
                                 f"after {stage}", holders)
 
 
-def check_sum(summed: dict[str, np.ndarray], train: dict[str, dict[str, float]],
-              dp: bool) -> str | None:
-    """Why a decoded sum must be rejected (a client uploaded garbage), or None."""
-    dense = [k for k in summed if k.startswith(WEIGHT_PREFIX) and summed[k].size == 1]
-    expected = float(len(train)) if dp else sum(m.get("num-examples", 0.0)
-                                                 for m in train.values())
-    for k in dense:
-        if abs(float(summed[k][0]) - expected) > 0.5:
-            return f"summed {k} = {float(summed[k][0])} but the markets reported {expected}"
+def check_sum(summed: dict[str, np.ndarray], n_summed: int, dp: bool) -> str | None:
+    """Why a decoded sum must be rejected (a client uploaded garbage), or None. Only sums are
+    checked: the count of markets each one put in, and one weight (per market: its number of
+    examples, or 1 under DP) shared by every tensor."""
+    markets = float(summed[COUNTER_PREFIX + "markets"][0])
+    if markets != n_summed:
+        return f"the sum holds {markets:g} market counts but {n_summed} markets were summed"
+    dense = sorted({float(v[0]) for k, v in summed.items()
+                    if k.startswith(WEIGHT_PREFIX) and v.size == 1})
+    if len(dense) != 1:
+        return f"summed weights differ between tensors: {dense[:3]}"
+    if dense[0] < n_summed or (dp and dense[0] != n_summed):
+        return f"summed weight {dense[0]:g} is not possible for {n_summed} markets"
     if any(np.any(v < 0) for k, v in summed.items() if k.startswith(WEIGHT_PREFIX)):
         return "negative summed weights"
     return None
@@ -426,6 +474,7 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
                    if "dp_multiplier" in r.get("secagg", {})]
     doc: dict[str, Any] = {}
     prepared: KeyRing | None = None
+    labels: dict[int, str] = {}
     # the next round's setup/share-keys ride on this round's unmask/evaluate messages when
     # every node trains every round (with sampling the next round's nodes are not known yet)
     pipeline = cfg.fraction_train >= 1.0
@@ -436,13 +485,13 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
             ConfigRecord({"server-round": rnd}), grid))
         nodes = [int(m.metadata.dst_node_id) for m in msgs]
         sa = SecAggRound(grid, cfg, rnd, strategy.global_state, nodes, prepared,
-                         pipeline=pipeline and rnd < cfg.num_rounds)
+                         pipeline=pipeline and rnd < cfg.num_rounds, markets=labels)
         result = sa.run()
-        aggregate_round(run, rnd, result, dp)
-        if dp and result.summed is not None and cfg.dp_noise > 0:
+        if dp and result.summed is not None:  # every decoded sum counts, accepted or not
             multipliers.append(effective_multiplier(cfg.dp_noise, result.n_sampled,
                                                     result.n_summed))
             result.report["dp_multiplier"] = multipliers[-1]
+        aggregate_round(run, rnd, result, dp)
         if dp:
             run.extra["privacy"] = {**epsilon_spent(multipliers, cfg.dp_delta,
                                                     len(cfg.market_list) or len(nodes)),
@@ -458,26 +507,28 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
 def aggregate_round(run: ServerRun, rnd: int, result: RoundResult, dp: bool) -> None:
     """Apply a SecAgg+ round's sum to the global encoder (or record why not)."""
     strategy = run.strategy
-    strategy.last_train = result.train
-    result.report["clipped_values"] = sum(int(m.get("secagg-clipped", 0.0))
-                                          for m in result.train.values())
-    norms = [m["dp-delta-norm"] for m in result.train.values() if "dp-delta-norm" in m]
-    if norms:  # how the DP clip compares with the markets' real update norms
-        result.report["dp_delta_norm_median"] = float(np.median(norms))
-    if result.report["clipped_values"]:
-        log.warning("round %d: %d update values exceeded secagg-clip-range %g and were "
-                    "clipped", rnd, result.report["clipped_values"], run.cfg.secagg_clip_range)
+    strategy.last_train = {}  # no market's own training figures reach the server
+    result.report["clipped_values"] = 0
     if result.summed is None:
         strategy.rejected.append((rnd, "*", "secure aggregation failed"))
         return
-    why = check_sum(result.summed, result.train, dp)
+    summed = result.summed
+    result.report["clipped_values"] = int(summed[COUNTER_PREFIX + "clipped"][0])
+    loss_w = float(summed[WEIGHT_PREFIX + "stat/train-loss"][0])
+    if loss_w > 0:  # the example-weighted mean train loss of the summed markets
+        result.report["train_loss"] = float(summed["stat/train-loss"][0]) / loss_w
+    if result.report["clipped_values"]:
+        log.warning("round %d: %d update values exceeded secagg-clip-range %g and were "
+                    "clipped", rnd, result.report["clipped_values"], run.cfg.secagg_clip_range)
+    why = check_sum(summed, result.n_summed, dp)
     if why is not None:
         strategy.rejected.append((rnd, "*", why))
         log.warning("round %d: secagg sum rejected: %s", rnd, why)
         result.summed = None
         return
+    strategy.last_train = {label: {} for label in result.train}  # who is in the sum
     before = strategy.global_state
-    strategy.global_state = apply_summed_update(before, result.summed)
+    strategy.global_state = apply_summed_update(before, summed)
     if run.cfg.server_lr != 1.0:  # Reptile-style outer step, as in run_server
         from shared.transfer import reptile_step  # noqa: PLC0415
 

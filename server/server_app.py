@@ -114,12 +114,16 @@ def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float
     markets = {}
     for m, metrics in sorted(strategy.last_markets.items()):
         train = strategy.last_train.get(m, {})
+        # under secure aggregation only *whether* a market's update is in the round's sum is
+        # known, not its own loss or example count (those stay null)
         markets[m] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],
-                      "examples": metrics["examples"], "loss": train.get("train-loss"),
+                      "examples": metrics["examples"], "trained": m in strategy.last_train,
+                      "loss": train.get("train-loss"),
                       "train_examples": train.get("num-examples"),
                       "categories": metrics["categories"]}
     seconds = time.perf_counter() - t0
-    run.rounds.append({"round": rnd, "markets": markets, "seconds": seconds,
+    run.rounds.append({"round": rnd, "markets": markets, "private_markets":
+                       strategy.private_markets, "seconds": seconds,
                        "train_seconds": t_train,
                        "rejected": [{"market": m, "reason": why}
                                     for r, m, why in strategy.rejected if r == rnd],

@@ -55,6 +55,7 @@ class EncoderFedAvg(FedAvg):
         self.rejected: list[tuple[int, str, str]] = []  # (round, market, reason)
         self.last_markets: dict[str, dict[str, Any]] = {}
         self.last_train: dict[str, dict[str, float]] = {}
+        self.private_markets = 0  # evaluated markets whose policy keeps their figures
 
     # With fraction 1 every node online now takes part. Flower's FedAvg counts the online
     # nodes, then lists them again to sample that many: a node connecting in between (a market
@@ -130,7 +131,11 @@ class EncoderFedAvg(FedAvg):
                            replies: Iterable[Message]) -> MetricRecord | None:
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
         self.last_markets = {}
+        self.private_markets = 0
         for msg in valid:
+            if "metrics" not in msg.content:  # the market's policy keeps its evaluation
+                self.private_markets += 1
+                continue
             try:
                 flat = {k: float(cast(float, v))
                         for k, v in msg.content.metric_records["metrics"].items()}

@@ -19,6 +19,7 @@ LOSSES = ("bce", "bpr", "softmax", "full-softmax")
 HISTORY_MODES = ("causal", "bag")
 MTL_MODES = ("shared-bottom", "mmoe", "single-task")
 AGGREGATIONS = ("rowwise", "fedavg")
+NEGATIVE_POOLS = ("market", "catalog")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,6 +46,9 @@ class RunConfig:
     mtl: str = "shared-bottom"
     num_experts: int = 4
     aggregation: str = "rowwise"  # rowwise: item rows averaged over the markets that hold them
+    # where training negatives come from: the market's own items, or the whole public catalog
+    # (then every market's update moves every item row: no released row is one market's alone)
+    negative_pool: str = "catalog"
     proximal_mu: float = 0.0
     device: str = "auto"
     torch_threads: int = 0  # 0 = torch default; simulate sets cores / concurrent clients
@@ -82,6 +86,7 @@ class RunConfig:
         _choice("train-history", self.train_history, HISTORY_MODES)
         _choice("mtl", self.mtl, MTL_MODES)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("negative-pool", self.negative_pool, NEGATIVE_POOLS)
         _choice("device", self.device, DEVICES)
         for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "max_history",
                      "train_negatives", "eval_negatives", "num_experts"):

@@ -230,22 +230,34 @@ class MarketNode:
                          self.catalog.fingerprint(), server_round)
 
     # ------------------------------------------------------------------ round work
-    def train_round(self, global_encoder: dict[str, torch.Tensor],
-                    server_round: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Load the global encoder, train locally, return (encoder update, train metrics)."""
+    def train_round(self, global_encoder: dict[str, torch.Tensor], server_round: int,
+                    rowwise: bool | None = None,
+                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Load the global encoder, train locally, return (encoder update, train metrics).
+        ``rowwise``: weigh item rows by this market's counts (default: the config's
+        ``aggregation``; secure aggregation always passes False)."""
+        if rowwise is None:
+            rowwise = self.cfg.aggregation == "rowwise"
         load_parts(self.model, encoder=global_encoder)
         s = self.split
         if self.cfg.mtl == "single-task":
-            return self._train_single_task(global_encoder, server_round)
+            return self._train_single_task(global_encoder, server_round, rowwise)
+        settings = train_settings(self.cfg, self.cfg.seed * 1000 + server_round)
         result = train_local(self.model, s.train_users, s.train_items, s.train_histories,
-                             s.items, train_settings(self.cfg, self.cfg.seed * 1000 + server_round),
-                             self.device, global_encoder=global_encoder)
-        counts = (item_counts(s, self.catalog.n_items) if self.cfg.aggregation == "rowwise"
-                  else None)
+                             self.negative_pool(), settings, self.device,
+                             global_encoder=global_encoder)
+        counts = item_counts(s, self.catalog.n_items) if rowwise else None
         update = make_update(encoder_state(self.model), global_encoder, s.n_train, counts)
         metrics = {"num-examples": float(s.n_train), "train-loss": result.loss,
                    "train-seconds": result.seconds, "train-steps": float(result.steps)}
         return update, metrics
+
+    def negative_pool(self) -> np.ndarray:
+        """The items training draws negatives from (``negative-pool``): the market's own, or
+        every catalog item (the padding row excluded)."""
+        if self.cfg.negative_pool == "catalog":
+            return np.arange(self.catalog.n_items)
+        return self.split.items
 
     def evaluate(self, global_encoder: dict[str, torch.Tensor] | None,
                  which: str = "test") -> dict[str, object]:
@@ -281,15 +293,14 @@ class MarketNode:
                                   len(self.catalog.categories), self.cfg.max_history,
                                   self.catalog.n_items)
 
-    def _train_single_task(self, global_encoder: dict[str, torch.Tensor],
-                           server_round: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def _train_single_task(self, global_encoder: dict[str, torch.Tensor], server_round: int,
+                           rowwise: bool) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         assert isinstance(self.model, SingleTaskModel)
         s, base = self.split, self.cfg.seed * 1000 + server_round
         result = train_single_task(self.model, s, self.cfg.max_history,
                                    lambda c: train_settings(self.cfg, base * 1009 + c),
                                    self.device, global_encoder)
-        counts = (item_counts(s, self.catalog.n_items) if self.cfg.aggregation == "rowwise"
-                  else None)
+        counts = item_counts(s, self.catalog.n_items) if rowwise else None
         update = single_task_update(encoder_state(self.model), global_encoder, s,
                                     self.catalog.item_category, counts)
         return update, {"num-examples": float(s.n_train), "train-loss": result.loss,

@@ -22,8 +22,12 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
 ~40x faster and its 32-byte private key is shared in 3 Shamir chunks instead of 4). What differs:
 
 * **Encoding** (:class:`VectorLayout`): one int64 vector per client, arithmetic mod 2**64
-  (numpy uint64 wrap-around, no explicit modulus). The *weights* (example counts, item row
-  counts) go in exactly as integers (no ``max_weight``: sums of weights are exact). The weighted
+  (numpy uint64 wrap-around, no explicit modulus): two counters (``COUNTERS``: 1 per market, its
+  number of clipped values), then the *weights*, one example count per tensor and market (no
+  item-row counts: for an item only one market sells, the row count would be that market's own),
+  exactly as integers (no ``max_weight``: sums of weights are exact), then the weighted deltas
+  and the weighted train loss (``STATS``), so no training figure of a market travels in the
+  clear. The weighted
   deltas are clipped to ``[-clip_range, clip_range]`` and stochastically rounded to the grid
   ``step = 2 * clip_range / quant_range`` (unbiased; the same scheme as Flower's ``quantize`` but
   signed and in int64, so the default grid is 2**-31 instead of ~4e-6). Clipped values are
@@ -39,14 +43,17 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
   pairwise masks removed from its ``sk1`` shares, a node dropping at unmask has its private mask
   removed from its seed shares. When a stage leaves too few nodes (fewer than two, or fewer than
   the reconstruction threshold a secret needs) the round restarts from setup with the survivors
-  (clients reuse the update they already trained for the round) up to ``secagg-retries`` times.
+  (clients reuse the update they already trained for the round, unless an unmask of the round
+  was already answered: then they refuse) up to ``secagg-retries`` times.
 * **Pipelining**: the next round's setup and share-keys ride on this round's unmask and evaluate
   messages, so a steady-state round adds two message exchanges to plain FedAvg, not three.
-* **Threat model** (as SecAgg+): honest-but-curious server, clients honest; the server learns
-  only sums over at least two (and at least ``threshold``) clients per completed attempt. A
-  malicious server could fake dropouts or restarts to isolate a client; clients only check the
-  stage order, the threshold and that no node is reported both alive and dropped. In DP mode the
-  noise is calibrated with the sample size the server announces.
+* **Threat model** (``docs/privacy.md``): honest-but-curious server; the server learns only
+  sums over at least the ``min-markets`` of every summed market's privacy policy
+  (``shared/policy.py``). Each client checks the stage order, that no node is reported both
+  alive and dropped, a threshold above half its neighbourhood, the survivor count before it
+  reveals shares, and never uploads an update into a second sum once an unmask of its round was
+  answered. A server substituting public keys is not detected yet. DP noise never falls below
+  the market's own floor, whatever sample size the server announces.
 """
 
 from __future__ import annotations
@@ -74,12 +81,26 @@ MASKED_KEY = "masked"  # ArrayRecord key of the masked vector (uint64)
 MAX_SUM = 2**63
 
 
+#: integer slots at the head of every vector: each market puts 1 in ``markets`` (the server
+#: checks the decoded count against the nodes it summed) and its number of clipped values in
+#: ``clipped``; the server learns only their sums
+COUNTERS = ("markets", "clipped")
+COUNTER_PREFIX = "counter/"
+#: training statistics that travel inside the masked vector, weighted like a dense tensor (the
+#: server decodes their example-weighted mean over the markets, never one market's value)
+STAT_PREFIX = "stat/"
+STATS = ("stat/train-loss",)
+
+
 @dataclass(frozen=True)
 class VectorLayout:
     """Where each wire-format tensor lives in the flat integer vector.
 
-    Integers first (every ``weight/<k>``, exact), then every numerator ``<k>`` (fixed point).
-    Built identically on both sides from the global encoder's keys and shapes.
+    Integers first (the ``COUNTERS``, then every ``weight/<k>``, exact), then every numerator
+    ``<k>`` (fixed point), the ``STATS`` last. Built identically on both sides from the global
+    encoder's keys and shapes. Under secure aggregation every weight is one scalar per market
+    (``rowwise`` is for plain FedAvg: a row weight of a row only one market trained *is* that
+    market's interaction count).
     """
 
     keys: tuple[str, ...]
@@ -87,12 +108,18 @@ class VectorLayout:
     weight_shapes: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def for_encoder(cls, global_: dict[str, torch.Tensor], rowwise: bool) -> VectorLayout:
-        keys = tuple(sorted(global_))
-        shapes = tuple(tuple(global_[k].shape) for k in keys)
+    def for_encoder(cls, global_: dict[str, torch.Tensor], rowwise: bool = False,
+                    ) -> VectorLayout:
+        enc = tuple(sorted(global_))
+        keys = enc + STATS
+        shapes = tuple(tuple(global_[k].shape) for k in enc) + tuple((1,) for _ in STATS)
         wshapes = tuple((global_[k].shape[0],) if (rowwise and k == ROWWISE_KEY) else (1,)
-                        for k in keys)
+                        for k in enc) + tuple((1,) for _ in STATS)
         return cls(keys, shapes, wshapes)
+
+    @property
+    def n_counters(self) -> int:
+        return len(COUNTERS)
 
     @property
     def n_weights(self) -> int:
@@ -104,7 +131,7 @@ class VectorLayout:
 
     @property
     def size(self) -> int:
-        return self.n_weights + self.n_values
+        return self.n_counters + self.n_weights + self.n_values
 
     def flatten(self, update: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(weights float64, numerators float64) as flat vectors; checks keys and shapes."""
@@ -130,6 +157,15 @@ class VectorLayout:
             out[WEIGHT_PREFIX + k] = weights[wo:wo + nw].reshape(wshape)
             vo, wo = vo + n, wo + nw
         return out
+
+
+def with_stats(update: dict[str, np.ndarray], train_loss: float,
+               weight: float) -> dict[str, np.ndarray]:
+    """``update`` plus the ``STATS`` slots: the train loss weighted like the dense tensors."""
+    out = dict(update)
+    out["stat/train-loss"] = np.asarray([train_loss * weight], dtype=np.float64)
+    out[WEIGHT_PREFIX + "stat/train-loss"] = np.asarray([weight], dtype=np.float64)
+    return out
 
 
 def generate_keys() -> tuple[bytes, bytes]:
@@ -175,7 +211,8 @@ def encode(update: dict[str, np.ndarray], layout: VectorLayout, clip_range: floa
     scaled = np.clip(values, -clip_range, clip_range) / quant_step(clip_range, quant_range)
     low = np.floor(scaled)
     q = low + (rng.random(scaled.shape) < (scaled - low))  # unbiased stochastic rounding
-    vec = np.concatenate([weights.astype(np.int64), q.astype(np.int64)])
+    counters = np.asarray([1, clipped], dtype=np.int64)  # COUNTERS: markets, clipped
+    vec = np.concatenate([counters, weights.astype(np.int64), q.astype(np.int64)])
     return vec.view(np.uint64), clipped
 
 
@@ -185,9 +222,13 @@ def decode(summed: np.ndarray, layout: VectorLayout, clip_range: float,
     if summed.shape != (layout.size,):
         raise ValueError(f"summed vector has shape {summed.shape}, expected ({layout.size},)")
     signed = np.ascontiguousarray(summed, dtype=np.uint64).view(np.int64)
-    weights = signed[:layout.n_weights].astype(np.float64)
-    values = signed[layout.n_weights:].astype(np.float64) * quant_step(clip_range, quant_range)
-    return layout.unflatten(weights, values)
+    nc, nw = layout.n_counters, layout.n_weights
+    weights = signed[nc:nc + nw].astype(np.float64)
+    values = signed[nc + nw:].astype(np.float64) * quant_step(clip_range, quant_range)
+    out = layout.unflatten(weights, values)
+    for i, name in enumerate(COUNTERS):
+        out[COUNTER_PREFIX + name] = signed[i:i + 1].astype(np.float64)
+    return out
 
 
 # A private-mask seed has 31 random bytes (248 bits): Flower's Shamir sharing pads a secret to
@@ -234,8 +275,10 @@ def neighbourhood_size(n: int, shares: int) -> int:
 
 def threshold_for(k: int, fraction: float) -> int:
     """Shares needed to rebuild a secret in a neighbourhood of ``k``: ``round(fraction*k)``,
-    at least 2 (one node alone must never reveal a secret) and at most ``k``."""
-    return min(k, max(2, round(fraction * k)))
+    at least 2 (one node alone must never reveal a secret), above ``k / 2`` (two disjoint
+    halves of the neighbourhood must never both rebuild one node's secrets) and at most
+    ``k``."""
+    return min(k, max(2, k // 2 + 1, round(fraction * k)))
 
 
 def neighbours(order: list[int], shares: int) -> dict[int, list[int]]:

@@ -10,8 +10,10 @@ A client sends, for every encoder tensor ``k`` (and nothing else):
 The server only needs the *sums* over clients: ``new_k = global_k + sum(w*delta) / sum(w)``
 (rows whose summed weight is 0 keep their global value). With scalar weights this is exactly
 FedAvg. Rowwise weighting stops FedAvg diluting an item row that only a few markets hold with
-the zeros of every market that never saw it. Because only sums are needed, the same update can
-go through secure aggregation unchanged: the server then never sees one market's update.
+the zeros of every market that never saw it; it is for plain FedAvg only: under secure
+aggregation a row weight of an item only one market sells *is* that market's interaction count,
+so there every tensor has one scalar weight per market (``shared/secagg.py``). Because only sums
+are needed, the same update goes through secure aggregation unchanged.
 
 On the wire (``to_record`` / ``from_record``) the named arrays of an update or of the global
 encoder travel *packed*: one ``uint8`` buffer holding all their bytes plus a small JSON layout

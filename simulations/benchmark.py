@@ -94,9 +94,12 @@ def _fedavg_full(cfg: RunConfig, out: Path) -> MethodResult:
 
 
 def _flower(cfg: RunConfig, out: Path) -> MethodResult:
-    from simulations.simulate import run_federated  # noqa: PLC0415 - pulls in Flower
+    from simulations.simulate import lab_policy, run_federated  # noqa: PLC0415 - Flower
 
-    doc = run_federated(cfg.replace(out_dir=str(out), state_dir=""))
+    # the lab holds every simulated market: plain FedAvg (the `storefed` row) is the
+    # not-private reference, so its markets get a policy that lets plain updates out
+    doc = run_federated(cfg.replace(out_dir=str(out), state_dir=""),
+                        policy=lab_policy(cfg.secagg, len(cfg.market_list)))
     rounds = doc.get("rounds", [])
     final = doc["final"]["markets"]
     n_rounds = max(len(rounds), 1)
@@ -114,8 +117,8 @@ def _encoder_bytes(cfg: RunConfig) -> float:
     total = 0
     for k, v in enc.items():
         total += v.numel() * 4
-        rows = v.shape[0] if (cfg.aggregation == "rowwise" and k == "encoder.item_emb.weight") \
-            else 1
+        rows = v.shape[0] if (cfg.aggregation == "rowwise" and not cfg.secagg
+                              and k == "encoder.item_emb.weight") else 1
         total += rows * 4
     return float(total)
 

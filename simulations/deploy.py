@@ -44,6 +44,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.errors import ConfigError, StorefedError
+from shared.policy import NODE_CONFIG_KEY, load_policy
 
 APP_PACKAGES = ("shared", "server", "client")
 CONNECTION = "storefed"
@@ -196,10 +197,11 @@ def superlink_command(certs: str | Path, host: str = "127.0.0.1", port: int = 90
 
 
 def node_config_string(market: str, data_dir: str = "", state_dir: str = "",
-                       device: str = "", dataset: str = "") -> str:
-    """The ``--node-config`` value client/client_app.py reads (TOML values, space separated)."""
+                       device: str = "", dataset: str = "", policy: str = "") -> str:
+    """The ``--node-config`` value client/client_app.py reads (TOML values, space separated);
+    ``policy``: the market's privacy-policy file (``shared/policy.py``)."""
     items = {"market": market, "data-dir": data_dir, "state-dir": state_dir,
-             "device": device, "dataset": dataset}
+             "device": device, "dataset": dataset, NODE_CONFIG_KEY: policy}
     return " ".join(f"{k}={_toml_value(k, v)}" for k, v in items.items() if v)
 
 
@@ -465,9 +467,13 @@ def run_supernode(args: argparse.Namespace) -> int:
     if not args.state_dir:
         raise ConfigError("--state-dir is required: the market's private heads live there")
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    policy = ""
+    if args.policy:  # checked here, so a bad file stops the node before it connects
+        load_policy({NODE_CONFIG_KEY: args.policy}, None)
+        policy = str(Path(args.policy).resolve())
     nc = node_config_string(args.market, str(Path(args.data_dir).resolve()) if args.data_dir
                             else "", str(Path(args.state_dir).resolve()), args.device or "",
-                            args.dataset or "")
+                            args.dataset or "", policy)
     cmd = supernode_command(args.superlink, None if args.insecure else args.ca, args.key, nc,
                             args.runtime_port, fleet_poll=args.fleet_poll)
     print("starting:", " ".join(cmd), flush=True)
@@ -560,6 +566,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     n.add_argument("--dataset", default="", help="dataset name (default: the run's)")
     n.add_argument("--data-dir", default="", help="where this region's data lives")
     n.add_argument("--state-dir", required=True, help="private state (heads) directory")
+    n.add_argument("--policy", default="", metavar="FILE",
+                   help="this market's privacy policy (TOML; default: <state-dir>/<market>/"
+                        "policy.toml, else the private defaults; see docs/privacy.md)")
     n.add_argument("--device", choices=("auto", "cpu", "cuda"), default="",
                    help="where this node trains (default: the run's)")
     n.add_argument("--runtime-port", type=int, default=9094,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.policy import write_policy
 from simulations.deploy import (
     DeployError,
     flower_env,
@@ -39,6 +40,7 @@ from simulations.deploy import (
     write_app,
     write_connection,
 )
+from simulations.simulate import lab_policy
 
 Proc = subprocess.Popen
 
@@ -113,8 +115,11 @@ class LocalCluster:
     is stopped (SIGTERM, then SIGKILL, by PID / its own process group) on exit, even on errors.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, policy: Path | None = None) -> None:
+        """``policy``: the privacy-policy file every node started here holds unless its
+        start names another (None: the markets' own defaults)."""
         self.root = Path(root).resolve()
+        self.policy = policy
         self.certs = self.root / "certs"
         self.keys = self.root / "keys"
         self.logs = self.root / "logs"
@@ -222,13 +227,17 @@ class LocalCluster:
 
     def start_node(self, market: str, key: Path, state_dir: Path, data_dir: str = "",
                    dataset: str = "", device: str = "cpu", threads: int = 1,
-                   fleet_poll: float = 0.5) -> Proc:
-        """``storefed deploy supernode`` for one market (SuperNode + warm executor)."""
+                   fleet_poll: float = 0.5, policy: Path | None = None) -> Proc:
+        """``storefed deploy supernode`` for one market (SuperNode + warm executor);
+        ``policy``: the market's privacy-policy file (default: the private defaults)."""
         cmd = [sys.executable, "-m", "simulations.cli", "deploy", "supernode",
                "--superlink", self.address, "--ca", str(self.certs / "ca.crt"),
                "--key", str(key), "--market", market, "--state-dir", str(state_dir),
                "--runtime-port", str(free_port()), "--threads", str(threads),
                "--fleet-poll", str(fleet_poll)]
+        policy = policy or self.policy
+        if policy is not None:
+            cmd += ["--policy", str(policy)]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         if dataset:
@@ -238,10 +247,13 @@ class LocalCluster:
         return self._spawn(f"node-{market}", cmd, self.root / f"home-{market}")
 
     def start_flower_node(self, market: str, key: Path, state_dir: Path, data_dir: str = "",
-                          dataset: str = "", device: str = "cpu") -> Proc:
+                          dataset: str = "", device: str = "cpu",
+                          policy: Path | None = None) -> Proc:
         """Flower's default layout, for comparison: plain ``flower-supernode --isolation
         subprocess`` (a fresh ``flwr-clientapp`` process per message, 3 s Fleet poll)."""
-        nc = node_config_string(market, data_dir, str(state_dir), device, dataset)
+        policy = policy or self.policy
+        nc = node_config_string(market, data_dir, str(state_dir), device, dataset,
+                                str(policy.resolve()) if policy else "")
         cmd = supernode_command(self.address, self.certs / "ca.crt", key, nc, free_port(),
                                 isolation="subprocess")
         return self._spawn(f"node-{market}", cmd, self.root / f"home-{market}")
@@ -344,9 +356,11 @@ def _demo(args: argparse.Namespace) -> int:
             cluster.make_certs()
             sl = cluster.start_superlink()
             print(f"SuperLink pid {sl.pid} on https://{cluster.address} (TLS, node auth)")
+            policy = demo_policy(work, bool(values.get("secagg", True)), len(markets))
             for m in markets:
                 key, _ = cluster.node_keys(m)
-                p = cluster.start_node(m, key, work / "state" / m, data_dir, args.dataset)
+                p = cluster.start_node(m, key, work / "state" / m, data_dir, args.dataset,
+                                       policy=policy)
                 print(f"SuperNode {m}: pid {p.pid}, key {key.name} registered")
             run_id, status = cluster.run(values, args.timeout)
         except BaseException:
@@ -369,6 +383,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if status.endswith("completed") else 1
 
 
+def demo_policy(work: Path, secagg: bool, n_markets: int) -> Path:
+    """The privacy policy of the demo's regions (one person runs every region on one host):
+    the private defaults, except plain FedAvg when the demo runs ``--no-secagg`` and a
+    smaller minimum sum when the demo has fewer than three markets."""
+    return write_policy(work / "demo-policy", lab_policy(secagg, n_markets))
+
+
 def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir: str,
                 dataset: str, layout: str = "warm",
                 timeout: float = 3600.0) -> tuple[dict[str, Any], float, dict[str, float]]:
@@ -378,10 +399,11 @@ def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir
         try:
             cluster.make_certs()
             cluster.start_superlink()
+            policy = demo_policy(work, bool(values.get("secagg", True)), len(markets))
             for m in markets:
                 key, _ = cluster.node_keys(m)
                 start = cluster.start_node if layout == "warm" else cluster.start_flower_node
-                start(m, key, work / "state" / m, data_dir, dataset)
+                start(m, key, work / "state" / m, data_dir, dataset, policy=policy)
             cpu0 = cluster.cpu_seconds()
             t0 = time.perf_counter()
             run_id, status = cluster.run(values, timeout)

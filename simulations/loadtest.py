@@ -163,7 +163,7 @@ def load_run(n: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         wall = time.perf_counter() - t1
     rounds = doc["rounds"]
     per_round = [float(r["seconds"]) for r in rounds]
-    trained = [sum(1 for m in r["markets"].values() if m.get("loss") is not None)
+    trained = [sum(1 for m in r["markets"].values() if m.get("trained"))
                for r in rounds]
     evaluated = [len(r["markets"]) for r in rounds]
     return {

@@ -41,7 +41,8 @@ from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.data import available_markets
 from shared.errors import ConfigError
-from simulations.simulate import add_run_options, config_from_args, run_federated
+from shared.policy import NODE_CONFIG_KEY, write_policy
+from simulations.simulate import add_run_options, config_from_args, lab_policy, run_federated
 
 T = TypeVar("T")
 ENGINES = ("simulation", "inprocess")
@@ -71,12 +72,13 @@ class LocalGrid(Grid):
     clocks at the end of every evaluate exchange, i.e. at the end of every round's messaging."""
 
     def __init__(self, app: Any, n: int, run_config: dict[str, Any],
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, policy: Path | None = None) -> None:
         self.app = app
         self.ids = [1 + i for i in range(n)]
         # one private state dir per node: replicas of one market must not share heads
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={
             "partition-id": i, "num-partitions": n,
+            **({NODE_CONFIG_KEY: str(policy)} if policy else {}),
             **({"state-dir": str(state_dir / f"node{i}")} if state_dir else {})},
             state=RecordDict(), run_config=dict(run_config))
             for i, nid in enumerate(self.ids)}
@@ -194,7 +196,10 @@ def cpu_run(cfg: RunConfig, out: Path, profile: Profile | None = None,
 
     cfg = cfg.replace(out_dir=str(out), state_dir=str(out / "state"), torch_threads=1)
     overrides = cfg.to_mapping()
-    grid = LocalGrid(make_app(overrides), len(cfg.market_list), overrides, out / "state")
+    # the lab holds every market of the bench: plain arms need a policy that lets them out
+    policy = write_policy(out / "lab-policy", lab_policy(cfg.secagg, len(cfg.market_list)))
+    grid = LocalGrid(make_app(overrides), len(cfg.market_list), overrides, out / "state",
+                     policy)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     ctx = profile.active() if profile is not None else contextlib.nullcontext()
     with ctx:
@@ -222,7 +227,8 @@ def _run_arm(engine: str, cfg: RunConfig, out: Path, verbose: bool,
         _, doc = cpu_run(cfg, out, profile if cfg.secagg else None)
         wall = doc["wall_round_seconds"]
     else:
-        doc = run_federated(cfg.replace(out_dir=str(out)), verbose)
+        doc = run_federated(cfg.replace(out_dir=str(out)), verbose,
+                            policy=lab_policy(cfg.secagg, len(cfg.market_list)))
         wall = [float(r["seconds"]) for r in doc["rounds"]]
     doc["bench"] = {"wall": wall, "cpu": doc.get("cpu_round_seconds"),
                     "load_start": load, "load_end": os.getloadavg()[0]}
@@ -315,7 +321,7 @@ def run_bench(cfg: RunConfig, clients: list[int], out: Path, dp_noise: list[floa
                 _, doc = cpu_run(c, Path(c.out_dir))
                 doc["wall_seconds"] = time.perf_counter() - t0
             else:
-                doc = run_federated(c, verbose)
+                doc = run_federated(c, verbose, policy=lab_policy(True, len(c.market_list)))
             norms = [r["secagg"]["dp_delta_norm_median"] for r in doc["rounds"]
                      if "dp_delta_norm_median" in r["secagg"]]
             dp_rows.append({"dp_noise": sigma, "dp_clip": dp_clip if sigma is not None else None,

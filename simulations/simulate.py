@@ -19,7 +19,8 @@ from server.server_app import prepare_run
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig, parse_overrides
 from shared.data import DATASETS, available_markets, load_market
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
+from shared.policy import NODE_CONFIG_KEY, PrivacyPolicy, load_policy, write_policy
 
 log = logging.getLogger("storefed")
 
@@ -70,10 +71,14 @@ def resolve_markets(cfg: RunConfig, markets_arg: str) -> list[str]:
 
 
 def run_federated(cfg: RunConfig, verbose: bool = False,
-                  client_mods: list[Mod] | None = None) -> dict[str, Any]:
+                  client_mods: list[Mod] | None = None,
+                  policy: PrivacyPolicy | None = None) -> dict[str, Any]:
     """Run ``cfg`` through ``flwr.simulation.run_simulation``; returns metrics.json's content.
 
     ``client_mods`` (Flower client mods) wrap every client's handlers, e.g. for fault tests.
+    ``policy``: the privacy policy every simulated market holds (written to each market's
+    state directory: whoever runs a local simulation holds every market); None keeps what the
+    state directories hold, else the private defaults.
 
     One virtual SuperNode per market (partition-id i -> markets[i]); clients run in Ray actors,
     as many at once as there are cores, each with cores/concurrency torch threads.
@@ -92,6 +97,10 @@ def run_federated(cfg: RunConfig, verbose: bool = False,
     concurrency = max(1, min(len(markets), cores))
     threads = cfg.torch_threads or max(1, cores // concurrency)
     cfg = cfg.replace(state_dir=str(state_dir), torch_threads=threads)
+    for market in markets:
+        if policy is not None:
+            write_policy(state_dir / market, policy)
+        check_policy_allows(load_policy({}, state_dir / market), cfg, market)
     overrides = cfg.to_mapping()
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": max(1, cores // concurrency),
@@ -113,6 +122,30 @@ def run_federated(cfg: RunConfig, verbose: bool = False,
     doc: dict[str, Any] = json.loads(metrics_path.read_text())
     doc["wall_seconds"] = time.perf_counter() - t0
     return doc
+
+
+def lab_policy(secagg: bool, n_markets: int) -> PrivacyPolicy:
+    """The policy of markets that one person simulates together (the lab's benchmarks, local
+    demos): the private defaults, except plain FedAvg for a plain run and a smaller minimum sum
+    when fewer than three markets take part."""
+    return PrivacyPolicy(secure_aggregation_only=secagg,
+                         min_markets=max(2, min(n_markets, PrivacyPolicy().min_markets)))
+
+
+def check_policy_allows(policy: PrivacyPolicy, cfg: RunConfig, market: str) -> None:
+    """Fail before the simulation starts when a market's policy would refuse the whole run
+    (the client would refuse every round; here the user gets the reason at once)."""
+    if policy.secure_aggregation_only and not cfg.secagg:
+        raise ConfigError(f"market {market}'s privacy policy is secure-aggregation-only, so it "
+                          f"refuses a run with secagg = false; give the simulated markets "
+                          f"another policy with --market-policy FILE "
+                          f"(secure-aggregation-only = false)")
+    n = max(1, int(len(cfg.market_list) * cfg.fraction_train))
+    if cfg.secagg and n < policy.min_markets:
+        raise ConfigError(f"{n} market(s) per round, but market {market}'s privacy policy needs "
+                          f"at least min-markets = {policy.min_markets} in any sum; add markets "
+                          f"or give the simulated markets another policy with "
+                          f"--market-policy FILE")
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -151,6 +184,10 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="aggregate with SecAgg+ (default: on, run-config secagg = true); "
                         "--no-secagg: plain FedAvg")
     p.add_argument("--resume", action="store_true", help="continue from OUT/encoder.pt")
+    p.add_argument("--market-policy", default=None, metavar="FILE",
+                   help="privacy policy (TOML, see shared/policy.py) every simulated market "
+                        "holds (default: what each market's state directory holds, else the "
+                        "private defaults)")
     p.add_argument("--out", default="runs/latest", help="output directory")
     return "simulate", _run
 
@@ -161,7 +198,9 @@ def _run(args: argparse.Namespace) -> int:
                            resume=True if args.resume else None)
     log.info("simulating %d markets (%s) of %s for %d rounds -> %s", len(cfg.market_list),
              cfg.markets, cfg.dataset, cfg.num_rounds, cfg.out_dir)
-    doc = run_federated(cfg, verbose=args.verbose)
+    policy = (load_policy({NODE_CONFIG_KEY: args.market_policy}, None)
+              if args.market_policy else None)
+    doc = run_federated(cfg, verbose=args.verbose, policy=policy)
     print_summary(doc)
     print(f"wrote {Path(cfg.out_dir) / 'metrics.json'} and {Path(cfg.out_dir) / 'encoder.pt'} "
           f"({doc['wall_seconds']:.1f}s)")

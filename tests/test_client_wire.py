@@ -9,6 +9,7 @@ from client.client_app import make_app
 from shared.config import RunConfig
 from shared.data import load_market
 from shared.node import initial_encoder
+from shared.policy import PrivacyPolicy, write_policy
 from shared.wire import LAYOUT_KEY, PACKED_KEY, WEIGHT_PREFIX, from_record
 
 OVERRIDES = {"embedding-dim": 8, "local-epochs": 1, "markets": "m0,m1", "device": "cpu"}
@@ -20,6 +21,8 @@ def run_client(tmp_path, message_type, state=None):
     catalog, _ = load_market(cfg.dataset, None, "m0")
     glob = initial_encoder(cfg, catalog)
     app = make_app({**OVERRIDES, "state-dir": str(tmp_path)})
+    # these tests read the plain-FedAvg reply: m0's own policy lets it out
+    write_policy(tmp_path / "m0", PrivacyPolicy(secure_aggregation_only=False))
     msg = Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=glob),
                               "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=1, message_type=message_type)

@@ -37,7 +37,7 @@ DRIVER = textwrap.dedent("""
 
     from shared.config import RunConfig
     from shared.wire import from_record, to_record
-    from simulations.simulate import run_federated
+    from simulations.simulate import lab_policy, run_federated
 
     OUT, TRACE = Path(sys.argv[1]), Path(sys.argv[1]) / "trace"
     TIMEOUT, HANG = float(sys.argv[2]), float(sys.argv[3])
@@ -97,7 +97,7 @@ DRIVER = textwrap.dedent("""
         "markets": ",".join(MARKETS), "num-rounds": 3, "embedding-dim": 8, "local-epochs": 1,
         "eval-negatives": 20, "device": "cpu", "out-dir": str(OUT), "round-timeout": TIMEOUT,
         "secagg": False})  # plain FedAvg: the server must see each update to reject m1's
-    doc = run_federated(cfg, client_mods=[faults])
+    doc = run_federated(cfg, client_mods=[faults], policy=lab_policy(False, len(MARKETS)))
     print("DONE", doc["wall_seconds"])
 """)
 
@@ -155,10 +155,13 @@ def test_poisoned_crashing_and_hanging_markets_in_a_simulation(tmp_path):
 
 
 def _storefed(out: Path, *extra: str) -> subprocess.Popen:
+    policy = out.parent / "two-market-policy.toml"  # two markets: sums of two allowed
+    policy.write_text("min-markets = 2\n")
     return subprocess.Popen(
         [sys.executable, "-m", "simulations.cli", "simulate", "--markets", "m0,m1", "--rounds",
          "3", "--out", str(out), "--config", "embedding-dim=8", "--config", "local-epochs=2",
-         "--config", "eval-negatives=20", "--device", "cpu", *extra],
+         "--config", "eval-negatives=20", "--device", "cpu", "--market-policy", str(policy),
+         *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)  # its own process group: Ray's processes die with it
 

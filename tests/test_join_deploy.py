@@ -32,9 +32,11 @@ import torch
 from shared.checkpoint import load_encoder, load_private
 from shared.config import RunConfig
 from shared.node import MarketNode
+from shared.policy import write_policy
 from simulations.cli import main as storefed
 from simulations.deploy import DeployError, rounds_written, submit_run, wait_run
 from simulations.deploy_demo import LocalCluster
+from simulations.simulate import lab_policy
 from tests.test_deploy import SMALL, _fail_with_logs, _rounds_seen
 
 SOURCES = ["m0", "m1"]
@@ -46,7 +48,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path)
+    # two source markets (plain or SecAgg+ variant): their policy allows sums of two markets
+    c = LocalCluster(tmp_path, policy=write_policy(tmp_path / "policy", lab_policy(False, 2)))
     try:
         c.make_certs()
         c.start_superlink()
@@ -193,7 +196,7 @@ def test_new_market_joins_a_running_deployment_from_the_next_round(cluster, seca
     rounds = doc["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert sorted(rounds[0]["markets"]) == SOURCES  # round 1: before it existed
-    trained = [r["round"] for r in rounds if (r["markets"].get(NEW) or {}).get("train_examples")]
+    trained = [r["round"] for r in rounds if (r["markets"].get(NEW) or {}).get("trained")]
     # round 2 may have been sent before the node was online; round 3 must include it, and
     # from its first round on it is in every round (training and evaluation)
     assert trained and trained[0] <= online_after + 2, trained

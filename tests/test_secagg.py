@@ -42,6 +42,7 @@ from shared.secagg import (
     neighbours,
     prg_mask,
     quant_step,
+    with_stats,
 )
 from shared.wire import WEIGHT_PREFIX, apply_summed_update, state_from_record, sum_updates
 
@@ -148,11 +149,14 @@ def updates_by_market(grid, recorded):
 
 
 def _train_order(grid):
+    labels = {int(msg.metadata.src_node_id): str(msg.content.config_records["info"]["market"])
+              for msg in grid.received  # a node names its market with its setup keys only
+              if not msg.has_error() and "info" in msg.content.config_records}
     order = []
     for msg in grid.received:
         if (not msg.has_error() and RECORD in msg.content.config_records
                 and "arrays" in msg.content.array_records):  # masked uploads: trained nodes
-            m = str(msg.content.config_records["info"]["market"])
+            m = labels[int(msg.metadata.src_node_id)]
             if m not in order:
                 order.append(m)
     return order
@@ -179,21 +183,24 @@ def check_average(cfg, glob, new, updates, doc):
 def test_encode_decode_bound_and_clipping():
     rng = np.random.default_rng(0)
     glob = {"a": torch.zeros(5, 3), "encoder.item_emb.weight": torch.zeros(4, 2)}
-    layout = VectorLayout.for_encoder(glob, rowwise=True)
+    layout = VectorLayout.for_encoder(glob)
     ups = []
     for _ in range(3):
         u = {"a": rng.normal(0, 3, (5, 3)), WEIGHT_PREFIX + "a": np.array([7.0]),
              "encoder.item_emb.weight": rng.normal(0, 1, (4, 2)),
-             WEIGHT_PREFIX + "encoder.item_emb.weight": np.array([1.0, 0.0, 5.0, 2.0])}
-        ups.append(u)
+             WEIGHT_PREFIX + "encoder.item_emb.weight": np.array([7.0])}
+        ups.append(with_stats(u, float(rng.random()), 7.0))
     clip, quant = 4.0, 2**20
     vecs = [encode(u, layout, clip, quant, rng) for u in ups]
     clipped = sum(c for _, c in vecs)
     expected = sum(int(np.sum(np.abs(u[k]) > clip)) for u in ups for k in ("a",
-                   "encoder.item_emb.weight"))
+                   "encoder.item_emb.weight", "stat/train-loss"))
     assert clipped == expected and clipped > 0  # sd 3 vs clip 4: some values exceed it
     total = sum((v for v, _ in vecs), np.zeros(layout.size, dtype=np.uint64))
     got = decode(total, layout, clip, quant)
+    # the counters are summed too: the server learns how many markets and clipped values
+    assert got["counter/markets"][0] == 3 and got["counter/clipped"][0] == clipped
+    got = {k: v for k, v in got.items() if not k.startswith("counter/")}
     clipped_ups = [{k: np.clip(v, -clip, clip) if not k.startswith(WEIGHT_PREFIX) else v
                     for k, v in u.items()} for u in ups]
     want = sum_updates(clipped_ups)
@@ -263,7 +270,7 @@ def test_server_never_holds_a_plain_update_but_gets_the_average(tmp_path, record
     assert sorted(updates) == markets
     rep = doc["rounds"][0]["secagg"]
     assert rep["attempts"][-1]["aggregated"] == markets and rep["clipped_values"] == 0
-    layout = VectorLayout.for_encoder(glob, cfg.aggregation == "rowwise")
+    layout = VectorLayout.for_encoder(glob)
     rng = np.random.default_rng(0)
     for m, u in updates.items():
         w, v = layout.flatten(u)
@@ -405,7 +412,7 @@ def round_start(grid, rnd):
 def test_pipelined_rounds(tmp_path, recorded, fail):
     """Round 2 reuses keys set up during round 1 (only masked upload + unmask exchanges);
     dropouts in the piggybacked stages still leave a correct round 2."""
-    markets = ["m0", "m1", "m2"]
+    markets = ["m0", "m1", "m2", "m3"]  # losing one still leaves min-markets (3) in a sum
     mods = {"none": [], "piggybacked share-keys": [eval_drop_mod(1, 1)],
             "unmask + next setup": [drop_mod(1, "unmask", rounds=(1,))]}[fail]
     cfg, grid, doc, glob, new = run(tmp_path, markets, mods=mods, **{"num-rounds": 2})
@@ -420,7 +427,7 @@ def test_pipelined_rounds(tmp_path, recorded, fail):
     else:
         assert r2["attempts"][0]["pipelined"] is True
         assert set(stages_r2) == {"masked-upload", "unmask"}
-        expected = markets if fail == "none" else ["m0", "m2"]
+        expected = markets if fail == "none" else ["m0", "m2", "m3"]
         if fail != "none":
             assert r2["dropped"] == {"share-keys": ["m1"]}
     assert r2["attempts"][0]["aggregated"] == expected
