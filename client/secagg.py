@@ -32,7 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from shared.dp import privatize
+from shared.dp import delta_norm, privatize
 from shared.model import encoder_state
 from shared.policy import PolicyRefusedError, PrivacyLedger, PrivacyPolicy
 from shared.secagg import (
@@ -164,31 +164,36 @@ def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
     if bool(rec.get("rowwise", False)):
         raise _refuse("the server asks for row-wise weights: a row weight of an item only this "
                       "market trained would be its own interaction count")
-    # the noise and clip are the market's: the run may ask for more, never for less
-    clip = policy.clip(cfg.dp_clip)
+    # the DP noise and clip are the market's: the run may ask for more, never for less
+    dp_clip = policy.clip(cfg.dp_clip)
     std = policy.noise_std(cfg.dp_noise, cfg.dp_clip, int(cast(int, rec["sampled"])))
-    multiplier = std * (policy.min_markets ** 0.5) / clip if clip > 0 else 0.0
+    multiplier = std * (policy.min_markets ** 0.5) / dp_clip if dp_clip > 0 else 0.0
     ledger = PrivacyLedger.open(node.state_path.parent if node.state_path else None)
     delta = min(policy.dp_delta, cfg.dp_delta)
     if ledger.epsilon(delta, multiplier) > policy.epsilon_budget:
         raise _refuse(f"its privacy budget (epsilon {policy.epsilon_budget:g}) would be "
                       f"exceeded by one more release; it stops contributing")
-    update, metrics = node.train_round(global_encoder, rnd, rowwise=False)
-    weight = float(metrics["num-examples"])
-    if clip > 0:
+    _, metrics = node.train_round(global_encoder, rnd, rowwise=False)
+    # what one market can do to the encoder is bounded: its delta's L2 norm by update-clip (or
+    # the tighter DP clip), its weight by secagg-max-weight (1 under DP)
+    clip = min(c for c in (dp_clip, cfg.update_clip) if c > 0)
+    weight = 1 if dp_clip > 0 else min(int(metrics["num-examples"]), cfg.secagg_max_weight)
+    local = encoder_state(node.model)
+    norm_clipped = delta_norm(local, global_encoder) > clip
+    if norm_clipped or std > 0:
         rng = np.random.default_rng()  # OS entropy: DP noise must not be predictable
-        local, _ = privatize(encoder_state(node.model), global_encoder, clip, std, rng)
-        update, weight = make_update(local, global_encoder, 1, None), 1.0
+        local, _ = privatize(local, global_encoder, clip, std, rng)
+    update = make_update(local, global_encoder, weight, None)
     context.state[PRIVATE_KEY] = ArrayRecord(torch_state_dict=node.private())
     node.persist(rnd)
     layout = VectorLayout.for_encoder(global_encoder)
-    update = with_stats(update, float(metrics["train-loss"]), weight)
+    update = with_stats(update, float(metrics["train-loss"]), weight, std * std)
     # the stochastic rounding only keeps the fixed-point sum unbiased (the masks hide the
     # vector): seeded per (seed, round, market), so a run's sums, hence its results, are
     # reproducible (integer sums are exact and order-free)
     rounding = np.random.default_rng([cfg.seed % 2**32, rnd, zlib.crc32(node.market.encode())])
     vec, _ = encode(update, layout, float(cast(float, rec["clip-range"])),
-                    int(cast(int, rec["quant-range"])), rounding)
+                    int(cast(int, rec["quant-range"])), rounding, norm_clipped)
     ledger.record(rnd, int(cast(int, rec["attempt"])), multiplier, delta)
     context.state[VECTOR_KEY] = ArrayRecord({"vec": Array(vec)})
     context.state[MARKET_KEY] = ConfigRecord({"market": node.market, "round": rnd})

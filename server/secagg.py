@@ -42,6 +42,7 @@ towards epsilon, rejected or not.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ from shared.secagg import (
     RECORD_NEXT,
     SETUP,
     SHARE_KEYS,
+    STAT_PREFIX,
     UNMASK,
     VectorLayout,
     check_capacity,
@@ -445,21 +447,34 @@ class SecAggRound:
                                 f"after {stage}", holders)
 
 
-def check_sum(summed: dict[str, np.ndarray], n_summed: int, dp: bool) -> str | None:
-    """Why a decoded sum must be rejected (a client uploaded garbage), or None. Only sums are
-    checked: the count of markets each one put in, and one weight (per market: its number of
-    examples, or 1 under DP) shared by every tensor."""
+def check_sum(summed: dict[str, np.ndarray], n_summed: int, cfg: RunConfig) -> str | None:
+    """Why a decoded sum must be rejected, or None. Only sums are checked (no market's own
+    figures reach the server): the count of markets each one put in; one weight (per market
+    its capped example count, or 1 under DP) shared by every encoder tensor, within what
+    ``n_summed`` markets may claim; and the L2 norm of the summed weighted deltas within what
+    markets whose deltas are clipped to ``update-clip`` (the DP clip if tighter) could produce,
+    plus the DP noise they declared (summed) and the fixed-point rounding."""
+    dp = cfg.dp_clip > 0
     markets = float(summed[COUNTER_PREFIX + "markets"][0])
     if markets != n_summed:
         return f"the sum holds {markets:g} market counts but {n_summed} markets were summed"
-    dense = sorted({float(v[0]) for k, v in summed.items()
-                    if k.startswith(WEIGHT_PREFIX) and v.size == 1})
-    if len(dense) != 1:
-        return f"summed weights differ between tensors: {dense[:3]}"
-    if dense[0] < n_summed or (dp and dense[0] != n_summed):
-        return f"summed weight {dense[0]:g} is not possible for {n_summed} markets"
-    if any(np.any(v < 0) for k, v in summed.items() if k.startswith(WEIGHT_PREFIX)):
-        return "negative summed weights"
+    enc = [k for k in summed if not k.startswith((WEIGHT_PREFIX, COUNTER_PREFIX, STAT_PREFIX))]
+    weights = sorted({float(summed[WEIGHT_PREFIX + k][0]) for k in enc})
+    if len(weights) != 1:
+        return f"summed weights differ between tensors: {weights[:3]}"
+    w = weights[0]
+    if w < n_summed or w > n_summed * (1 if dp else cfg.secagg_max_weight):
+        return f"summed weight {w:g} is not possible for {n_summed} markets"
+    clip = min(c for c in (cfg.dp_clip, cfg.update_clip) if c > 0)
+    d = sum(summed[k].size for k in enc)
+    noise_var = max(float(summed["stat/noise-var"][0]), 0.0)
+    step = quant_step(cfg.secagg_clip_range, cfg.secagg_quant_range)
+    bound = (w * clip * (1 + 1e-5) + math.sqrt(noise_var) * (math.sqrt(d) + 10.0)
+             + n_summed * step * d)
+    norm = math.sqrt(sum(float(np.square(summed[k], dtype=np.float64).sum()) for k in enc))
+    if not norm <= bound:
+        return (f"the summed update's L2 norm {norm:.4g} exceeds {bound:.4g}, the most "
+                f"{n_summed} markets clipped to {clip:g} (weights {w:g}) can send")
     return None
 
 
@@ -491,7 +506,7 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
             multipliers.append(effective_multiplier(cfg.dp_noise, result.n_sampled,
                                                     result.n_summed))
             result.report["dp_multiplier"] = multipliers[-1]
-        aggregate_round(run, rnd, result, dp)
+        aggregate_round(run, rnd, result)
         if dp:
             run.extra["privacy"] = {**epsilon_spent(multipliers, cfg.dp_delta,
                                                     len(cfg.market_list) or len(nodes)),
@@ -504,7 +519,7 @@ def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str,
     return final_doc(run, doc)
 
 
-def aggregate_round(run: ServerRun, rnd: int, result: RoundResult, dp: bool) -> None:
+def aggregate_round(run: ServerRun, rnd: int, result: RoundResult) -> None:
     """Apply a SecAgg+ round's sum to the global encoder (or record why not)."""
     strategy = run.strategy
     strategy.last_train = {}  # no market's own training figures reach the server
@@ -520,7 +535,8 @@ def aggregate_round(run: ServerRun, rnd: int, result: RoundResult, dp: bool) -> 
     if result.report["clipped_values"]:
         log.warning("round %d: %d update values exceeded secagg-clip-range %g and were "
                     "clipped", rnd, result.report["clipped_values"], run.cfg.secagg_clip_range)
-    why = check_sum(summed, result.n_summed, dp)
+    result.report["norm_clipped_markets"] = int(summed[COUNTER_PREFIX + "norm-clipped"][0])
+    why = check_sum(summed, result.n_summed, run.cfg)
     if why is not None:
         strategy.rejected.append((rnd, "*", why))
         log.warning("round %d: secagg sum rejected: %s", rnd, why)

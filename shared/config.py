@@ -66,6 +66,11 @@ class RunConfig:
     secagg_clip_range: float = 1048576.0
     secagg_quant_range: int = 4503599627370496  # 2**52 levels over [-clip, clip]
     secagg_retries: int = 2
+    # what one market can do to the encoder under SecAgg+: its encoder delta is clipped to this
+    # L2 norm and its weight (example count) capped; the server rejects a decoded sum that
+    # markets within both bounds could not produce
+    update_clip: float = 100.0
+    secagg_max_weight: int = 100000
     secagg_timeout: float = 300.0  # seconds per light protocol stage
     # client-level DP over SecAgg+ (shared/dp.py): noise multiplier, L2 clip, target delta
     dp_noise: float = 0.0
@@ -156,6 +161,8 @@ def _check_secagg(c: RunConfig) -> None:
         bad = f"secagg-threshold must be in (0, 1], got {c.secagg_threshold!r}"
     elif c.secagg_clip_range <= 0 or c.secagg_timeout <= 0:
         bad = "secagg-clip-range and secagg-timeout must be > 0"
+    elif c.update_clip <= 0 or c.secagg_max_weight < 1:
+        bad = "update-clip must be > 0 and secagg-max-weight >= 1"
     elif not 2 <= c.secagg_quant_range <= 2**62:
         bad = f"secagg-quant-range must be in [2, 2**62], got {c.secagg_quant_range!r}"
     elif c.dp_noise < 0 or c.dp_clip < 0 or not 0.0 < c.dp_delta < 1.0:

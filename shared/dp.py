@@ -47,6 +47,12 @@ def privatize(local: dict[str, torch.Tensor], global_: dict[str, torch.Tensor], 
     return out, float(norm)
 
 
+def delta_norm(local: dict[str, torch.Tensor], global_: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``local - global`` over every tensor."""
+    return float(get_norm([(local[k].double() - global_[k].double()).cpu().numpy()
+                           for k in sorted(global_)]))
+
+
 def client_noise_std(noise_multiplier: float, clip: float, n_sampled: int) -> float:
     """Per-client noise so that the sum over ``n_sampled`` clients has std ``sigma * clip``."""
     return noise_multiplier * clip / math.sqrt(max(1, n_sampled))

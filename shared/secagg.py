@@ -82,14 +82,15 @@ MAX_SUM = 2**63
 
 
 #: integer slots at the head of every vector: each market puts 1 in ``markets`` (the server
-#: checks the decoded count against the nodes it summed) and its number of clipped values in
-#: ``clipped``; the server learns only their sums
-COUNTERS = ("markets", "clipped")
+#: checks the decoded count against the nodes it summed), its number of values beyond the
+#: fixed-point range in ``clipped`` and 1 in ``norm-clipped`` if ``update-clip`` shortened its
+#: delta; the server learns only their sums
+COUNTERS = ("markets", "clipped", "norm-clipped")
 COUNTER_PREFIX = "counter/"
 #: training statistics that travel inside the masked vector, weighted like a dense tensor (the
 #: server decodes their example-weighted mean over the markets, never one market's value)
 STAT_PREFIX = "stat/"
-STATS = ("stat/train-loss",)
+STATS = ("stat/train-loss", "stat/noise-var")
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,16 @@ class VectorLayout:
         return out
 
 
-def with_stats(update: dict[str, np.ndarray], train_loss: float,
-               weight: float) -> dict[str, np.ndarray]:
-    """``update`` plus the ``STATS`` slots: the train loss weighted like the dense tensors."""
+def with_stats(update: dict[str, np.ndarray], train_loss: float, weight: float,
+               noise_var: float = 0.0) -> dict[str, np.ndarray]:
+    """``update`` plus the ``STATS`` slots: the train loss weighted like the dense tensors, and
+    the variance of the DP noise the market added per value (summed: the server sizes its
+    bound on the decoded sum with it)."""
     out = dict(update)
     out["stat/train-loss"] = np.asarray([train_loss * weight], dtype=np.float64)
     out[WEIGHT_PREFIX + "stat/train-loss"] = np.asarray([weight], dtype=np.float64)
+    out["stat/noise-var"] = np.asarray([noise_var], dtype=np.float64)
+    out[WEIGHT_PREFIX + "stat/noise-var"] = np.asarray([1.0], dtype=np.float64)
     return out
 
 
@@ -198,7 +203,8 @@ def check_capacity(n_clients: int, quant_range: int) -> None:
 
 
 def encode(update: dict[str, np.ndarray], layout: VectorLayout, clip_range: float,
-           quant_range: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+           quant_range: int, rng: np.random.Generator,
+           norm_clipped: bool = False) -> tuple[np.ndarray, int]:
     """Wire-format update -> (uint64 vector, number of clipped numerator values).
 
     Weights must be non-negative integers (example / row counts) and travel exactly."""
@@ -211,7 +217,7 @@ def encode(update: dict[str, np.ndarray], layout: VectorLayout, clip_range: floa
     scaled = np.clip(values, -clip_range, clip_range) / quant_step(clip_range, quant_range)
     low = np.floor(scaled)
     q = low + (rng.random(scaled.shape) < (scaled - low))  # unbiased stochastic rounding
-    counters = np.asarray([1, clipped], dtype=np.int64)  # COUNTERS: markets, clipped
+    counters = np.asarray([1, clipped, int(norm_clipped)], dtype=np.int64)  # COUNTERS
     vec = np.concatenate([counters, weights.astype(np.int64), q.astype(np.int64)])
     return vec.view(np.uint64), clipped
 

@@ -119,9 +119,9 @@ def recorded(monkeypatch):
     seen: list[tuple[str, dict[str, np.ndarray]]] = []
     real_encode = client_secagg.encode
 
-    def spy(update, layout, clip, quant, rng):
+    def spy(update, layout, clip, quant, rng, *rest):
         seen.append({k: np.array(v, copy=True) for k, v in update.items()})
-        return real_encode(update, layout, clip, quant, rng)
+        return real_encode(update, layout, clip, quant, rng, *rest)
 
     monkeypatch.setattr(client_secagg, "encode", spy)
     return seen

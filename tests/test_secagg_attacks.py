@@ -1,0 +1,290 @@
+"""A deviating server and a malicious market against the real client and server code.
+
+Each test plays the attacker through ``FakeGrid`` (the real ClientApp of every market, the real
+SecAgg+ round of ``server/secagg.py``) and checks that the attack no longer works: what the
+attacker would recover is not there, or the round is abandoned cleanly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import client.secagg as client_secagg
+import server.secagg as server_secagg
+from client.client_app import make_app
+from shared.config import RunConfig
+from shared.data import load_catalog
+from shared.node import MarketNode, initial_encoder
+from shared.secagg import (
+    MASKED,
+    MASKED_KEY,
+    MESSAGE_TYPE,
+    RECORD,
+    UNMASK,
+    VectorLayout,
+    pair_sign,
+    prg_mask,
+    shared_key,
+)
+from shared.wire import to_record
+from tests.test_secagg import FakeGrid
+
+BASE = {"embedding-dim": 4, "local-epochs": 1, "device": "cpu", "num-rounds": 1,
+        "secagg": True, "torch-threads": 1, "item-knn": False, "eval-negatives": 20}
+
+
+def _setup(tmp_path, n: int, mods=None, **extra):
+    markets = [f"m{i}" for i in range(n)]
+    overrides = {**BASE, "markets": ",".join(markets), "out-dir": str(tmp_path / "out"),
+                 "state-dir": str(tmp_path / "state"), **extra}
+    cfg = RunConfig.from_mapping(overrides)
+    grid = FakeGrid(make_app(overrides, mods=mods), n, overrides)
+    glob = initial_encoder(cfg, load_catalog(cfg.dataset, None, seed=cfg.seed))
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    return cfg, grid, glob
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Every vector a client encodes (by node, in order) and every sum the server decodes."""
+    seen: dict[str, list] = {"encoded": [], "decoded": [], "market": []}
+    real_encode, real_decode = client_secagg.encode, server_secagg.decode
+    real_train = MarketNode.train_round
+
+    def train(self, *a, **kw):
+        seen["market"].append(self.market)
+        return real_train(self, *a, **kw)
+
+    def encode(update, layout, clip, quant, rng, *rest):
+        vec, clipped = real_encode(update, layout, clip, quant, rng, *rest)
+        seen["encoded"].append((seen["market"][-1], vec.copy()))
+        return vec, clipped
+
+    def decode(*a, **kw):
+        out = real_decode(*a, **kw)
+        seen["decoded"].append(out)
+        return out
+
+    monkeypatch.setattr(MarketNode, "train_round", train)
+    monkeypatch.setattr(client_secagg, "encode", encode)
+    monkeypatch.setattr(server_secagg, "decode", decode)
+    return seen
+
+
+def test_restart_differencing_recovers_nothing(tmp_path, spies):
+    """The server lets round 1 of {m0..m3} reach unmask and decodes its sum, then runs round
+    1 again with {m0, m1, m2}: if the markets re-uploaded the same update, the difference of
+    the two sums would be m3's update."""
+    cfg, grid, glob = _setup(tmp_path, 4)
+    server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    assert len(spies["decoded"]) == 1
+    sa = server_secagg.SecAggRound(grid, cfg, 1, glob, grid.ids[:3])
+    again = sa.run()
+    if again.summed is not None:  # the attack got a second sum: does it single out m3?
+        first = spies["decoded"][0]
+        (vec,) = [v for m, v in spies["encoded"] if m == "m3"]
+        m3 = server_secagg.decode(vec, sa.layout, cfg.secagg_clip_range,
+                                  cfg.secagg_quant_range)  # m3's own encoded update
+        k = "encoder.item_emb.weight"
+        diff = first[k] - again.summed[k]
+        assert not np.allclose(diff, m3[k], atol=1e-6), "the two sums differ by m3's update"
+    assert again.summed is None  # the markets refuse to put their update into a second sum
+
+
+def _split_unmask(grid, cfg, glob, threshold: int) -> dict[str, object]:
+    """A server that tells some neighbours of X that X survived and the others that it
+    dropped, to rebuild both X's mask seed and its secret key, i.e. X's unmasked vector."""
+    nodes = list(grid.ids)
+    sa = server_secagg.SecAggRound(grid, cfg, 1, glob, nodes)
+    sa.cfg = cfg.replace(secagg_threshold=1.0)
+    ring = sa._setup(0, sa._send("setup", {n: RecordDict({RECORD: sa._setup_record(1, 0)})
+                                           for n in nodes}, 60), RECORD)
+    ring.t = threshold  # the server picks the threshold it announces
+    try:
+        sa._share_keys(ring, sa._send("share-keys", {n: RecordDict({RECORD: rec}) for n, rec
+                                                     in sa._share_records(ring).items()}, 60))
+    except server_secagg.AttemptFailedError:
+        return {"refused": "share-keys"}
+    if len(ring.u2) < len(nodes):
+        return {"refused": "share-keys"}
+    layout = sa.layout
+    rep = sa._send(MASKED, {n: RecordDict({
+        "arrays": to_record(glob), "config": ConfigRecord({"server-round": 1}),
+        RECORD: ConfigRecord({"round": 1, "attempt": 0, "stage": MASKED,
+                              "srcs": ring.fwd[n][0], "ctxts": ring.fwd[n][1],
+                              "sampled": len(nodes), "size": layout.size,
+                              "rowwise": bool(getattr(sa, "rowwise", False)),
+                              "clip-range": float(cfg.secagg_clip_range),
+                              "quant-range": int(cfg.secagg_quant_range)})}) for n in nodes},
+        60)
+    x = nodes[-1]
+    masked = rep[x].content.array_records["arrays"][MASKED_KEY].numpy()
+    others = [n for n in nodes if n != x]
+    best: dict[str, object] = {"refused": None, "recovered": None}
+    # the best split: X and t - 1 neighbours reveal seed shares, all the others key shares
+    alive_to, dead_to = others[:threshold - 1], others[threshold - 1:]
+    seed_shares, key_shares = [], []
+    asks = {n: {"active": nodes, "dead": []} for n in [*alive_to, x]}
+    asks.update({n: {"active": [v for v in nodes if v != x], "dead": [x]} for n in dead_to})
+    for n, lists in asks.items():
+        reply = sa._send(UNMASK, {n: RecordDict({RECORD: ConfigRecord({
+            "round": 1, "attempt": 0, "stage": UNMASK, **lists})})}, 60).get(n)
+        if reply is None:
+            continue
+        rec = reply.content.config_records[RECORD]
+        for owner, share in zip(rec["nids"], rec["shares"], strict=True):
+            if owner == x:
+                (seed_shares if x in lists["active"] else key_shares).append(share)
+    if len(seed_shares) >= threshold and len(key_shares) >= threshold:
+        seed = combine_shares(seed_shares[:threshold])
+        sk1 = combine_shares(key_shares[:threshold])
+        vec = masked.astype(np.uint64) - prg_mask(seed, masked.shape[0])
+        for n in others:
+            mask = prg_mask(shared_key(sk1, ring.pks[n][0]), masked.shape[0])
+            vec = vec - mask if pair_sign(x, n) > 0 else vec + mask
+        best["recovered"] = vec
+    return best
+
+
+@pytest.mark.parametrize("threshold", [2, 3])
+def test_split_unmask_rebuilds_no_market(tmp_path, spies, threshold):
+    cfg, grid, glob = _setup(tmp_path, 4)
+    out = _split_unmask(grid, cfg, glob, threshold)
+    if out.get("recovered") is not None:
+        x_plain = dict(spies["encoded"])["m3"]  # X is the last node, m3
+        assert not np.array_equal(out["recovered"], x_plain), "X's update was rebuilt"
+    assert out.get("recovered") is None
+    if threshold <= 2:  # a threshold of half the neighbourhood or less is refused outright
+        assert out.get("refused") == "share-keys"
+
+
+def _short_unmask_reply(index: int):
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (ctx.node_config["partition-id"] == index and not reply.has_error()
+                and msg.metadata.message_type == MESSAGE_TYPE
+                and msg.content.config_records[RECORD]["stage"] == UNMASK):
+            rec = reply.content.config_records[RECORD]
+            rec["shares"] = list(rec["shares"])[:-1]
+        return reply
+
+    return mod
+
+
+def test_a_malformed_unmask_reply_is_a_dropout_not_a_crash(tmp_path, spies):
+    cfg, grid, glob = _setup(tmp_path, 4, mods=[_short_unmask_reply(1)])
+    doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    rep = doc["rounds"][0]["secagg"]
+    assert "unmask" in rep["dropped"]  # m1's reply was thrown away, the round went on
+    assert rep["attempts"][-1]["aggregated"] == ["m0", "m1", "m2", "m3"]
+
+
+# ---------------------------------------------------------------------------- fuzzing
+def _mutate(value, draw):
+    kind = draw(st.sampled_from(["drop-item", "wrong-type", "garbage-bytes", "extra-item",
+                                 "negate"]))
+    if isinstance(value, list):
+        if kind == "drop-item" and value:
+            return value[:-1]
+        if kind == "extra-item":
+            return [*value, value[0] if value else 7]
+        if kind == "garbage-bytes":
+            return [b"\x00" * 3 for _ in value]
+        return "not a list"
+    if isinstance(value, bytes):
+        return value[:-1] if kind == "drop-item" else b"\xff" * len(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return -value - 1
+    return [1, 2]
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_replies_never_crash_the_server(tmp_path_factory, data):
+    """Any field of any stage's reply of one market, mutated: the round completes or is
+    abandoned cleanly, and a decoded sum is the honest markets' sum or is rejected."""
+    stage = data.draw(st.sampled_from(["setup", "share-keys", "masked-upload", "unmask"]))
+    victim = data.draw(st.integers(0, 3))
+    tmp_path = tmp_path_factory.mktemp("fuzz")
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (ctx.node_config["partition-id"] != victim or reply.has_error()
+                or msg.metadata.message_type != MESSAGE_TYPE
+                or msg.content.config_records[RECORD]["stage"] != stage):
+            return reply
+        if stage == MASKED:
+            vec = reply.content.array_records["arrays"][MASKED_KEY].numpy().copy()
+            how = data.draw(st.sampled_from(["shorter", "shifted", "float"]))
+            if how == "shorter":
+                vec = vec[:-1]
+            elif how == "shifted":
+                vec = vec + np.uint64(2**41)
+            else:
+                vec = vec.astype(np.float64)
+            from flwr.app import Array, ArrayRecord  # noqa: PLC0415
+
+            reply.content.array_records["arrays"] = ArrayRecord({MASKED_KEY: Array(vec)})
+            return reply
+        rec = reply.content.config_records[RECORD]
+        if rec:
+            key = data.draw(st.sampled_from(sorted(rec.keys())))
+            rec[key] = _mutate(rec[key], data.draw)
+        return reply
+
+    cfg, grid, glob = _setup(tmp_path, 4, mods=[mod])
+    doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    assert [r["round"] for r in doc["rounds"]] == [1]  # the server survived the round
+
+
+def _poison(index: int, what: str, amount: int):
+    """A malicious market: after masking, adds ``amount`` to every numerator slot of its vector
+    (``values``) or to every weight slot (``weights``)."""
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (ctx.node_config["partition-id"] == index and not reply.has_error()
+                and msg.metadata.message_type == MESSAGE_TYPE
+                and msg.content.config_records[RECORD]["stage"] == MASKED):
+            from flwr.app import Array, ArrayRecord  # noqa: PLC0415
+
+            vec = reply.content.array_records["arrays"][MASKED_KEY].numpy().copy()
+            layout = _POISON_LAYOUT[0]
+            start = layout.size - layout.n_values
+            part = (slice(start, None) if what == "values"
+                    else slice(start - layout.n_weights, start))
+            vec[part] += np.uint64(amount)
+            reply.content.array_records["arrays"] = ArrayRecord({MASKED_KEY: Array(vec)})
+        return reply
+
+    return mod
+
+
+_POISON_LAYOUT: list[VectorLayout] = []
+
+
+@pytest.mark.parametrize("what,amount", [("values", 2**41), ("values", 2**52),
+                                         ("weights", 2**41)])
+def test_a_poisoning_market_moves_the_encoder_no_further_than_its_clip(tmp_path, spies, what,
+                                                                       amount):
+    """2**41 on every value moved the encoder by 1024 per value; now a market's influence is
+    bounded by update-clip (the average of clipped deltas has an L2 norm of at most the
+    clip), and a sum beyond what clipped markets could send is rejected."""
+    cfg, grid, glob = _setup(tmp_path, 4, mods=[_poison(1, what, amount)])
+    _POISON_LAYOUT[:] = [server_secagg.SecAggRound(grid, cfg, 1, glob, grid.ids).layout]
+    doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    new = torch.load(tmp_path / "out" / "encoder.pt", weights_only=False)["state"]
+    step = float(sum(float(((new[k] - glob[k]).double() ** 2).sum()) for k in glob)) ** 0.5
+    bound = getattr(cfg, "update_clip", 100.0)  # the default clip (older code: none)
+    assert step <= bound, f"the encoder moved by {step:g} (L2)"
+    if amount >= 2**52 or what == "weights":  # beyond any clipped market: rejected
+        assert doc["rounds"][0]["rejected"] and step == 0.0
