@@ -58,9 +58,10 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[RunCo
 
 
 def market_policy(context: Context,
-                  fixed: Mapping[str, Any]) -> tuple[RunConfig, str, PrivacyPolicy]:
-    """The run config and this market's own privacy policy (``shared/policy.py``: from the
-    node config or the market's state directory, never from the run config or the server).
+                  fixed: Mapping[str, Any]) -> tuple[RunConfig, str, PrivacyPolicy, Path]:
+    """The run config, the market, its own privacy policy (``shared/policy.py``: from the node
+    config or the market's state directory, never from the run config or the server) and its
+    state directory.
     A run config its policy forbids (``secagg = false`` for a secure-aggregation-only market)
     is refused here, before anything is trained or sent."""
     cfg = RunConfig.from_mapping({**dict(context.run_config), **fixed})
@@ -71,7 +72,7 @@ def market_policy(context: Context,
                     "policy is secure-aggregation-only", market)
         raise PolicyRefusedError(f"market {market}: run config secagg = false, policy is "
                                  f"secure-aggregation-only")
-    return cfg, market, policy
+    return cfg, market, policy, state_dir / market
 
 
 def _open_node(msg: Message, context: Context,
@@ -102,7 +103,7 @@ def make_app(overrides: Mapping[str, Any] | None = None,
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        _, _, policy = market_policy(context, fixed)
+        _, _, policy, _ = market_policy(context, fixed)
         if policy.secure_aggregation_only:
             log.warning("refusing a plain train message: this market's privacy policy sends "
                         "updates only under secure aggregation (secure-aggregation-only)")
@@ -120,7 +121,7 @@ def make_app(overrides: Mapping[str, Any] | None = None,
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        _, _, policy = market_policy(context, fixed)
+        _, market, policy, market_dir = market_policy(context, fixed)
         node, global_encoder = _open_node(msg, context, fixed)
         summary = node.evaluate(global_encoder, "test")
         content = RecordDict()
@@ -130,17 +131,19 @@ def make_app(overrides: Mapping[str, Any] | None = None,
             content["metrics"] = MetricRecord(cast(MetricDict, flat))
             content["info"] = ConfigRecord({"market": node.market})
         if "secagg" in msg.content.config_records:  # SecAgg+ share-keys for the next round
-            from client.secagg import RECORD, piggyback  # noqa: PLC0415
+            from client.secagg import RECORD, Identity, piggyback  # noqa: PLC0415
 
-            content[RECORD] = piggyback(msg, context, policy)
+            content[RECORD] = piggyback(msg, context, policy,
+                                        Identity.of(market, policy, market_dir))
         return Message(content, reply_to=msg)
 
     @app.train("secagg")
     def train_secagg(msg: Message, context: Context) -> Message:
-        from client.secagg import handle_secagg  # noqa: PLC0415 - imports this module
+        from client.secagg import Identity, handle_secagg  # noqa: PLC0415 - imports this module
 
-        _, market, policy = market_policy(context, fixed)
-        return handle_secagg(msg, context, fixed, market, policy)
+        _, market, policy, market_dir = market_policy(context, fixed)
+        return handle_secagg(msg, context, fixed, policy,
+                             Identity.of(market, policy, market_dir))
 
     return app
 

@@ -21,9 +21,12 @@ import logging
 import os
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
@@ -33,6 +36,14 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 )
 
 from shared.dp import delta_norm, privatize
+from shared.errors import ConfigError
+from shared.identity import (
+    TRUSTED_FILE,
+    load_or_create,
+    load_trusted,
+    sign_round_keys,
+    verify_round_keys,
+)
 from shared.model import encoder_state
 from shared.policy import PolicyRefusedError, PrivacyLedger, PrivacyPolicy
 from shared.secagg import (
@@ -70,35 +81,57 @@ def _refuse(why: str) -> PolicyRefusedError:
     return PolicyRefusedError(why)
 
 
-def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any], market: str,
-                  policy: PrivacyPolicy) -> Message:
+@dataclass(frozen=True)
+class Identity:
+    """Who this market is to the other markets: its name, its long-term signing key and the
+    identity keys of the markets it trusts (None: round keys go unauthenticated)."""
+
+    market: str
+    key: Ed25519PrivateKey
+    trusted: dict[str, bytes] | None
+
+    @classmethod
+    def of(cls, market: str, policy: PrivacyPolicy, market_dir: Path) -> Identity:
+        path = Path(policy.trusted_markets) if policy.trusted_markets else (
+            market_dir / TRUSTED_FILE)
+        if policy.trusted_markets and not path.is_file():
+            raise ConfigError(f"privacy policy 'trusted-markets': no file {path}")
+        return cls(market, load_or_create(market_dir),
+                   load_trusted(path) if path.is_file() else None)
+
+
+def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any],
+                  policy: PrivacyPolicy, me: Identity) -> Message:
     """Answer one ``train.secagg`` message: its ``secagg`` stage, plus the next round's setup
     when the server piggybacks it (``secagg-next``, on the unmask message). The reply carries
     protocol fields and the masked vector only: no metrics; the market's name only with its
     setup keys (who a node is, the server knows anyway from the node's authentication key)."""
     content = RecordDict()
     rec = msg.content.config_records[RECORD]
-    res, extra = _stage(msg, context, fixed, rec, policy)
+    res, extra = _stage(msg, context, fixed, rec, policy, me)
     content[RECORD] = ConfigRecord(res)
     for k, v in extra.items():
         content[k] = v
     if RECORD_NEXT in msg.content.config_records:
-        nxt, _ = _stage(msg, context, fixed, msg.content.config_records[RECORD_NEXT], policy)
+        nxt, _ = _stage(msg, context, fixed, msg.content.config_records[RECORD_NEXT], policy,
+                        me)
         content[RECORD_NEXT] = ConfigRecord(nxt)
     if rec["stage"] == SETUP or RECORD_NEXT in msg.content.config_records:
-        content["info"] = ConfigRecord({"market": market})
+        content["info"] = ConfigRecord({"market": me.market})
     return Message(content, reply_to=msg)
 
 
-def piggyback(msg: Message, context: Context, policy: PrivacyPolicy) -> ConfigRecord:
+def piggyback(msg: Message, context: Context, policy: PrivacyPolicy,
+              me: Identity) -> ConfigRecord:
     """The reply to the ``secagg`` record riding on another message (the next round's
     share-keys on an evaluate message)."""
-    res, _ = _stage(msg, context, {}, msg.content.config_records[RECORD], policy)
+    res, _ = _stage(msg, context, {}, msg.content.config_records[RECORD], policy, me)
     return ConfigRecord(res)
 
 
 def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
-           rec: ConfigRecord, policy: PrivacyPolicy) -> tuple[dict[str, Any], RecordDict]:
+           rec: ConfigRecord, policy: PrivacyPolicy,
+           me_id: Identity) -> tuple[dict[str, Any], RecordDict]:
     stage = str(rec["stage"])
     if stage not in STAGES:
         raise SecAggRefusedError(f"unknown secagg stage {stage!r}")
@@ -111,7 +144,10 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
         sk1, pk1 = generate_keys()
         sk2, pk2 = generate_keys()
         st.update(sk1=sk1, pk1=pk1, sk2=sk2, pk2=pk2)
-        res: dict[str, Any] = {"pk1": st["pk1"], "pk2": st["pk2"]}
+        # the round keys, signed with the market's identity key (shared/identity.py)
+        res: dict[str, Any] = {"pk1": pk1, "pk2": pk2, "market": me_id.market,
+                               "sig": sign_round_keys(me_id.key, rnd, attempt, me_id.market,
+                                                      pk1, pk2)}
     else:
         st = _load(context, rnd, attempt)
         expected = STAGES[STAGES.index(stage) - 1]
@@ -120,6 +156,7 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
                                      f"this node is at {st.get('stage') or 'no stage'} of it")
         st["stage"] = stage
         if stage == SHARE_KEYS:
+            _check_signatures(st, rec, me_id)
             res = _share_keys(st, rec, policy)
         elif stage == MASKED:
             _ensure_update(msg, context, fixed, rec, policy)
@@ -197,6 +234,34 @@ def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
     ledger.record(rnd, int(cast(int, rec["attempt"])), multiplier, delta)
     context.state[VECTOR_KEY] = ArrayRecord({"vec": Array(vec)})
     context.state[MARKET_KEY] = ConfigRecord({"market": node.market, "round": rnd})
+
+
+def _check_signatures(st: dict[str, Any], rec: ConfigRecord, me: Identity) -> None:
+    """Every neighbour's round keys must be signed by the identity key this market trusts for
+    that neighbour's market (when it has a trusted-markets table; see shared/identity.py)."""
+    if me.trusted is None:
+        log.warning("secagg: market %s has no trusted-markets table: its neighbours' round "
+                    "keys are not authenticated (a server could substitute them)", me.market)
+        return
+    nids = [int(x) for x in cast(list[int], rec["neighbours"])]
+    names, sigs = rec.get("markets"), rec.get("sigs")
+    pk1s, pk2s = cast(list[bytes], rec["pk1"]), cast(list[bytes], rec["pk2"])
+    if not (isinstance(names, list) and isinstance(sigs, list)
+            and len(names) == len(sigs) == len(nids) == len(pk1s) == len(pk2s)):
+        raise _refuse("share-keys without signed round keys; this market authenticates its "
+                      "neighbours (trusted-markets)")
+    if len(set(names)) != len(names):
+        raise _refuse("share-keys names one market twice")
+    for nid, name, sig, pk1, pk2 in zip(nids, names, sigs, pk1s, pk2s, strict=True):
+        if nid == st["nid"]:
+            if name != me.market:
+                raise _refuse(f"share-keys calls this market {name!r}")
+            continue
+        known = me.trusted.get(str(name))
+        if known is None or not isinstance(sig, bytes) or not verify_round_keys(
+                known, sig, st["round"], st["attempt"], str(name), pk1, pk2):
+            raise _refuse(f"round keys of market {name!r} are not signed by the identity key "
+                          f"this market trusts for it (substituted keys?)")
 
 
 def _share_keys(st: dict[str, Any], rec: ConfigRecord, policy: PrivacyPolicy) -> dict[str, Any]:

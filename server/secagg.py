@@ -119,6 +119,7 @@ class KeyRing:
     u1: set[int]
     u2: set[int] = field(default_factory=set)
     fwd: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
+    signed: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # market, signature
     dropped: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -209,6 +210,7 @@ class SecAggRound:
         """Public keys received -> the neighbour graph and threshold of the instance. A reply
         without two 32-byte keys is that node dropping out of setup."""
         pks: dict[int, tuple[bytes, bytes]] = {}
+        signed: dict[int, tuple[str, bytes]] = {}
         for n, m in rep.items():
             rec = m.content.config_records.get(key)
             pk1, pk2 = (rec.get("pk1"), rec.get("pk2")) if rec is not None else (None, None)
@@ -217,6 +219,9 @@ class SecAggRound:
                 self._drop(SETUP, n, "malformed public keys")
                 continue
             pks[n] = (pk1, pk2)
+            name, sig = rec.get("market"), rec.get("sig")  # type: ignore[union-attr]
+            if isinstance(name, str) and isinstance(sig, bytes):
+                signed[n] = (name, sig)  # forwarded as is: the markets verify it
         u1 = set(pks)
         if len(u1) < 2:
             raise AttemptFailedError(f"{len(u1)} node(s) answered setup", u1)
@@ -226,17 +231,21 @@ class SecAggRound:
         shares = self.cfg.secagg_shares
         t = threshold_for(neighbourhood_size(len(order), shares), self.cfg.secagg_threshold)
         return KeyRing(self.rnd if rnd is None else rnd, attempt, neighbours(order, shares), t,
-                       pks, u1)
+                       pks, u1, signed={n: v for n, v in signed.items() if n in u1})
 
     @staticmethod
     def _share_records(ring: KeyRing) -> dict[int, ConfigRecord]:
         out = {}
         for n in ring.u1:
             nb = ring.graph[n]
-            out[n] = ConfigRecord({
+            rec: dict[str, Any] = {
                 "round": ring.rnd, "attempt": ring.attempt, "stage": SHARE_KEYS,
                 "threshold": ring.t, "neighbours": nb,
-                "pk1": [ring.pks[v][0] for v in nb], "pk2": [ring.pks[v][1] for v in nb]})
+                "pk1": [ring.pks[v][0] for v in nb], "pk2": [ring.pks[v][1] for v in nb]}
+            if all(v in ring.signed for v in nb):  # each neighbour's signed round keys
+                rec["markets"] = [ring.signed[v][0] for v in nb]
+                rec["sigs"] = [ring.signed[v][1] for v in nb]
+            out[n] = ConfigRecord(rec)
         return out
 
     def _share_keys(self, ring: KeyRing, rep: dict[int, Message]) -> None:

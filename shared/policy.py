@@ -70,6 +70,7 @@ class PrivacyPolicy:
     dp_delta: float = 1e-5
     epsilon_budget: float = math.inf
     share_evaluation: bool = True
+    trusted_markets: str = ""  # the markets whose identity keys it trusts (shared/identity.py)
 
     def __post_init__(self) -> None:
         if self.min_markets < 2:
@@ -101,6 +102,8 @@ class PrivacyPolicy:
                 raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
             if want == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
+            if want == "str" and not isinstance(value, str):
+                raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
             if want == "float":
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")

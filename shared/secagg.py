@@ -52,7 +52,8 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
   (``shared/policy.py``). Each client checks the stage order, that no node is reported both
   alive and dropped, a threshold above half its neighbourhood, the survivor count before it
   reveals shares, and never uploads an update into a second sum once an unmask of its round was
-  answered. A server substituting public keys is not detected yet. DP noise never falls below
+  answered, and (with a trusted-markets table, ``shared/identity.py``) verifies every
+  neighbour's round keys against the identity key it trusts for that market. DP noise never falls below
   the market's own floor, whatever sample size the server announces.
 """
 

@@ -20,6 +20,7 @@ from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig, parse_overrides
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, DataError
+from shared.identity import enroll
 from shared.policy import NODE_CONFIG_KEY, PrivacyPolicy, load_policy, write_policy
 
 log = logging.getLogger("storefed")
@@ -101,6 +102,9 @@ def run_federated(cfg: RunConfig, verbose: bool = False,
         if policy is not None:
             write_policy(state_dir / market, policy)
         check_policy_allows(load_policy({}, state_dir / market), cfg, market)
+    # whoever simulates holds every market: each gets an identity key and trusts the others',
+    # so the SecAgg+ round keys are signed and checked (shared/identity.py)
+    enroll(state_dir, markets)
     overrides = cfg.to_mapping()
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": max(1, cores // concurrency),

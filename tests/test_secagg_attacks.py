@@ -12,6 +12,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,6 +31,7 @@ from shared.secagg import (
     RECORD,
     UNMASK,
     VectorLayout,
+    generate_keys,
     pair_sign,
     prg_mask,
     shared_key,
@@ -288,3 +291,56 @@ def test_a_poisoning_market_moves_the_encoder_no_further_than_its_clip(tmp_path,
     assert step <= bound, f"the encoder moved by {step:g} (L2)"
     if amount >= 2**52 or what == "weights":  # beyond any clipped market: rejected
         assert doc["rounds"][0]["rejected"] and step == 0.0
+
+
+def test_substituted_round_keys_are_refused(tmp_path, spies):
+    """The server hands m0 its own round keys in place of m1's: unsigned, m0 encrypts its
+    Shamir shares for m1 under a key the server knows, and the server reads them."""
+    cfg, grid, glob = _setup(tmp_path, 4)
+    try:  # enrollment: every market's identity key, trusted by the others
+        from shared.identity import enroll  # noqa: PLC0415
+    except ImportError:  # code without identities: nothing to enroll
+        enroll = None
+    if enroll is not None:
+        enroll(tmp_path / "state", [f"m{i}" for i in range(4)])
+    nodes = list(grid.ids)
+    sa = server_secagg.SecAggRound(grid, cfg, 1, glob, nodes)
+    ring = sa._setup(0, sa._send("setup", {n: RecordDict({RECORD: sa._setup_record(1, 0)})
+                                           for n in nodes}, 60), RECORD)
+    victim, target = nodes[0], nodes[1]
+    own_sk1, own_pk1 = generate_keys()
+    own_sk2, own_pk2 = generate_keys()
+    rec = sa._share_records(ring)[victim]
+    i = list(rec["neighbours"]).index(target)
+    pk1s, pk2s = list(rec["pk1"]), list(rec["pk2"])
+    pk1s[i], pk2s[i] = own_pk1, own_pk2
+    rec["pk1"], rec["pk2"] = pk1s, pk2s
+    reply = sa._send("share-keys", {victim: RecordDict({RECORD: rec})}, 60).get(victim)
+    read = None
+    if reply is not None:
+        out = reply.content.config_records[RECORD]
+        for dst, ct in zip(out["dsts"], out["ctxts"], strict=True):
+            if dst == target:  # the server derives the key m0 used for "m1"
+                key = shared_key(own_sk2, ring.pks[victim][1])
+                read = share_keys_plaintext_separate(decrypt(key, ct))
+    assert read is None, f"the server read m0's shares meant for m1: {read[:2]}"
+
+
+def test_enrolled_markets_sign_and_check_round_keys(tmp_path, spies, caplog):
+    from shared.identity import enroll, load_or_create, public_hex, write_trusted
+
+    markets = [f"m{i}" for i in range(4)]
+    cfg, grid, glob = _setup(tmp_path, 4, **{"num-rounds": 2})
+    enroll(tmp_path / "state", markets)
+    doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    for r in doc["rounds"]:  # round 2 runs on keys set up during round 1 (pipelined)
+        assert r["secagg"]["attempts"][-1]["aggregated"] == markets
+    assert "not authenticated" not in caplog.text
+    # a market that does not trust m3's key (another key is enrolled for it) refuses m3's keys
+    other = load_or_create(tmp_path / "elsewhere")
+    trusted = {m: public_hex(load_or_create(tmp_path / "state" / m)) for m in markets}
+    write_trusted(tmp_path / "state" / "m0" / "trusted-markets.toml",
+                  {**trusted, "m3": public_hex(other)})
+    cfg, grid, glob = _setup(tmp_path, 4)
+    server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    assert "round keys of market 'm3' are not signed" in caplog.text
