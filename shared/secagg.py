@@ -53,8 +53,8 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
   alive and dropped, a threshold above half its neighbourhood, the survivor count before it
   reveals shares, and never uploads an update into a second sum once an unmask of its round was
   answered, and (with a trusted-markets table, ``shared/identity.py``) verifies every
-  neighbour's round keys against the identity key it trusts for that market. DP noise never falls below
-  the market's own floor, whatever sample size the server announces.
+  neighbour's round keys against the identity key it trusts for that market. DP noise never
+  falls below the market's own floor, whatever sample size the server announces.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from shared.checkpoint import atomic_write_bytes, load_encoder
 from shared.config import LOSSES
 from shared.data import DATASETS, available_markets, load_market
 from shared.errors import DataError
+from shared.identity import load_or_create, public_hex
+from shared.policy import NODE_CONFIG_KEY, load_policy, write_policy
 from shared.train import HISTORY_MODES, resolve_device
 from shared.transfer import (
     FRESH_INITS,
@@ -97,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--max-history", type=int, default=None,
                    help="history window (default: the federation's, from the checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--policy", default="", metavar="FILE",
+                   help="the market's privacy policy (TOML, docs/privacy.md), kept in its "
+                        "state directory (default: the private defaults)")
     return "join", run
 
 
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.market not in known:
         raise DataError(f"unknown market {args.market!r} in {args.dataset} "
                         f"{args.data_dir or '(synthetic)'}; known: {', '.join(known)}")
+    policy = load_policy({NODE_CONFIG_KEY: args.policy}, None) if args.policy else None
     ck = load_encoder(args.encoder)  # fail fast on a corrupted checkpoint, before the data
     meta_cfg = ck.meta.get("config")
     fed_cfg: dict[str, Any] = meta_cfg if isinstance(meta_cfg, dict) else {}
@@ -135,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
               "embedding-dim": outcome.model.cfg.dim}
     paths = save_joined(out, outcome, catalog, config)
     outcome.details["saved"] = paths
+    # the market's side of enrollment: its policy and its identity key live with its heads
+    market_dir = out / "state" / args.market
+    if policy is not None:
+        write_policy(market_dir, policy)
+    identity = public_hex(load_or_create(market_dir))
     atomic_write_bytes(out / "join.json", json.dumps(outcome.doc, indent=2).encode())
     atomic_write_bytes(out / "join_details.json",
                        json.dumps(outcome.details, indent=2).encode())
@@ -144,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
                     "it): these heads cannot join that federation until its catalog is "
                     "extended", outcome.mapping.missing)
     print(f"wrote {out / 'join.json'}, {paths['encoder']} and {paths['private']}")
+    print(f"market {args.market}'s identity key (give it to the markets that will trust it): "
+          f"{identity}")
     return 0
 
 

@@ -18,6 +18,7 @@ from shared.errors import CheckpointError, DataError
 from shared.metrics import ndcg_hr_at_k
 from shared.model import encoder_state
 from shared.node import MarketNode, initial_encoder, model_config
+from shared.policy import load_policy
 from shared.transfer import (
     Adversary,
     DomainDiscriminator,
@@ -327,10 +328,12 @@ def _run(module: object, argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def joined(encoder_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("join")
+    policy = out / "policy-in.toml"
+    policy.write_text("min-markets = 4\n")
     rc = _run(join_cmd, ["join", "--encoder", str(encoder_path), "--dataset", "synthetic",
                          "--market", NEW, "--out", str(out), "--head-steps", "8",
                          "--encoder-steps", "8", "--scratch-steps", "16", "--eval-every", "4",
-                         "--device", "cpu"])
+                         "--device", "cpu", "--policy", str(policy)])
     assert rc == 0
     return out
 
@@ -352,6 +355,9 @@ def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
     node = MarketNode(RunConfig(dataset="synthetic", markets=NEW, embedding_dim=32,
                                 device="cpu"), NEW, joined / "state")
     assert node.restore(None) == "disk"
+    # the market's policy and its identity key live with its heads (enrollment at join)
+    assert load_policy({}, joined / "state" / NEW).min_markets == 4
+    assert (joined / "state" / NEW / "identity.key").stat().st_mode & 0o077 == 0
     ck = load_encoder(joined / "encoder.pt")
     assert ck.catalog_fingerprint == node.catalog.fingerprint()
 
