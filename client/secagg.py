@@ -42,11 +42,14 @@ from shared.identity import (
     load_or_create,
     load_trusted,
     sign_round_keys,
+    sign_survivors,
     verify_round_keys,
+    verify_survivors,
 )
 from shared.model import encoder_state
 from shared.policy import PolicyRefusedError, PrivacyLedger, PrivacyPolicy
 from shared.secagg import (
+    CONSISTENCY,
     MASKED,
     MASKED_KEY,
     RECORD,
@@ -55,6 +58,7 @@ from shared.secagg import (
     SETUP,
     SHARE_KEYS,
     STAGES,
+    UNMASK,
     VectorLayout,
     encode,
     generate_keys,
@@ -145,12 +149,17 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
         sk2, pk2 = generate_keys()
         st.update(sk1=sk1, pk1=pk1, sk2=sk2, pk2=pk2)
         # the round keys, signed with the market's identity key (shared/identity.py)
+        # ``authenticated``: this market checks signatures, so the server must run the
+        # consistency check before asking it to unmask
         res: dict[str, Any] = {"pk1": pk1, "pk2": pk2, "market": me_id.market,
                                "sig": sign_round_keys(me_id.key, rnd, attempt, me_id.market,
-                                                      pk1, pk2)}
+                                                      pk1, pk2),
+                               "authenticated": me_id.trusted is not None}
     else:
         st = _load(context, rnd, attempt)
         expected = STAGES[STAGES.index(stage) - 1]
+        if stage == UNMASK and st.get("stage") == MASKED and me_id.trusted is None:
+            expected = MASKED  # no consistency check for a market that cannot verify it
         if st.get("stage") != expected:
             raise SecAggRefusedError(f"secagg: {stage} for round {rnd} attempt {attempt} but "
                                      f"this node is at {st.get('stage') or 'no stage'} of it")
@@ -162,7 +171,10 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
             _ensure_update(msg, context, fixed, rec, policy)
             res = _masked(st, rec, context)
             extra = RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(res.pop("_vec"))})})
+        elif stage == CONSISTENCY:
+            res = _consistency(st, rec, me_id)
         else:
+            _check_consistency(st, rec, me_id)
             res = _unmask(st, rec, policy)
             context.state[RELEASED_KEY] = ConfigRecord({"round": rnd})
     _save(context, st)
@@ -252,6 +264,7 @@ def _check_signatures(st: dict[str, Any], rec: ConfigRecord, me: Identity) -> No
                       "neighbours (trusted-markets)")
     if len(set(names)) != len(names):
         raise _refuse("share-keys names one market twice")
+    st["names"] = {nid: str(name) for nid, name in zip(nids, names, strict=True)}
     for nid, name, sig, pk1, pk2 in zip(nids, names, sigs, pk1s, pk2s, strict=True):
         if nid == st["nid"]:
             if name != me.market:
@@ -329,6 +342,48 @@ def _masked(st: dict[str, Any], rec: ConfigRecord, context: Context) -> dict[str
     return {"_vec": vec}
 
 
+def _consistency(st: dict[str, Any], rec: ConfigRecord, me: Identity) -> dict[str, Any]:
+    """Sign the survivor set the server announces (once per round and attempt)."""
+    survivors = sorted({int(x) for x in cast(list[int], rec["survivors"])})
+    if st["nid"] not in survivors:
+        raise SecAggRefusedError("secagg consistency: this node is not among the survivors")
+    st["survivors"] = survivors
+    return {"sig": sign_survivors(me.key, st["round"], st["attempt"], survivors)}
+
+
+def _check_consistency(st: dict[str, Any], rec: ConfigRecord, me: Identity) -> None:
+    """Before revealing any share: the survivor set this market signed, signed by at least
+    ``threshold`` of its neighbours (itself included), and the unmask request consistent with
+    it (alive = the neighbours in it, dropped = the partners not in it)."""
+    if me.trusted is None:
+        return
+    survivors = st.get("survivors")
+    if survivors is None:
+        raise _refuse("unmask before the consistency check")
+    if sorted(int(x) for x in cast(list[int], rec.get("survivors", []))) != survivors:
+        raise _refuse("unmask names another survivor set than the one this market signed")
+    active = {int(x) for x in cast(list[int], rec["active"])}
+    dead = {int(x) for x in cast(list[int], rec["dead"])}
+    held = set(st["partners"]) | {st["nid"]}
+    if active != held & set(survivors) or dead != set(st["partners"]) - set(survivors):
+        raise _refuse("unmask's alive/dropped lists disagree with the signed survivor set")
+    names: dict[int, str] = st.get("names", {})
+    signers = [int(x) for x in cast(list[int], rec.get("signers", []))]
+    sigs = cast(list[bytes], rec.get("sigs", []))
+    valid = set()
+    for nid, sig in zip(signers, sigs, strict=False):
+        name = names.get(nid)
+        key = me.trusted.get(name) if name is not None else None
+        if nid == st["nid"]:
+            key = me.key.public_key().public_bytes_raw()
+        if (key is not None and isinstance(sig, bytes)
+                and verify_survivors(key, sig, st["round"], st["attempt"], survivors)):
+            valid.add(nid)
+    if len(valid) < st["threshold"]:
+        raise _refuse(f"only {len(valid)} of its neighbours signed the survivor set; the "
+                      f"threshold is {st['threshold']}")
+
+
 def _unmask(st: dict[str, Any], rec: ConfigRecord, policy: PrivacyPolicy) -> dict[str, Any]:
     me = st["nid"]
     active = [int(x) for x in cast(list[int], rec["active"])]
@@ -348,7 +403,7 @@ def _unmask(st: dict[str, Any], rec: ConfigRecord, policy: PrivacyPolicy) -> dic
 
 
 # ---------------------------------------------------------------------------- state
-_DICTS = ("rd_shares", "sk_shares", "ss2")
+_DICTS = ("rd_shares", "sk_shares", "ss2", "names")
 
 
 def _key(rnd: int, attempt: int) -> str:

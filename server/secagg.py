@@ -59,6 +59,7 @@ from server.server_app import ServerRun, final_doc, finish_round, prepare_run
 from shared.config import RunConfig
 from shared.dp import effective_multiplier, epsilon_spent
 from shared.secagg import (
+    CONSISTENCY,
     COUNTER_PREFIX,
     MASKED,
     MASKED_KEY,
@@ -120,6 +121,7 @@ class KeyRing:
     u2: set[int] = field(default_factory=set)
     fwd: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
     signed: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # market, signature
+    authenticated: set[int] = field(default_factory=set)  # nodes that check signatures
     dropped: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -211,6 +213,7 @@ class SecAggRound:
         without two 32-byte keys is that node dropping out of setup."""
         pks: dict[int, tuple[bytes, bytes]] = {}
         signed: dict[int, tuple[str, bytes]] = {}
+        authenticated: set[int] = set()
         for n, m in rep.items():
             rec = m.content.config_records.get(key)
             pk1, pk2 = (rec.get("pk1"), rec.get("pk2")) if rec is not None else (None, None)
@@ -222,6 +225,8 @@ class SecAggRound:
             name, sig = rec.get("market"), rec.get("sig")  # type: ignore[union-attr]
             if isinstance(name, str) and isinstance(sig, bytes):
                 signed[n] = (name, sig)  # forwarded as is: the markets verify it
+            if rec.get("authenticated") is True:  # type: ignore[union-attr]
+                authenticated.add(n)
         u1 = set(pks)
         if len(u1) < 2:
             raise AttemptFailedError(f"{len(u1)} node(s) answered setup", u1)
@@ -231,7 +236,8 @@ class SecAggRound:
         shares = self.cfg.secagg_shares
         t = threshold_for(neighbourhood_size(len(order), shares), self.cfg.secagg_threshold)
         return KeyRing(self.rnd if rnd is None else rnd, attempt, neighbours(order, shares), t,
-                       pks, u1, signed={n: v for n, v in signed.items() if n in u1})
+                       pks, u1, signed={n: v for n, v in signed.items() if n in u1},
+                       authenticated=authenticated & u1)
 
     @staticmethod
     def _share_records(ring: KeyRing) -> dict[int, ConfigRecord]:
@@ -306,12 +312,27 @@ class SecAggRound:
         self._check_holders(u3, graph, u3, t, "masked upload")
         self._check_holders(dead, graph, u3, t, "masked upload", min_alive=0)
 
+        # consistency check: markets that verify signatures sign the survivor set first
+        survivors = sorted(u3)
+        signed: dict[int, bytes] = {}
+        if ring.authenticated & u3:
+            rep = self._send(CONSISTENCY, {n: RecordDict({RECORD: ConfigRecord({
+                **base, "stage": CONSISTENCY, "survivors": survivors})}) for n in u3},
+                cfg.secagg_timeout)
+            for n, m in rep.items():
+                sig = m.content.config_records[RECORD].get("sig")
+                if isinstance(sig, bytes):
+                    signed[n] = sig
+        proof: dict[str, list[int] | list[bytes]] = (
+            {"survivors": survivors, "signers": list(signed), "sigs": list(signed.values())}
+            if signed else {})
+
         # unmask (+ the next round's setup, piggybacked)
         unmask_msgs = {}
         for n in u3:
             content = RecordDict({RECORD: ConfigRecord({
                 **base, "stage": UNMASK, "active": [v for v in graph[n] if v in u3],
-                "dead": [v for v in graph[n] if v in dead]})})
+                "dead": [v for v in graph[n] if v in dead], **proof})})
             if self.pipeline:
                 content[RECORD_NEXT] = self._setup_record(self.rnd + 1, 0)
             unmask_msgs[n] = content

@@ -89,6 +89,28 @@ def verify_round_keys(public: bytes, signature: bytes, rnd: int, attempt: int, m
     return True
 
 
+def _survivors_message(rnd: int, attempt: int, survivors: list[int]) -> bytes:
+    parts = [b"storefed-consistency-v1", str(rnd).encode(), str(attempt).encode(),
+             ",".join(str(n) for n in sorted(survivors)).encode()]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def sign_survivors(key: Ed25519PrivateKey, rnd: int, attempt: int,
+                   survivors: list[int]) -> bytes:
+    """The consistency check's signature over the survivor set a market was given."""
+    return key.sign(_survivors_message(rnd, attempt, survivors))
+
+
+def verify_survivors(public: bytes, signature: bytes, rnd: int, attempt: int,
+                     survivors: list[int]) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(
+            signature, _survivors_message(rnd, attempt, survivors))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
 def load_trusted(path: Path) -> dict[str, bytes]:
     """``market = "<hex>"`` lines -> {market: 32-byte public key}; errors name the file."""
     try:

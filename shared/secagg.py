@@ -77,7 +77,11 @@ MESSAGE_TYPE = "train.secagg"
 RECORD = "secagg"  # ConfigRecord key carrying the protocol fields both ways
 RECORD_NEXT = "secagg-next"  # the next round's setup, piggybacked on this round's unmask
 SETUP, SHARE_KEYS, MASKED, UNMASK = "setup", "share-keys", "masked-upload", "unmask"
-STAGES = (SETUP, SHARE_KEYS, MASKED, UNMASK)
+#: the malicious-server variant's consistency check (between masked upload and unmask): each
+#: survivor signs the survivor set it was given, and reveals shares only after checking at
+#: least ``threshold`` of its neighbours' signatures on the same set
+CONSISTENCY = "consistency"
+STAGES = (SETUP, SHARE_KEYS, MASKED, CONSISTENCY, UNMASK)
 MASKED_KEY = "masked"  # ArrayRecord key of the masked vector (uint64)
 MAX_SUM = 2**63
 

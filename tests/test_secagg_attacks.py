@@ -366,3 +366,48 @@ def test_enrolled_markets_sign_and_check_round_keys(tmp_path, spies, caplog):
     cfg, grid, glob = _setup(tmp_path, 4)
     server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
     assert "round keys of market 'm3' are not signed" in caplog.text
+
+
+def test_consistency_check_before_any_share_is_revealed(tmp_path, spies, caplog):
+    """Enrolled markets reveal shares only for the survivor set they signed, and only once
+    a threshold of their neighbours signed the same set."""
+    from shared.identity import enroll
+
+    cfg, grid, glob = _setup(tmp_path, 4)
+    enroll(tmp_path / "state", [f"m{i}" for i in range(4)])
+    nodes = list(grid.ids)
+    sa = server_secagg.SecAggRound(grid, cfg, 1, glob, nodes)
+    ring = sa._ring(0, set(nodes))
+    assert ring.authenticated == set(nodes)
+    layout = sa.layout
+    sa._send(MASKED, {n: RecordDict({
+        "arrays": to_record(glob), "config": ConfigRecord({"server-round": 1}),
+        RECORD: ConfigRecord({"round": 1, "attempt": 0, "stage": MASKED,
+                              "srcs": ring.fwd[n][0], "ctxts": ring.fwd[n][1],
+                              "sampled": len(nodes), "size": layout.size,
+                              "clip-range": float(cfg.secagg_clip_range),
+                              "quant-range": int(cfg.secagg_quant_range)})}) for n in nodes}, 60)
+    unmask = {"round": 1, "attempt": 0, "stage": UNMASK, "active": nodes, "dead": []}
+    # no consistency check: refused
+    assert not sa._send(UNMASK, {nodes[0]: RecordDict({RECORD: ConfigRecord(unmask)})}, 60)
+    assert "this node is at masked-upload" in caplog.text  # consistency comes first
+    # m0..m2 sign {all four}; m3 is then told it survived with another set
+    sigs = {}
+    for n in nodes[:3]:
+        rep = sa._send("consistency", {n: RecordDict({RECORD: ConfigRecord({
+            "round": 1, "attempt": 0, "stage": "consistency", "survivors": nodes})})}, 60)
+        sigs[n] = rep[n].content.config_records[RECORD]["sig"]
+    sa._send("consistency", {nodes[3]: RecordDict({RECORD: ConfigRecord({
+        "round": 1, "attempt": 0, "stage": "consistency", "survivors": nodes[1:]})})}, 60)
+    proof = {"survivors": nodes, "signers": list(sigs), "sigs": list(sigs.values())}
+    assert not sa._send(UNMASK, {nodes[3]: RecordDict({RECORD: ConfigRecord(
+        {**unmask, **proof})})}, 60)
+    assert "another survivor set" in caplog.text
+    # too few signatures on the set: refused; with a threshold of them: shares revealed
+    few = {"survivors": nodes, "signers": nodes[:1], "sigs": [sigs[nodes[0]]]}
+    assert not sa._send(UNMASK, {nodes[1]: RecordDict({RECORD: ConfigRecord(
+        {**unmask, **few})})}, 60)
+    assert "signed the survivor set" in caplog.text
+    ok = sa._send(UNMASK, {nodes[2]: RecordDict({RECORD: ConfigRecord(
+        {**unmask, **proof})})}, 60)
+    assert ok and ok[nodes[2]].content.config_records[RECORD]["shares"]
