@@ -109,15 +109,19 @@ def _flower(cfg: RunConfig, out: Path) -> MethodResult:
 
 
 def _encoder_bytes(cfg: RunConfig) -> float:
-    """Bytes of one client's reply arrays: every encoder tensor (float32) and its weight."""
+    """Bytes of one client's update per round: plain FedAvg sends every encoder tensor
+    (float32) and its weights; SecAgg+ one int64 per slot of its masked vector."""
     from shared.data import load_catalog  # noqa: PLC0415
     from shared.node import initial_encoder  # noqa: PLC0415
+    from shared.secagg import VectorLayout  # noqa: PLC0415
 
     enc = initial_encoder(cfg, load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed))
+    if cfg.secagg:
+        return float(VectorLayout.for_encoder(enc).size * 8)
     total = 0
     for k, v in enc.items():
         total += v.numel() * 4
-        rows = v.shape[0] if (cfg.aggregation == "rowwise" and not cfg.secagg
+        rows = v.shape[0] if (cfg.aggregation == "rowwise"
                               and k == "encoder.item_emb.weight") else 1
         total += rows * 4
     return float(total)
