@@ -378,10 +378,12 @@ def test_storefed_simulate_secagg_end_to_end(tmp_path):
         rep = r["secagg"]
         assert rep["attempts"][-1]["aggregated"] == ["m0", "m1", "m2"]
         assert rep["clipped_values"] == 0 and not r["rejected"]
-    # round 2 used keys exchanged during round 1 (piggybacked through Flower's engine)
+    # round 2 used keys exchanged during round 1 (piggybacked through Flower's engine); the
+    # simulated markets are enrolled, so they also run the consistency check before unmask
     assert doc["rounds"][1]["secagg"]["attempts"][0]["pipelined"] is True
     assert set(doc["rounds"][1]["secagg"]["stage_seconds"]) == {
-        "masked-upload", "unmask", "server-unmask"}
+        "masked-upload", "consistency", "unmask", "server-unmask"}
+    assert "not authenticated" not in res.stderr
     assert doc["final"]["average"]["ndcg@10"] > 0.05
 
 
