@@ -44,6 +44,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.errors import ConfigError, StorefedError
+from shared.identity import IDENTITY_FILE, TRUSTED_FILE, load_or_create, public_hex
 from shared.policy import NODE_CONFIG_KEY, load_policy
 
 APP_PACKAGES = ("shared", "server", "client")
@@ -537,6 +538,11 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     k.add_argument("--out", required=True, help="directory for <name>.key and <name>.pub")
     k.add_argument("names", nargs="+", help="one key pair per name (e.g. the region/market)")
 
+    i = dsub.add_parser("identity", help="a market's SecAgg+ identity key (created if absent): "
+                                         "prints its trusted-markets.toml line")
+    i.add_argument("--state-dir", required=True, help="the region's state directory")
+    i.add_argument("--market", required=True, help="the market the region serves")
+
     s = dsub.add_parser("superlink", help="start flower-superlink with TLS + node auth "
                                           "(foreground)")
     s.add_argument("--certs", required=True, help="directory written by `deploy certs`")
@@ -620,6 +626,13 @@ def _run(args: argparse.Namespace) -> int:
         for name in args.names:
             priv, pub = generate_node_keys(out, name)
             print(f"wrote {priv} (copy to the node only) and {pub} (register on the SuperLink)")
+        return 0
+    if cmd == "identity":
+        market_dir = Path(args.state_dir) / args.market
+        public = public_hex(load_or_create(market_dir))
+        print(f"# {market_dir / IDENTITY_FILE}: add this line to the other regions' "
+              f"{TRUSTED_FILE}")
+        print(f'"{args.market}" = "{public}"')
         return 0
     if cmd == "superlink":
         db = args.database or str(Path(args.certs) / "superlink.db")

@@ -410,3 +410,15 @@ def _lie_share_threshold(t: int):
         return call_next(msg, ctx)
 
     return mod
+
+
+def test_deploy_identity_prints_a_trusted_markets_line(tmp_path, capsys):
+    from shared.identity import load_or_create, load_trusted, public_hex
+    from simulations.cli import main
+
+    assert main(["deploy", "identity", "--state-dir", str(tmp_path), "--market", "de"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    (tmp_path / "trusted-markets.toml").write_text("\n".join(line) + "\n")
+    trusted = load_trusted(tmp_path / "trusted-markets.toml")
+    assert trusted == {"de": bytes.fromhex(public_hex(load_or_create(tmp_path / "de")))}
+    assert (tmp_path / "de" / "identity.key").stat().st_mode & 0o077 == 0
