@@ -103,8 +103,10 @@ def run_federated(cfg: RunConfig, verbose: bool = False,
             write_policy(state_dir / market, policy)
         check_policy_allows(load_policy({}, state_dir / market), cfg, market)
     # whoever simulates holds every market: each gets an identity key and trusts the others',
-    # so the SecAgg+ round keys are signed and checked (shared/identity.py)
-    enroll(state_dir, markets)
+    # so the SecAgg+ round keys are signed and checked (shared/identity.py). Replicas of one
+    # market (the lab's scaling runs) share its name: they stay unauthenticated
+    if len(set(markets)) == len(markets):
+        enroll(state_dir, markets)
     overrides = cfg.to_mapping()
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": max(1, cores // concurrency),
