@@ -57,20 +57,42 @@ class DeployError(StorefedError):
 
 # --------------------------------------------------------------------------- certificates
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey,
-               fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+               fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+               passphrase: bytes | None = None) -> None:
+    enc: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
+    data = key.private_bytes(serialization.Encoding.PEM, fmt, enc)
     atomic_write_bytes(path, data)
     path.chmod(0o600)
 
 
-def _load_pem_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def _load_pem_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(path.read_bytes(), password=passphrase)
+    except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
+        raise DeployError(f"cannot read private key {path}: {exc} (an encrypted CA key needs "
+                          f"--ca-passphrase-file)") from exc
     except (OSError, ValueError) as exc:
         raise DeployError(f"cannot read private key {path}: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise DeployError(f"{path} is not an EC private key")
     return key
+
+
+def _read_passphrase(path: str) -> bytes | None:
+    """The CA key's passphrase from ``path`` (first line), or None without a file."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--ca-passphrase-file {path}: cannot read it ({exc})") from exc
+    secret = text.splitlines()[0].encode() if text.strip() else b""
+    if len(secret) < 8:
+        raise ConfigError(f"--ca-passphrase-file {path}: the passphrase needs at least 8 "
+                          f"characters")
+    return secret
 
 
 def _load_cert(path: Path) -> x509.Certificate:
@@ -81,8 +103,9 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def generate_ca(directory: str | Path, common_name: str = "storefed CA",
-                days: int = 825) -> tuple[Path, Path]:
-    """A self-signed CA (EC P-384): ``ca.crt`` and ``ca.key`` under ``directory``."""
+                days: int = 825, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """A self-signed CA (EC P-384): ``ca.crt`` and ``ca.key`` under ``directory``; with a
+    ``passphrase``, ``ca.key`` is encrypted with it (PKCS#8, the best available scheme)."""
     d = Path(directory)
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -101,7 +124,7 @@ def generate_ca(directory: str | Path, common_name: str = "storefed CA",
                            critical=False)
             .sign(key, hashes.SHA384()))
     crt_path, key_path = d / "ca.crt", d / "ca.key"
-    _write_key(key_path, key)
+    _write_key(key_path, key, passphrase=passphrase)
     atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM))
     return crt_path, key_path
 
@@ -114,13 +137,14 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def generate_server_cert(directory: str | Path, ca_crt: str | Path, ca_key: str | Path,
-                         hosts: Sequence[str] = (), days: int = 397) -> tuple[Path, Path]:
+                         hosts: Sequence[str] = (), days: int = 397,
+                         ca_passphrase: bytes | None = None) -> tuple[Path, Path]:
     """The SuperLink's TLS certificate signed by the CA: ``server.crt``/``server.key``.
 
     SANs: ``localhost``, ``127.0.0.1`` and every entry of ``hosts`` (DNS names or IPs) - the
     names SuperNodes and ``flwr`` use to reach the SuperLink must be among them."""
     d = Path(directory)
-    ca_cert, ca_priv = _load_cert(Path(ca_crt)), _load_pem_key(Path(ca_key))
+    ca_cert, ca_priv = _load_cert(Path(ca_crt)), _load_pem_key(Path(ca_key), ca_passphrase)
     names: list[str] = []
     for h in ("localhost", "127.0.0.1", *hosts):
         h = h.strip()
@@ -451,6 +475,14 @@ def rounds_written(out_dir: str | Path) -> int:
 def run_supernode(args: argparse.Namespace) -> int:
     """Start ``flower-supernode --isolation process`` as a child and serve its ClientApp tasks
     in this process (torch and the market's data loaded once). Stops the child on exit."""
+    if not args.ca and not args.insecure:
+        raise ConfigError("deploy supernode needs --ca (the CA certificate that signed the "
+                          "SuperLink's certificate): without it the node would talk to the "
+                          "SuperLink unencrypted; pass --insecure to do that on purpose")
+    if args.insecure:
+        print("WARNING: --insecure: this node talks to the SuperLink WITHOUT TLS; its updates "
+              "and its authentication are exposed to anyone on the network", file=sys.stderr,
+              flush=True)
     from simulations.deploy_exec import WarmExecutor  # noqa: PLC0415 - imports flwr
 
     if args.threads > 0:
@@ -533,6 +565,10 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="SuperLink host name or IP the nodes use (repeatable); localhost and "
                         "127.0.0.1 are always included")
     c.add_argument("--days", type=int, default=397, help="server certificate validity")
+    c.add_argument("--ca-passphrase-file", default="", metavar="FILE",
+                   help="encrypt a new ca.key with the passphrase in FILE (and read an existing "
+                        "one with it); keep ca.key on this admin machine, never on the "
+                        "SuperLink host")
 
     k = dsub.add_parser("keys", help="SuperNode authentication key pair(s)")
     k.add_argument("--out", required=True, help="directory for <name>.key and <name>.pub")
@@ -613,10 +649,13 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         ca_crt, ca_key = (out / "ca.crt", out / "ca.key")
+        secret = _read_passphrase(args.ca_passphrase_file)
         if not (ca_crt.is_file() and ca_key.is_file()):
-            ca_crt, ca_key = generate_ca(out)
-            print(f"wrote {ca_crt} and {ca_key} (keep ca.key offline)")
-        crt, key = generate_server_cert(out, ca_crt, ca_key, args.host, days=args.days)
+            ca_crt, ca_key = generate_ca(out, passphrase=secret)
+            print(f"wrote {ca_crt} and {ca_key} ({'encrypted, ' if secret else ''}"
+                  f"keep ca.key offline)")
+        crt, key = generate_server_cert(out, ca_crt, ca_key, args.host, days=args.days,
+                                        ca_passphrase=secret)
         print(f"wrote {crt} and {key} for: localhost, 127.0.0.1"
               + "".join(f", {h}" for h in args.host))
         return 0

@@ -21,6 +21,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
     load_ssh_private_key,
     load_ssh_public_key,
 )
@@ -248,3 +249,38 @@ def test_tls_auth_refusals_and_server_crash_resume(cluster):
     status_by_id = {int(n["node-id"]): n["status"] for n in cluster.nodes()}
     assert set(status_by_id) == set(cluster.node_ids.values())  # the rogue key never got an id
     assert status_by_id[cluster.node_ids["wrongca"]] == "registered"  # never came online
+
+
+def test_supernode_refuses_to_start_without_ca(tmp_path, capsys):
+    from simulations.cli import main
+
+    rc = main(["deploy", "supernode", "--superlink", "127.0.0.1:9", "--market", "de",
+               "--state-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--ca" in err and "--insecure" in err
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_ca_key_can_be_encrypted_with_a_passphrase(tmp_path, capsys):
+    from simulations.cli import main
+
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse battery staple\n")
+    out = tmp_path / "pki"
+    assert main(["deploy", "certs", "--out", str(out), "--ca-passphrase-file", str(secret)]) == 0
+    pem = (out / "ca.key").read_bytes()
+    assert b"ENCRYPTED" in pem
+    with pytest.raises(TypeError):
+        load_pem_private_key(pem, None)
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    # reissuing the server certificate needs the passphrase, and then works
+    capsys.readouterr()
+    assert main(["deploy", "certs", "--out", str(out), "--host", "link.example.org"]) == 2
+    assert "--ca-passphrase-file" in capsys.readouterr().err
+    assert main(["deploy", "certs", "--out", str(out), "--host", "link.example.org",
+                 "--ca-passphrase-file", str(secret)]) == 0
+    cert = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.example.org" in san.get_values_for_type(x509.DNSName)
+    assert (out / "ca.key").read_bytes() == pem  # the CA was reused, not replaced
