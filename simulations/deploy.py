@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -78,6 +79,33 @@ def _load_pem_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCur
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise DeployError(f"{path} is not an EC private key")
     return key
+
+
+def check_certificates(paths: Sequence[str | Path], warn_days: int = 30,
+                       now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Each certificate's subject, expiry and days left; ``status`` is ``expired``,
+    ``expires soon`` (within ``warn_days``), ``not yet valid`` or ``ok``. A server certificate
+    is also checked against a ``ca.crt`` beside it (``issuer`` is ``ok`` or why not)."""
+    now = now or dt.datetime.now(dt.UTC)
+    out = []
+    for p in paths:
+        path = Path(p)
+        cert = _load_cert(path)
+        left = (cert.not_valid_after_utc - now).total_seconds() / 86400
+        status = ("not yet valid" if cert.not_valid_before_utc > now else "expired"
+                  if left <= 0 else "expires soon" if left <= warn_days else "ok")
+        row: dict[str, Any] = {"file": str(path), "subject": cert.subject.rfc4514_string(),
+                               "not_after": cert.not_valid_after_utc.isoformat(),
+                               "days_left": round(left, 1), "status": status}
+        ca = path.parent / "ca.crt"
+        if path.name != "ca.crt" and ca.is_file():
+            try:
+                cert.verify_directly_issued_by(_load_cert(ca))
+                row["issuer"] = "ok"
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                row["issuer"] = f"not signed by {ca}: {type(exc).__name__} {exc}".rstrip()
+        out.append(row)
+    return out
 
 
 def _read_passphrase(path: str) -> bytes | None:
@@ -574,6 +602,11 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     k.add_argument("--out", required=True, help="directory for <name>.key and <name>.pub")
     k.add_argument("names", nargs="+", help="one key pair per name (e.g. the region/market)")
 
+    ck = dsub.add_parser("check", help="certificate expiry, ahead of time (exit 1 when one is "
+                                       "expired, not yet valid or expires within --days)")
+    ck.add_argument("certificates", nargs="+", help="ca.crt, server.crt, ...")
+    ck.add_argument("--days", type=int, default=30, help="warn this many days ahead")
+
     i = dsub.add_parser("identity", help="a market's SecAgg+ identity key (created if absent): "
                                          "prints its trusted-markets.toml line")
     i.add_argument("--state-dir", required=True, help="the region's state directory")
@@ -683,6 +716,14 @@ def _run(args: argparse.Namespace) -> int:
         path = write_connection(home, args.address, args.ca, args.name)
         print(f"wrote connection '{args.name}' -> {args.address} in {path}")
         return 0
+    if cmd == "check":
+        rows = check_certificates(args.certificates, args.days)
+        for r in rows:
+            issuer = f", issuer {r['issuer']}" if "issuer" in r else ""
+            print(f"{r['file']}: {r['status']} ({r['days_left']:g} days left, until "
+                  f"{r['not_after']}; {r['subject']}{issuer})")
+        bad = [r for r in rows if r["status"] != "ok" or r.get("issuer", "ok") != "ok"]
+        return 1 if bad else 0
     if cmd == "register":
         node_id = register_node(args.public_key, flower_env(os.environ.get("FLWR_HOME")),
                                 args.connection, args.name)

@@ -284,3 +284,27 @@ def test_ca_key_can_be_encrypted_with_a_passphrase(tmp_path, capsys):
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "link.example.org" in san.get_values_for_type(x509.DNSName)
     assert (out / "ca.key").read_bytes() == pem  # the CA was reused, not replaced
+
+
+def test_deploy_check_reports_expiry_ahead_of_time(tmp_path, capsys):
+    import datetime as dt
+
+    from simulations.cli import main
+    from simulations.deploy import check_certificates
+
+    ca_crt, ca_key = generate_ca(tmp_path)
+    crt, _ = generate_server_cert(tmp_path, ca_crt, ca_key, days=10)
+    rows = {r["file"]: r for r in check_certificates([ca_crt, crt], warn_days=30)}
+    assert rows[str(ca_crt)]["status"] == "ok"
+    assert rows[str(crt)]["status"] == "expires soon" and rows[str(crt)]["issuer"] == "ok"
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=11)
+    assert check_certificates([crt], now=later)[0]["status"] == "expired"
+    assert main(["deploy", "check", "--days", "5", str(crt)]) == 0
+    assert main(["deploy", "check", str(crt)]) == 1  # within the default 30 days
+    assert "expires soon" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca, other_key = generate_ca(other)
+    foreign, _ = generate_server_cert(other, other_ca, other_key)
+    (other / "ca.crt").write_bytes(ca_crt.read_bytes())  # beside it: the wrong CA
+    assert check_certificates([foreign])[0]["issuer"].startswith("not signed by")
