@@ -166,11 +166,13 @@ def _san(host: str) -> x509.GeneralName:
 
 def generate_server_cert(directory: str | Path, ca_crt: str | Path, ca_key: str | Path,
                          hosts: Sequence[str] = (), days: int = 397,
-                         ca_passphrase: bytes | None = None) -> tuple[Path, Path]:
+                         ca_passphrase: bytes | None = None,
+                         valid_from: dt.datetime | None = None) -> tuple[Path, Path]:
     """The SuperLink's TLS certificate signed by the CA: ``server.crt``/``server.key``.
 
     SANs: ``localhost``, ``127.0.0.1`` and every entry of ``hosts`` (DNS names or IPs) - the
-    names SuperNodes and ``flwr`` use to reach the SuperLink must be among them."""
+    names SuperNodes and ``flwr`` use to reach the SuperLink must be among them. Valid for
+    ``days`` from ``valid_from`` (default: now)."""
     d = Path(directory)
     ca_cert, ca_priv = _load_cert(Path(ca_crt)), _load_pem_key(Path(ca_key), ca_passphrase)
     names: list[str] = []
@@ -179,7 +181,7 @@ def generate_server_cert(directory: str | Path, ca_crt: str | Path, ca_key: str 
         if h and h not in names:
             names.append(h)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = valid_from or dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())

@@ -308,3 +308,34 @@ def test_deploy_check_reports_expiry_ahead_of_time(tmp_path, capsys):
     foreign, _ = generate_server_cert(other, other_ca, other_key)
     (other / "ca.crt").write_bytes(ca_crt.read_bytes())  # beside it: the wrong CA
     assert check_certificates([foreign])[0]["issuer"].startswith("not signed by")
+
+
+@pytest.mark.slow
+def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
+    import datetime as dt
+
+    from simulations.deploy import check_certificates
+
+    c = LocalCluster(tmp_path)
+    try:
+        c.make_certs()
+        c.start_superlink()
+        key, _ = c.node_keys("late")  # registered while the certificate was valid
+        c.stop("superlink", signal.SIGTERM)
+        ca_crt, ca_key = c.certs / "ca.crt", c.certs / "ca.key"
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+        crt, _ = generate_server_cert(c.certs, ca_crt, ca_key, valid_from=past, days=1)
+        assert check_certificates([crt])[0]["status"] == "expired"  # `deploy check` says so
+        c.start_superlink()  # same database: the registration survives
+        node = c.start_bare_supernode("late", key, ca_crt)
+        try:
+            node.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            _fail_with_logs(c, "a SuperNode kept talking to a SuperLink with an expired cert")
+        assert node.returncode != 0
+        log = c.log_tail("late")
+        assert "CERTIFICATE_VERIFY_FAILED" in log and "expired" in log, log[-2000:]
+    finally:
+        c.close()
+        for name, proc in c.procs.items():
+            assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
