@@ -404,6 +404,14 @@ def register_node(public_key: str | Path, env: Mapping[str, str], connection: st
     return int(doc["node-id"])
 
 
+def unregister_node(node_id: int, env: Mapping[str, str], connection: str = CONNECTION) -> None:
+    """Revoke a SuperNode: remove its registration (its public key) from the SuperLink."""
+    doc = _json_tail(_flwr(["supernode", "unregister", str(node_id), connection, "--format",
+                            "json"], env).stdout)
+    if not doc.get("success"):
+        raise DeployError(f"unregistering node {node_id} failed: {doc}")
+
+
 def write_app(directory: str | Path, defaults: RunConfig | None = None) -> Path:
     """A Flower app directory for ``flwr run``: a pyproject.toml with storefed's components and
     run config, plus the shared/server/client packages (the FAB carries the code)."""
@@ -604,6 +612,11 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     k.add_argument("--out", required=True, help="directory for <name>.key and <name>.pub")
     k.add_argument("names", nargs="+", help="one key pair per name (e.g. the region/market)")
 
+    rv = dsub.add_parser("revoke", help="shut a region out: remove its SuperNode's registration "
+                                        "(its connected node is disconnected too)")
+    rv.add_argument("node_id", type=int, help="the node id `deploy register` printed")
+    rv.add_argument("--connection", default=CONNECTION)
+
     ck = dsub.add_parser("check", help="certificate expiry, ahead of time (exit 1 when one is "
                                        "expired, not yet valid or expires within --days)")
     ck.add_argument("certificates", nargs="+", help="ca.crt, server.crt, ...")
@@ -717,6 +730,10 @@ def _run(args: argparse.Namespace) -> int:
         home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
         path = write_connection(home, args.address, args.ca, args.name)
         print(f"wrote connection '{args.name}' -> {args.address} in {path}")
+        return 0
+    if cmd == "revoke":
+        unregister_node(args.node_id, flower_env(os.environ.get("FLWR_HOME")), args.connection)
+        print(f"revoked node {args.node_id}: the SuperLink no longer accepts its key")
         return 0
     if cmd == "check":
         rows = check_certificates(args.certificates, args.days)

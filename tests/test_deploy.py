@@ -339,3 +339,39 @@ def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
         c.close()
         for name, proc in c.procs.items():
             assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
+
+
+@pytest.mark.slow
+def test_a_revoked_region_is_shut_out_while_connected(tmp_path):
+    from simulations.deploy import unregister_node
+    from simulations.simulate import lab_policy
+
+    c = LocalCluster(tmp_path, policy=write_policy(tmp_path / "policy", lab_policy(True, 2)))
+    try:
+        c.make_certs()
+        c.start_superlink()
+        for m in MARKETS:
+            key, _ = c.node_keys(m)
+            c.start_node(m, key, tmp_path / "state", dataset="synthetic")
+        end = time.monotonic() + 180
+        while sum(n.get("status") == "online" for n in c.nodes()) < len(MARKETS):
+            if time.monotonic() > end:
+                _fail_with_logs(c, "the nodes never came online")
+            time.sleep(1)
+        unregister_node(c.node_ids["m2"], c.cli_env)  # what `deploy revoke` runs
+        end = time.monotonic() + 60
+        while "SuperNode terminated" not in c.log_tail("node-m2", 20000):
+            if time.monotonic() > end:
+                _fail_with_logs(c, "the revoked node is still connected")
+            time.sleep(0.5)
+        status = {int(n["node-id"]): n["status"] for n in c.nodes()}
+        assert status[c.node_ids["m2"]] == "unregistered"
+        assert [status[c.node_ids[m]] for m in ("m0", "m1")] == ["online", "online"]
+        # the federation goes on without it
+        _, final = c.run({**SMALL, "secagg": True, "markets": "m0,m1", "num-rounds": 1,
+                          "out-dir": str(tmp_path / "out")}, 300)
+        assert final == "finished:completed"
+    finally:
+        c.close()
+        for name, proc in c.procs.items():
+            assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
