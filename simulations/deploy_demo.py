@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,17 @@ class LocalCluster:
             cmd += ["--device", device]
         return self._spawn(f"node-{market}", cmd, self.root / f"home-{market}")
 
+    def start_nodes(self, markets: Sequence[str], state_dir: Path, data_dir: str = "",
+                    dataset: str = "", flower: bool = False) -> dict[str, Path]:
+        """Register a key for each market and start its node (``start_node``, or Flower's
+        default layout with ``flower``); returns each market's private key."""
+        keys = {}
+        for m in markets:
+            keys[m], _ = self.node_keys(m)
+            start = self.start_flower_node if flower else self.start_node
+            start(m, keys[m], state_dir, data_dir, dataset)
+        return keys
+
     def start_flower_node(self, market: str, key: Path, state_dir: Path, data_dir: str = "",
                           dataset: str = "", device: str = "cpu",
                           policy: Path | None = None) -> Proc:
@@ -399,11 +411,10 @@ def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir
         try:
             cluster.make_certs()
             cluster.start_superlink()
-            policy = demo_policy(work, bool(values.get("secagg", True)), len(markets))
-            for m in markets:
-                key, _ = cluster.node_keys(m)
-                start = cluster.start_node if layout == "warm" else cluster.start_flower_node
-                start(m, key, work / "state" / m, data_dir, dataset, policy=policy)
+            cluster.policy = demo_policy(work, bool(values.get("secagg", True)), len(markets))
+            for m in markets:  # one state directory per market, as on separate hosts
+                cluster.start_nodes([m], work / "state" / m, data_dir, dataset,
+                                    flower=layout != "warm")
             cpu0 = cluster.cpu_seconds()
             t0 = time.perf_counter()
             run_id, status = cluster.run(values, timeout)

@@ -145,9 +145,7 @@ def cluster(tmp_path_factory):
     try:
         c.make_certs()
         c.start_superlink()
-        for m in MARKETS:
-            key, _ = c.node_keys(m)
-            c.start_node(m, key, root / "state", dataset="synthetic")
+        c.start_nodes(MARKETS, root / "state", dataset="synthetic")
         yield c
     finally:
         c.close()
@@ -350,9 +348,7 @@ def test_a_revoked_region_is_shut_out_while_connected(tmp_path):
     try:
         c.make_certs()
         c.start_superlink()
-        for m in MARKETS:
-            key, _ = c.node_keys(m)
-            c.start_node(m, key, tmp_path / "state", dataset="synthetic")
+        c.start_nodes(MARKETS, tmp_path / "state", dataset="synthetic")
         end = time.monotonic() + 180
         while sum(n.get("status") == "online" for n in c.nodes()) < len(MARKETS):
             if time.monotonic() > end:

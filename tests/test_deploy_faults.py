@@ -290,10 +290,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
     try:
         c.make_certs()
         c.start_superlink()
-        keys = {}
-        for m in MARKETS:
-            keys[m], _ = c.node_keys(m)
-            c.start_node(m, keys[m], root / "state", dataset="synthetic")
+        keys = c.start_nodes(MARKETS, root / "state", dataset="synthetic")
         yield _drive(c, keys, Record(root))
     finally:
         for name in c.procs:  # a stopped process must be able to act on SIGTERM

@@ -53,9 +53,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     try:
         c.make_certs()
         c.start_superlink()
-        for m in SOURCES:
-            key, _ = c.node_keys(m)
-            c.start_node(m, key, tmp_path / "state", dataset="synthetic")
+        c.start_nodes(SOURCES, tmp_path / "state", dataset="synthetic")
         yield c
     finally:
         c.close()  # also resumes and stops SuperExec + the ServerApp (own session) by PID
