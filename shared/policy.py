@@ -29,6 +29,15 @@ Decision record
     multiplier of the sum under the distributed-DP assumption (``min-markets`` markets each
     adding at least this floor); once the next upload would take epsilon past the budget, the
     market stops contributing;
+  - ``trusted-apps`` ("installed") and ``allowed-run-config`` ("default"): what code a run may
+    make the region's node execute and which run-config keys a run's submitter may override
+    (enforced by the node's executor before a run's app is installed or loaded, see
+    ``simulations/deploy_exec.py``): ``trusted-apps`` lists the SHA-256 of the Flower app
+    bundles (FABs) the node runs, comma separated; ``installed`` stands for the bundle that the
+    storefed installed on the node builds itself (what ``storefed deploy run`` of the same
+    version submits), ``any`` turns the check off. ``allowed-run-config`` lists run-config keys
+    (kebab case); ``default`` is every run-config key except the node-local ones
+    (``NODE_LOCAL_KEYS``: the state directory), ``any`` allows all;
   - ``share-evaluation`` (true): whether its evaluation summary (nDCG@10 / HR@10 overall and per
     category, on its held-out users) goes to the server. It says how good the model is for the
     market, nothing about an update or an interaction; a market that treats even that as
@@ -39,19 +48,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from shared.checkpoint import atomic_write_bytes
+from shared.config import RunConfig
 from shared.dp import epsilon_spent
 from shared.errors import ConfigError
 
 POLICY_FILE = "policy.toml"
 LEDGER_FILE = "privacy-ledger.json"
 NODE_CONFIG_KEY = "privacy-policy"
+# where the node keeps its private state: never the submitter's to choose (the node config's
+# data-dir, dataset and device win over the run's, see client.client_app.node_settings)
+NODE_LOCAL_KEYS = frozenset({"state-dir"})
 
 
 class PolicyRefusedError(RuntimeError):
@@ -71,6 +85,8 @@ class PrivacyPolicy:
     epsilon_budget: float = math.inf
     share_evaluation: bool = True
     trusted_markets: str = ""  # the markets whose identity keys it trusts (shared/identity.py)
+    trusted_apps: str = "installed"  # FAB SHA-256s the node runs (deploy_exec.WarmExecutor)
+    allowed_run_config: str = "default"  # run-config keys a submitter may override
 
     def __post_init__(self) -> None:
         if self.min_markets < 2:
@@ -86,6 +102,16 @@ class PrivacyPolicy:
             raise ConfigError("privacy policy: 'dp-noise' > 0 needs 'dp-clip' > 0")
         if self.epsilon_budget <= 0:
             raise ConfigError("privacy policy: 'epsilon-budget' must be > 0 (inf = no budget)")
+        for app in _items(self.trusted_apps):
+            if app not in ("installed", "any") and not re.fullmatch(r"[0-9a-f]{64}", app):
+                raise ConfigError(f"privacy policy: 'trusted-apps' entries are 'installed', "
+                                  f"'any' or a SHA-256 in hex (64 characters), got {app!r}")
+        known = set(RunConfig().to_mapping())
+        for key in _items(self.allowed_run_config):
+            if key not in ("default", "any") and key not in known:
+                raise ConfigError(f"privacy policy: 'allowed-run-config' names {key!r}, which "
+                                  f"is not a run-config key; known keys: "
+                                  f"{', '.join(sorted(known))}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], source: str) -> PrivacyPolicy:
@@ -141,10 +167,31 @@ class PrivacyPolicy:
         floor = self.dp_noise * clip / math.sqrt(self.min_markets) if clip > 0 else 0.0
         return max(run_std, floor)
 
+    def trusts_app(self, fab_sha256: str, installed_sha256: Callable[[], str]) -> bool:
+        """Whether the node may run the app bundle with this SHA-256 (``installed_sha256``
+        is called only when the policy names ``installed``)."""
+        apps = _items(self.trusted_apps)
+        if "any" in apps or fab_sha256 in apps:
+            return True
+        return "installed" in apps and fab_sha256 == installed_sha256()
+
+    def forbidden_overrides(self, keys: Iterable[str]) -> list[str]:
+        """The run-config keys among ``keys`` (a run's overrides) the policy does not allow."""
+        allowed = set(_items(self.allowed_run_config))
+        if "any" in allowed:
+            return []
+        if "default" in allowed:
+            allowed |= set(RunConfig().to_mapping()) - NODE_LOCAL_KEYS
+        return sorted(k for k in keys if k not in allowed)
+
     def clip(self, run_clip: float) -> float:
         """The L2 clip applied: the tighter of the run's and the policy's (0 = no clip)."""
         clips = [c for c in (run_clip, self.dp_clip) if c > 0]
         return min(clips) if clips else 0.0
+
+
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def load_policy(node_config: Mapping[str, Any], market_dir: Path | None) -> PrivacyPolicy:

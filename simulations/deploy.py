@@ -47,8 +47,8 @@ from shared.config import RunConfig
 from shared.errors import ConfigError, StorefedError
 from shared.identity import IDENTITY_FILE, TRUSTED_FILE, load_or_create, public_hex
 from shared.policy import NODE_CONFIG_KEY, load_policy
+from simulations.fab import app_sha256, write_app
 
-APP_PACKAGES = ("shared", "server", "client")
 CONNECTION = "storefed"
 
 
@@ -180,22 +180,41 @@ def generate_server_cert(directory: str | Path, ca_crt: str | Path, ca_key: str 
         h = h.strip()
         if h and h not in names:
             names.append(h)
+    return _issue(d, "server", ca_cert, ca_priv, names[-1], ExtendedKeyUsageOID.SERVER_AUTH,
+                  days, valid_from, [_san(h) for h in names])
+
+
+def generate_operator_cert(directory: str | Path, ca_crt: str | Path, ca_key: str | Path,
+                           name: str, days: int = 90,
+                           ca_passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """An operator's TLS client certificate (client-auth purpose only) signed by the CA:
+    ``<name>.crt``/``<name>.key``, what the gateway's operator listener asks for."""
+    if not name or "/" in name or name.startswith(".") or name in ("ca", "server"):
+        raise ConfigError(f"invalid operator name {name!r}")
+    ca_cert, ca_priv = _load_cert(Path(ca_crt)), _load_pem_key(Path(ca_key), ca_passphrase)
+    return _issue(Path(directory), name, ca_cert, ca_priv, f"operator {name}",
+                  ExtendedKeyUsageOID.CLIENT_AUTH, days, None, [])
+
+
+def _issue(d: Path, stem: str, ca_cert: x509.Certificate, ca_priv: ec.EllipticCurvePrivateKey,
+           common_name: str, purpose: x509.ObjectIdentifier, days: int,
+           valid_from: dt.datetime | None, sans: list[x509.GeneralName]) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = valid_from or dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([_san(h) for h in names]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_priv.public_key()), critical=False)
-            .sign(ca_priv, hashes.SHA384()))
-    crt_path, key_path = d / "server.crt", d / "server.key"
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   ca_priv.public_key()), critical=False))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_priv, hashes.SHA384())
+    crt_path, key_path = d / f"{stem}.crt", d / f"{stem}.key"
     _write_key(key_path, key)
     atomic_write_bytes(crt_path, cert.public_bytes(serialization.Encoding.PEM))
     return crt_path, key_path
@@ -412,33 +431,6 @@ def unregister_node(node_id: int, env: Mapping[str, str], connection: str = CONN
         raise DeployError(f"unregistering node {node_id} failed: {doc}")
 
 
-def write_app(directory: str | Path, defaults: RunConfig | None = None) -> Path:
-    """A Flower app directory for ``flwr run``: a pyproject.toml with storefed's components and
-    run config, plus the shared/server/client packages (the FAB carries the code)."""
-    import shared  # noqa: PLC0415
-
-    d = Path(directory)
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    src_root = Path(shared.__file__).resolve().parent.parent
-    for pkg in APP_PACKAGES:
-        for f in sorted((src_root / pkg).glob("*.py")):
-            (d / pkg).mkdir(exist_ok=True)
-            shutil.copy2(f, d / pkg / f.name)
-    cfg = (defaults or RunConfig()).to_mapping()
-    lines = ['[build-system]', 'requires = ["setuptools>=68"]',
-             'build-backend = "setuptools.build_meta"', '', '[project]', 'name = "storefed"',
-             'version = "0.1.0"', 'dependencies = []', '', '[tool.flwr.app]',
-             'publisher = "storefed"', '', '[tool.flwr.app.components]',
-             'serverapp = "server.server_app:app"', 'clientapp = "client.client_app:app"', '',
-             '[tool.flwr.app.config]']
-    for k, v in cfg.items():
-        lines.append(f"{k} = {json.dumps(v)}")
-    (d / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    return d
-
-
 def run_config_string(values: Mapping[str, Any]) -> str:
     """``flwr run --run-config`` value: space separated TOML ``key=value`` pairs."""
     RunConfig.from_mapping(dict(values), source="deploy run")  # reject typos before submitting
@@ -540,8 +532,14 @@ def run_supernode(args: argparse.Namespace) -> int:
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     policy = ""
     if args.policy:  # checked here, so a bad file stops the node before it connects
-        load_policy({NODE_CONFIG_KEY: args.policy}, None)
         policy = str(Path(args.policy).resolve())
+    rules = load_policy({NODE_CONFIG_KEY: policy} if policy else {},
+                        Path(args.state_dir) / args.market)
+    from simulations.fab import installed_app_sha256  # noqa: PLC0415
+
+    print(f"this node runs app bundles: trusted-apps = {rules.trusted_apps!r} (installed = "
+          f"sha256 {installed_app_sha256()}); run-config overrides: allowed-run-config = "
+          f"{rules.allowed_run_config!r}", flush=True)
     nc = node_config_string(args.market, str(Path(args.data_dir).resolve()) if args.data_dir
                             else "", str(Path(args.state_dir).resolve()), args.device or "",
                             args.dataset or "", policy)
@@ -612,6 +610,36 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     k.add_argument("--out", required=True, help="directory for <name>.key and <name>.pub")
     k.add_argument("names", nargs="+", help="one key pair per name (e.g. the region/market)")
 
+    oc = dsub.add_parser("operator-cert", help="an operator's TLS client certificate for the "
+                                               "gateway's operator listener")
+    oc.add_argument("name", help="the operator (file stem: <name>.crt / <name>.key)")
+    oc.add_argument("--ca-dir", required=True, help="directory with ca.crt and ca.key")
+    oc.add_argument("--out", required=True, help="where to write <name>.crt / <name>.key")
+    oc.add_argument("--days", type=int, default=90, help="validity (default 90)")
+    oc.add_argument("--ca-passphrase-file", default="", metavar="FILE",
+                    help="file holding ca.key's passphrase")
+
+    g = dsub.add_parser("gateway", help="the SuperLink's front door: Fleet API to the regions, "
+                                        "Control API to operators with a client certificate "
+                                        "(foreground)")
+    g.add_argument("--certs", required=True, help="directory with ca.crt, server.crt, server.key")
+    g.add_argument("--superlink", default="127.0.0.1:9092",
+                   help="the SuperLink's loopback address (default 127.0.0.1:9092)")
+    g.add_argument("--host", default="0.0.0.0", help="public bind address (default all)")
+    g.add_argument("--port", type=int, default=9443, help="public port, Fleet only (9443)")
+    g.add_argument("--operator-port", type=int, default=0,
+                   help="operator port, Control only, client certificate required (0: none; "
+                        "operators then use an SSH tunnel to the SuperLink's loopback port)")
+
+    of = dsub.add_parser("operator-forward", help="on an operator's machine: a loopback port for "
+                                                  "flwr that adds the operator's client "
+                                                  "certificate (foreground)")
+    of.add_argument("--gateway", required=True, help="the gateway's operator host:port")
+    of.add_argument("--ca", required=True, help="ca.crt (verifies the gateway)")
+    of.add_argument("--cert", required=True, help="<name>.crt from `deploy operator-cert`")
+    of.add_argument("--key", required=True, help="<name>.key from `deploy operator-cert`")
+    of.add_argument("--port", type=int, default=9093, help="loopback port flwr dials (9093)")
+
     rv = dsub.add_parser("revoke", help="shut a region out: remove its SuperNode's registration "
                                         "(its connected node is disconnected too)")
     rv.add_argument("node_id", type=int, help="the node id `deploy register` printed")
@@ -627,10 +655,17 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     i.add_argument("--state-dir", required=True, help="the region's state directory")
     i.add_argument("--market", required=True, help="the market the region serves")
 
+    ah = dsub.add_parser("app-hash", help="SHA-256 of the app bundle this storefed submits "
+                                          "(what a region's trusted-apps may pin)")
+    ah.add_argument("--app", default="", metavar="DIR",
+                    help="an app directory to hash instead (default: the installed storefed's)")
+
     s = dsub.add_parser("superlink", help="start flower-superlink with TLS + node auth "
                                           "(foreground)")
     s.add_argument("--certs", required=True, help="directory written by `deploy certs`")
-    s.add_argument("--host", default="0.0.0.0", help="bind address (default: all interfaces)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1: the Control API stays on this host; "
+                        "the regions come in through `deploy gateway`)")
     s.add_argument("--port", type=int, default=9092, help="the one HTTPS port (default 9092)")
     s.add_argument("--database", default="",
                    help="SQLite file for registrations/runs (survives restarts); default "
@@ -721,9 +756,28 @@ def _run(args: argparse.Namespace) -> int:
               f"{TRUSTED_FILE}")
         print(f'"{args.market}" = "{public}"')
         return 0
+    if cmd == "operator-cert":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        crt, key = generate_operator_cert(args.out, Path(args.ca_dir) / "ca.crt",
+                                          Path(args.ca_dir) / "ca.key", args.name, args.days,
+                                          _read_passphrase(args.ca_passphrase_file))
+        print(f"wrote {crt} and {key} (the operator's only; `deploy operator-forward` uses them)")
+        return 0
+    if cmd in ("gateway", "operator-forward"):
+        return _front_door(args)
+    if cmd == "app-hash":
+        from simulations.fab import installed_app_sha256  # noqa: PLC0415
+
+        print(app_sha256(args.app) if args.app else installed_app_sha256())
+        return 0
     if cmd == "superlink":
         db = args.database or str(Path(args.certs) / "superlink.db")
         full = superlink_command(args.certs, args.host, args.port, db)
+        if args.host not in ("127.0.0.1", "::1", "localhost"):
+            print(f"WARNING: --host {args.host}: the Control API (submit runs, register nodes) "
+                  f"is reachable by anyone who reaches this port, and open-source Flower "
+                  f"checks no operator; bind 127.0.0.1 and run `storefed deploy gateway`",
+                  file=sys.stderr, flush=True)
         print("exec:", " ".join(full), flush=True)
         os.execve(full[0], full, flower_env(os.environ.get("FLWR_HOME")))
     if cmd == "connect":
@@ -757,6 +811,38 @@ def _run(args: argparse.Namespace) -> int:
     return run_demo_command(args)
 
 
+def _front_door(args: argparse.Namespace) -> int:
+    from simulations.gateway import (  # noqa: PLC0415 - uvicorn/starlette only here
+        gateway_listeners,
+        operator_forward_listener,
+        serve,
+    )
+
+    if args.deploy_command == "gateway":
+        certs = Path(args.certs)
+        for f in ("ca.crt", "server.crt", "server.key"):
+            if not (certs / f).is_file():
+                raise DeployError(f"{certs / f} does not exist (see `storefed deploy certs`)")
+        listeners = gateway_listeners(certs, args.superlink, (args.host, args.port),
+                                      (args.host, args.operator_port) if args.operator_port
+                                      else None)
+        print(f"gateway: https://{args.host}:{args.port} -> Fleet API of {args.superlink}"
+              + (f"; https://{args.host}:{args.operator_port} (client certificate) -> Control "
+                 f"API" if args.operator_port else "; Control API: SSH tunnel only"), flush=True)
+    else:
+        for p in (args.ca, args.cert, args.key):
+            if not Path(p).is_file():
+                raise DeployError(f"{p} does not exist")
+        listeners = [operator_forward_listener(args.gateway, Path(args.ca), Path(args.cert),
+                                               Path(args.key), ("127.0.0.1", args.port))]
+        print(f"operator-forward: http://127.0.0.1:{args.port} -> https://{args.gateway} "
+              f"(Control API, as {Path(args.cert).stem}); point flwr at it with `storefed "
+              f"deploy connect --address 127.0.0.1:{args.port}` (no --ca: plain HTTP on "
+              f"loopback)", flush=True)
+    serve(listeners)
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from simulations.simulate import parse_overrides, print_summary  # noqa: PLC0415
 
@@ -775,6 +861,8 @@ def _submit(args: argparse.Namespace) -> int:
     env = flower_env(os.environ.get("FLWR_HOME"))
     app = write_app(Path(os.environ.get("TMPDIR", "/tmp")) / f"storefed-app-{os.getpid()}")
     try:
+        print(f"app bundle sha256 {app_sha256(app)} (the regions' trusted-apps must hold it)",
+              flush=True)
         run_id = submit_run(app, values, env, args.connection)
     finally:
         shutil.rmtree(app, ignore_errors=True)

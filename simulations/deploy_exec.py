@@ -8,6 +8,12 @@ API for ClientApp tasks and runs each one *in this process* with the same steps 
 ``flwr-clientapp`` (pull message/context/FAB, run the app, push reply + context). torch, the app
 module and the market's data (``shared.data.load_market`` is cached) are loaded once.
 
+Before a run's FAB is installed or loaded, the executor vets it against the market's privacy
+policy (``vet_run``): the FAB's SHA-256 must be one the region trusts (``trusted-apps``) and the
+run's config overrides only keys it allows (``allowed-run-config``); what a FAB could otherwise
+make the node execute is in ``simulations/fab.py``. A refused run's messages get an error reply
+(the round treats the node as dropped) and one log line naming the rule.
+
 The ClientApp that runs is the FAB's own ``[tool.flwr.app.components] clientapp`` - the same
 ``client.client_app:app`` the simulation uses; its private state travels in the context the
 SuperNode keeps, exactly as with ``flwr-clientapp``. Tasks run one at a time (one market per
@@ -19,10 +25,13 @@ of ``flwr-clientapp`` itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -43,7 +52,38 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from shared.policy import load_policy
+from simulations.fab import installed_app_sha256
+
 log = logging.getLogger("storefed")
+
+
+class UntrustedRunError(LoadClientAppError):
+    """The market's policy does not let this run's app or config run on the node."""
+
+
+def vet_run(run_id: int, fab_content: bytes, overrides: Iterable[str],
+            node_config: Mapping[str, Any]) -> str:
+    """Check a run against the market's policy before anything of it is installed; returns the
+    FAB's SHA-256, raises ``UntrustedRunError`` naming the rule otherwise."""
+    policy = load_policy(node_config, _market_dir(node_config))
+    sha = hashlib.sha256(fab_content).hexdigest()
+    if not policy.trusts_app(sha, installed_app_sha256):
+        raise UntrustedRunError(
+            f"refused run {run_id}: its app bundle (FAB sha256 {sha}) is not one this region "
+            f"trusts (privacy policy trusted-apps = {policy.trusted_apps!r})")
+    forbidden = policy.forbidden_overrides(overrides)
+    if forbidden:
+        raise UntrustedRunError(
+            f"refused run {run_id}: it overrides run-config keys this region does not allow: "
+            f"{', '.join(forbidden)} (privacy policy allowed-run-config = "
+            f"{policy.allowed_run_config!r})")
+    return sha
+
+
+def _market_dir(node_config: Mapping[str, Any]) -> Path | None:
+    state, market = node_config.get("state-dir"), node_config.get("market")
+    return Path(str(state)) / str(market) if state and market else None
 
 
 def warm_up() -> None:
@@ -68,6 +108,7 @@ class WarmExecutor:
         self._changed = threading.Condition()
         self._apps: dict[str, ClientApp] = {}
         self._installed: set[str] = set()
+        self._vetted: dict[tuple[int, str], str] = {}  # (run id, FAB hash) -> refusal or ""
         self._load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
 
     def _client(self, token: str | None = None) -> RuntimeHttpClient:
@@ -102,6 +143,20 @@ class WarmExecutor:
                     stop.wait(self.poll_interval)
         finally:
             acquirer.close()
+
+    def _vet(self, run_id: int, fab_hash: str, content: bytes, overrides: Iterable[str],
+             node_config: Mapping[str, Any]) -> None:
+        """``vet_run`` once per run (the refusal is logged once, raised for every message)."""
+        key = (run_id, fab_hash)
+        if key not in self._vetted:
+            try:
+                vet_run(run_id, content, overrides, node_config)
+                self._vetted[key] = ""
+            except UntrustedRunError as exc:
+                log.error("%s", exc)
+                self._vetted[key] = str(exc)
+        if self._vetted[key]:
+            raise UntrustedRunError(self._vetted[key])
 
     def _app(self, fab_id: str, fab_version: str, fab_hash: str, content: bytes) -> ClientApp:
         if fab_hash not in self._installed:
@@ -149,6 +204,8 @@ class WarmExecutor:
             with self._changed:
                 self._running += 1
                 counted = True
+            self._vet(run.run_id, fab.hash_str, fab.content, run.override_config.keys(),
+                      context.node_config)
             with self._one_app_at_a_time:
                 app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
                 t0 = time.perf_counter()
@@ -161,7 +218,8 @@ class WarmExecutor:
             code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, LoadClientAppError)
                     else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
             details = f"{type(exc)}:<'{exc}'>"
-            log.exception("ClientApp raised an exception")
+            if not isinstance(exc, UntrustedRunError):  # logged once by _vet
+                log.exception("ClientApp raised an exception")
             if message is not None:
                 reply = Message(Error(code=code, reason=details), reply_to=message)
         finally:
