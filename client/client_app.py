@@ -19,6 +19,7 @@ from shared.errors import ConfigError
 from shared.node import MarketNode
 from shared.policy import PolicyRefusedError, PrivacyPolicy, load_policy
 from shared.report import flatten_eval
+from shared.serving_state import write_node_serving
 from shared.wire import state_from_record, to_record
 
 log = logging.getLogger("storefed")
@@ -124,6 +125,9 @@ def make_app(overrides: Mapping[str, Any] | None = None,
         _, market, policy, market_dir = market_policy(context, fixed)
         node, global_encoder = _open_node(msg, context, fixed)
         summary = node.evaluate(global_encoder, "test")
+        # the market's service (client/serve.py) picks up exactly the model just evaluated
+        rnd = msg.content.config_records.get("config", ConfigRecord()).get("server-round", 0)
+        write_node_serving(node, int(cast(int, rnd)))
         content = RecordDict()
         if policy.share_evaluation:
             flat = flatten_eval(summary)
