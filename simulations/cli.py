@@ -34,7 +34,7 @@ def _command_modules() -> list[ModuleType]:
 
     mods = []
     for name in ("simulate", "benchmark", "mtl_bench", "secagg_bench", "join", "recommend",
-                 "deploy", "loadtest"):
+                 "deploy", "loadtest", "serve", "bench_serve"):
         try:
             mods.append(importlib.import_module(f"simulations.{name}"))
         except ModuleNotFoundError as exc:
