@@ -73,6 +73,7 @@ from shared.secagg import (
     VectorLayout,
     check_capacity,
     decode,
+    intact,
     neighbourhood_size,
     neighbours,
     pair_sign,
@@ -104,6 +105,7 @@ class RoundResult:
     report: dict[str, Any] = field(default_factory=dict)
     n_sampled: int = 0
     n_summed: int = 0
+    intact: bool = True  # the unmasked sum carries its integrity check (shared.secagg)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class SecAggRound:
         self.attempts: list[dict[str, Any]] = []
         self.received: list[Message] = []
         self.stage_seconds: dict[str, float] = {}
+        self.intact = True
 
     # ------------------------------------------------------------------ driver
     def run(self) -> RoundResult:
@@ -174,7 +177,7 @@ class SecAggRound:
             self.attempts.append({"attempt": attempt, "aggregated": sorted(train),
                                   "pipelined": ring is self.prepared})
             return RoundResult(summed, train, self._report(len(train)), len(self.nodes),
-                               len(train))
+                               len(train), self.intact)
         log.warning("round %d: secure aggregation failed; global encoder unchanged", self.rnd)
         return RoundResult(None, {}, self._report(0), len(self.nodes), 0)
 
@@ -359,6 +362,7 @@ class SecAggRound:
         except (ValueError, TypeError, IndexError) as exc:  # a share that rebuilds nothing
             raise AttemptFailedError(f"unmask shares do not rebuild a secret: {exc}",
                                      set()) from exc
+        self.intact = intact(total)
         summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
         self._time("server-unmask", t_unmask)
         if self.pipeline:
@@ -566,7 +570,8 @@ def aggregate_round(run: ServerRun, rnd: int, result: RoundResult) -> None:
         log.warning("round %d: %d update values exceeded secagg-clip-range %g and were "
                     "clipped", rnd, result.report["clipped_values"], run.cfg.secagg_clip_range)
     result.report["norm_clipped_markets"] = int(summed[COUNTER_PREFIX + "norm-clipped"][0])
-    why = check_sum(summed, result.n_summed, run.cfg)
+    why = check_sum(summed, result.n_summed, run.cfg) if result.intact else (
+        "the sum fails its integrity check: a masked vector was changed after it was encoded")
     if why is not None:
         strategy.rejected.append((rnd, "*", why))
         log.warning("round %d: secagg sum rejected: %s", rnd, why)

@@ -36,6 +36,16 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
   its true value, so per coordinate ``|sum_secagg - sum_true| < n * step`` for ``n`` aggregated
   clients and the averaged update is within ``n * step / sum(weights)`` of the plain average
   (weights are exact). Decoding is exact as long as ``n * (quant_range / 2 + 1) < 2**63``.
+* **Integrity check** (:func:`checksum`): the last slot of every vector is
+  ``sum_j c_j * v_j mod 2**64`` over the vector's other slots, with public odd coefficients
+  ``c`` (AES-CTR under a fixed public key). The check is linear, so the unmasked sum of honest
+  vectors carries the check of the sum exactly; the server rejects a sum whose check does not
+  match. A value changed anywhere after encoding (a corrupted or tampered masked vector, or a
+  bug) fails it with certainty for one slot and with probability about ``1 - 2**-64``
+  otherwise (:func:`intact`). It is **not** input validation: a market that
+  poisons its update *before* encoding computes a matching check, since ``c`` is public; what
+  bounds that market is ``update-clip``, ``secagg-max-weight`` and the server's sum checks,
+  and proofs of bounded inputs (ACORN) are what would stop it (``docs/privacy.md``).
 * **Masks** (:func:`prg_mask`): AES-256-CTR keystream (``cryptography``) keyed by the full
   32-byte seed / ECDH-derived key, instead of a 32-bit-seeded numpy ``RandomState``.
 * **Dropouts**: the server tracks the survivor set of every stage: a node dropping at setup or
@@ -60,6 +70,7 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -137,7 +148,8 @@ class VectorLayout:
 
     @property
     def size(self) -> int:
-        return self.n_counters + self.n_weights + self.n_values
+        """Slots of the vector: counters, weights, values and the integrity check."""
+        return self.n_counters + self.n_weights + self.n_values + 1
 
     def flatten(self, update: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(weights float64, numerators float64) as flat vectors; checks keys and shapes."""
@@ -223,16 +235,42 @@ def encode(update: dict[str, np.ndarray], layout: VectorLayout, clip_range: floa
     low = np.floor(scaled)
     q = low + (rng.random(scaled.shape) < (scaled - low))  # unbiased stochastic rounding
     counters = np.asarray([1, clipped, int(norm_clipped)], dtype=np.int64)  # COUNTERS
-    vec = np.concatenate([counters, weights.astype(np.int64), q.astype(np.int64)])
-    return vec.view(np.uint64), clipped
+    body = np.concatenate([counters, weights.astype(np.int64), q.astype(np.int64)])
+    body = body.view(np.uint64)
+    return np.concatenate([body, np.asarray([checksum(body)], dtype=np.uint64)]), clipped
+
+
+_CHECK_KEY = hashlib.sha256(b"storefed-secagg-integrity-check-v1").digest()
+
+
+@functools.lru_cache(maxsize=4)
+def check_coefficients(n: int) -> np.ndarray:
+    """The public odd coefficients of the integrity check for an ``n``-slot body (read-only)."""
+    c = prg_mask(_CHECK_KEY, n) | np.uint64(1)
+    c.flags.writeable = False
+    return c
+
+
+def intact(vec: np.ndarray) -> bool:
+    """Whether a vector (one market's, or an unmasked sum) carries the check of its body."""
+    raw = np.ascontiguousarray(vec, dtype=np.uint64)
+    return bool(checksum(raw[:-1]) == raw[-1])
+
+
+def checksum(body: np.ndarray) -> np.uint64:
+    """``sum_j c_j * body_j mod 2**64`` (uint64 arithmetic wraps): linear, so the check of a
+    sum of vectors is the sum of their checks."""
+    c = check_coefficients(int(body.shape[0]))
+    return np.uint64((c * np.asarray(body, dtype=np.uint64)).sum(dtype=np.uint64))
 
 
 def decode(summed: np.ndarray, layout: VectorLayout, clip_range: float,
            quant_range: int) -> dict[str, np.ndarray]:
-    """Unmasked sum (uint64, mod 2**64) -> summed wire-format update (float64)."""
+    """Unmasked sum (uint64, mod 2**64) -> summed wire-format update (float64); the check slot
+    is not decoded (:func:`intact` checks it)."""
     if summed.shape != (layout.size,):
         raise ValueError(f"summed vector has shape {summed.shape}, expected ({layout.size},)")
-    signed = np.ascontiguousarray(summed, dtype=np.uint64).view(np.int64)
+    signed = np.ascontiguousarray(summed, dtype=np.uint64)[:-1].view(np.int64)
     nc, nw = layout.n_counters, layout.n_weights
     weights = signed[nc:nc + nw].astype(np.float64)
     values = signed[nc + nw:].astype(np.float64) * quant_step(clip_range, quant_range)

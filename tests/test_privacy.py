@@ -40,7 +40,7 @@ from shared.policy import (
     load_policy,
     write_policy,
 )
-from shared.secagg import MESSAGE_TYPE, RECORD
+from shared.secagg import MESSAGE_TYPE, RECORD, check_coefficients
 from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
 from tests.test_secagg import FakeGrid
 
@@ -343,7 +343,8 @@ def test_noise_floor_holds_when_the_server_announces_more_markets(tmp_path, monk
 
 
 def _corrupt_masked_upload(index: int):
-    """A malicious market: adds 1 to its masked vector's market counter."""
+    """A malicious market: adds 1 to its masked vector's market counter, and the change's
+    share of the integrity check to the check slot (the check is public and linear)."""
 
     def mod(msg, ctx, call_next):
         reply = call_next(msg, ctx)
@@ -352,6 +353,7 @@ def _corrupt_masked_upload(index: int):
                 and msg.content.config_records[RECORD]["stage"] == "masked-upload"):
             vec = reply.content.array_records["arrays"]["masked"].numpy().copy()
             vec[0] += np.uint64(1)
+            vec[-1] += check_coefficients(vec.shape[0] - 1)[0]
             reply.content.array_records["arrays"] = ArrayRecord({"masked": Array(vec)})
         return reply
 

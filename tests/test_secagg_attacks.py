@@ -215,8 +215,7 @@ def _mutate(value, draw):
 def test_mutated_replies_never_crash_the_server(tmp_path_factory, spies, data):
     """Any field of any stage's reply of one market, mutated: the round completes or is
     abandoned cleanly, the server survives, and an accepted sum is exactly the honest sum of
-    the markets it names (a shifted masked vector, the poisoning case, may be accepted only
-    within the update clip's bound)."""
+    the markets it names (a shifted masked vector fails the sum's integrity check)."""
     for v in spies.values():
         v.clear()
     stage = data.draw(st.sampled_from(["setup", "share-keys", "masked-upload", "unmask"]))
@@ -257,11 +256,7 @@ def test_mutated_replies_never_crash_the_server(tmp_path_factory, spies, data):
     aggregated = rnd["secagg"]["attempts"][-1].get("aggregated")
     if not aggregated or rnd["rejected"]:
         return  # abandoned or rejected cleanly
-    new = torch.load(tmp_path / "out" / "encoder.pt", weights_only=False)["state"]
-    if shifted:  # poisoning inside the protocol: bounded by the clip, not detected
-        step = sum(float(((new[k] - glob[k]).double() ** 2).sum()) for k in glob) ** 0.5
-        assert step <= cfg.update_clip
-        return
+    assert not shifted, "a shifted masked vector was accepted"
     honest = sum((v for m, v in spies["encoded"] if m in aggregated),
                  np.zeros_like(spies["encoded"][0][1]))
     layout = server_secagg.SecAggRound(grid, cfg, 1, glob, grid.ids).layout
@@ -271,9 +266,11 @@ def test_mutated_replies_never_crash_the_server(tmp_path_factory, spies, data):
         assert np.array_equal(got[k], want[k]), k
 
 
-def _poison(index: int, what: str, amount: int):
-    """A malicious market: after masking, adds ``amount`` to every numerator slot of its vector
-    (``values``) or to every weight slot (``weights``)."""
+def _poison(index: int, what: str, amount: int, consistent: bool = True):
+    """A malicious market: adds ``amount`` to every numerator slot of its vector (``values``)
+    or to every weight slot (``weights``). ``consistent``: it also adds the change's integrity
+    check to the check slot (the check is linear and public: what a market that poisons its
+    input before encoding sends); otherwise it changes the masked vector only."""
 
     def mod(msg, ctx, call_next):
         reply = call_next(msg, ctx)
@@ -284,10 +281,16 @@ def _poison(index: int, what: str, amount: int):
 
             vec = reply.content.array_records["arrays"][MASKED_KEY].numpy().copy()
             layout = _POISON_LAYOUT[0]
-            start = layout.size - layout.n_values
-            part = (slice(start, None) if what == "values"
-                    else slice(start - layout.n_weights, start))
-            vec[part] += np.uint64(amount)
+            start = layout.n_counters + layout.n_weights
+            part = (slice(start, start + layout.n_values) if what == "values"
+                    else slice(layout.n_counters, start))
+            delta = np.zeros(vec.shape[0] - 1, dtype=np.uint64)
+            delta[part] = np.uint64(amount)
+            vec[:-1] += delta
+            if consistent:
+                from shared.secagg import checksum  # noqa: PLC0415
+
+                vec[-1] += checksum(delta)
             reply.content.array_records["arrays"] = ArrayRecord({MASKED_KEY: Array(vec)})
         return reply
 
@@ -303,7 +306,8 @@ def test_a_poisoning_market_moves_the_encoder_no_further_than_its_clip(tmp_path,
                                                                        amount):
     """2**41 on every value moved the encoder by 1024 per value; now a market's influence is
     bounded by update-clip (the average of clipped deltas has an L2 norm of at most the
-    clip), and a sum beyond what clipped markets could send is rejected."""
+    clip), and a sum beyond what clipped markets could send is rejected. The market here
+    poisons consistently (its integrity check matches), as one that poisons its input would."""
     cfg, grid, glob = _setup(tmp_path, 4, mods=[_poison(1, what, amount)])
     _POISON_LAYOUT[:] = [server_secagg.SecAggRound(grid, cfg, 1, glob, grid.ids).layout]
     doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
@@ -313,6 +317,18 @@ def test_a_poisoning_market_moves_the_encoder_no_further_than_its_clip(tmp_path,
     assert step <= bound, f"the encoder moved by {step:g} (L2)"
     if amount >= 2**52 or what == "weights":  # beyond any clipped market: rejected
         assert doc["rounds"][0]["rejected"] and step == 0.0
+
+
+def test_a_masked_vector_changed_after_encoding_fails_the_integrity_check(tmp_path, spies):
+    """A small change of one market's masked vector (inside every bound the sum checks
+    have) would pass unseen without the check slot: the server rejects the sum."""
+    cfg, grid, glob = _setup(tmp_path, 4, mods=[_poison(2, "values", 3, consistent=False)])
+    _POISON_LAYOUT[:] = [server_secagg.SecAggRound(grid, cfg, 1, glob, grid.ids).layout]
+    doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
+    rejected = doc["rounds"][0]["rejected"]
+    assert rejected and "integrity check" in str(rejected), doc["rounds"][0]
+    new = torch.load(tmp_path / "out" / "encoder.pt", weights_only=False)["state"]
+    assert all(torch.equal(new[k], glob[k]) for k in glob)
 
 
 def test_substituted_round_keys_are_refused(tmp_path, spies):
