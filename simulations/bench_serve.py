@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from shared.checkpoint import atomic_write_bytes
 from shared.data import DATASETS
 from shared.errors import ConfigError, StorefedError
 
@@ -339,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
             result = benchmark(svc.url, rates, args.duration, args.connections, args.k,
                                args.slo_ms, server_pid=svc.proc.pid)
             result["service_command"] = " ".join(svc.cmd[2:])
+    from shared.checkpoint import atomic_write_bytes  # noqa: PLC0415 - torch: only here
+
     out = Path(args.out)
     atomic_write_bytes(out, json.dumps(result, indent=2).encode())
     print(f"max sustained: {result['max_sustained_rps']:.0f} requests/s; max with p99 <= "
