@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
+from client.node import PRIVATE_KEY, open_node
 from shared.dp import delta_norm, privatize
 from shared.errors import ConfigError
 from shared.identity import (
@@ -205,10 +206,9 @@ def _ensure_update(msg: Message, context: Context, fixed: Mapping[str, Any],
 
 def _train_and_encode(msg: Message, context: Context, fixed: Mapping[str, Any],
                       rec: ConfigRecord, policy: PrivacyPolicy) -> None:
-    from client.client_app import PRIVATE_KEY, _open_node  # noqa: PLC0415 - no import cycle
 
     rnd = int(cast(int, rec["round"]))
-    node, global_encoder = _open_node(msg, context, fixed)
+    node, global_encoder = open_node(msg, context, fixed)
     cfg = node.cfg
     if bool(rec.get("rowwise", False)):
         raise _refuse("the server asks for row-wise weights: a row weight of an item only this "

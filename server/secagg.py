@@ -55,7 +55,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 
 from server.exchange import send_and_receive
-from server.server_app import ServerRun, final_doc, finish_round, prepare_run
+from server.rounds import RoundStep, ServerRun, run_rounds
 from shared.config import RunConfig
 from shared.dp import effective_multiplier, epsilon_spent
 from shared.secagg import (
@@ -512,45 +512,47 @@ def check_sum(summed: dict[str, np.ndarray], n_summed: int, cfg: RunConfig) -> s
     return None
 
 
-def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:
-    """``run_server`` with every encoder aggregation done by SecAgg+ (see module doc); writes
-    OUT/encoder.pt and OUT/metrics.json after every round. Returns the metrics document."""
-    del context  # the run config is already in ``cfg``
-    run = prepare_run(cfg)
-    strategy = run.strategy
-    dp = cfg.dp_clip > 0
-    multipliers = [float(r["secagg"]["dp_multiplier"]) for r in run.rounds
-                   if "dp_multiplier" in r.get("secagg", {})]
-    doc: dict[str, Any] = {}
-    prepared: KeyRing | None = None
-    labels: dict[int, str] = {}
-    # the next round's setup/share-keys ride on this round's unmask/evaluate messages when
-    # every node trains every round (with sampling the next round's nodes are not known yet)
-    pipeline = cfg.fraction_train >= 1.0
-    for rnd in range(run.start + 1, cfg.num_rounds + 1):
-        t0 = time.perf_counter()
-        msgs = list(strategy.configure_train(
-            rnd, to_record(strategy.global_state),
-            ConfigRecord({"server-round": rnd}), grid))
-        nodes = [int(m.metadata.dst_node_id) for m in msgs]
-        sa = SecAggRound(grid, cfg, rnd, strategy.global_state, nodes, prepared,
-                         pipeline=pipeline and rnd < cfg.num_rounds, markets=labels)
+class SecAggAggregation:
+    """Every round's encoder aggregation done by SecAgg+ (module doc), for ``run_rounds``: the
+    DP accounting of every decoded sum, and the next round's key exchange prepared during this
+    round's unmask and evaluate messages when every node trains every round."""
+
+    def __init__(self, run: ServerRun) -> None:
+        self.run = run
+        self.last: SecAggRound | None = None  # its next_prepared is set during evaluation
+        self.labels: dict[int, str] = {}
+        self.multipliers = [float(r["secagg"]["dp_multiplier"]) for r in run.rounds
+                            if "dp_multiplier" in r.get("secagg", {})]
+        # with sampling (fraction-train < 1) the next round's nodes are not known yet
+        self.pipeline = run.cfg.fraction_train >= 1.0
+
+    def train_round(self, grid: Grid, rnd: int, messages: list[Message]) -> RoundStep:
+        run, cfg = self.run, self.run.cfg
+        nodes = [int(m.metadata.dst_node_id) for m in messages]
+        prepared = self.last.next_prepared if self.last is not None else None
+        sa = SecAggRound(grid, cfg, rnd, run.strategy.global_state, nodes, prepared,
+                         pipeline=self.pipeline and rnd < cfg.num_rounds, markets=self.labels)
+        self.last = sa
         result = sa.run()
+        dp = cfg.dp_clip > 0
         if dp and result.summed is not None:  # every decoded sum counts, accepted or not
-            multipliers.append(effective_multiplier(cfg.dp_noise, result.n_sampled,
-                                                    result.n_summed))
-            result.report["dp_multiplier"] = multipliers[-1]
+            self.multipliers.append(effective_multiplier(cfg.dp_noise, result.n_sampled,
+                                                         result.n_summed))
+            result.report["dp_multiplier"] = self.multipliers[-1]
         aggregate_round(run, rnd, result)
         if dp:
-            run.extra["privacy"] = {**epsilon_spent(multipliers, cfg.dp_delta,
+            run.extra["privacy"] = {**epsilon_spent(self.multipliers, cfg.dp_delta,
                                                     len(cfg.market_list) or len(nodes)),
                                     "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip}
             result.report["epsilon"] = run.extra["privacy"]["epsilon"]
-        doc = finish_round(grid, run, rnd, t0, time.perf_counter() - t0,
-                           extra={"secagg": result.report},
-                           eval_records=sa.next_share_records(), on_eval=sa.collect_next)
-        prepared = sa.next_prepared
-    return final_doc(run, doc)
+        return RoundStep(extra={"secagg": result.report},
+                         eval_records=sa.next_share_records(), on_eval=sa.collect_next)
+
+
+def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:
+    """``run_rounds`` with SecAgg+ (what the ServerApp runs when ``secagg = true``)."""
+    del context  # the run config is already in ``cfg``
+    return run_rounds(grid, cfg, SecAggAggregation)
 
 
 def aggregate_round(run: ServerRun, rnd: int, result: RoundResult) -> None:
@@ -578,9 +580,4 @@ def aggregate_round(run: ServerRun, rnd: int, result: RoundResult) -> None:
         result.summed = None
         return
     strategy.last_train = {label: {} for label in result.train}  # who is in the sum
-    before = strategy.global_state
-    strategy.global_state = apply_summed_update(before, summed)
-    if run.cfg.server_lr != 1.0:  # Reptile-style outer step, as in run_server
-        from shared.transfer import reptile_step  # noqa: PLC0415
-
-        strategy.global_state = reptile_step(before, strategy.global_state, run.cfg.server_lr)
+    strategy.global_state = apply_summed_update(strategy.global_state, summed)

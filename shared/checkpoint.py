@@ -45,7 +45,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load(path: str | Path, what: str) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} checkpoint {path} does not exist")
@@ -87,7 +87,7 @@ def save_encoder(path: str | Path, state: dict[str, torch.Tensor], model: ModelC
 
 def load_encoder(path: str | Path) -> EncoderCheckpoint:
     """Load and validate an encoder checkpoint (CheckpointError naming the file on failure)."""
-    obj = _load(path, "encoder")
+    obj = read_checkpoint(path, "encoder")
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"encoder checkpoint {path}: format {obj.get('format')!r}, "
                               f"expected {FORMAT!r}")
@@ -141,7 +141,7 @@ def save_private(path: str | Path, state: dict[str, torch.Tensor], market: str,
 def load_private(path: str | Path, market: str,
                  catalog_fingerprint: str) -> tuple[dict[str, torch.Tensor], int]:
     """Load a market's private state; refuse one saved for another market or catalog."""
-    obj = _load(path, "private-state")
+    obj = read_checkpoint(path, "private-state")
     if obj.get("format") != PRIVATE_FORMAT:
         raise CheckpointError(f"private-state checkpoint {path}: format {obj.get('format')!r}")
     if obj.get("market") != market:

@@ -64,7 +64,7 @@ POLICY_FILE = "policy.toml"
 LEDGER_FILE = "privacy-ledger.json"
 NODE_CONFIG_KEY = "privacy-policy"
 # where the node keeps its private state: never the submitter's to choose (the node config's
-# data-dir, dataset and device win over the run's, see client.client_app.node_settings)
+# data-dir, dataset and device win over the run's, see client.node.node_settings)
 NODE_LOCAL_KEYS = frozenset({"state-dir"})
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shared.checkpoint import _load, atomic_torch_save
+from shared.checkpoint import atomic_torch_save, read_checkpoint
 from shared.errors import CheckpointError
 from shared.model import MarketModel, ModelConfig, encoder_state, private_state
 
@@ -94,7 +94,7 @@ def write_node_serving(node: MarketNode, round_: int) -> Path | None:
 
 def load_serving(path: str | Path, market: str) -> ServingSnapshot:
     """Load and check a serving file (CheckpointError naming the file and what is wrong)."""
-    obj = _load(path, "serving")
+    obj = read_checkpoint(path, "serving")
     if obj.get("format") != SERVING_FORMAT:
         raise CheckpointError(f"serving file {path}: format {obj.get('format')!r}, expected "
                               f"{SERVING_FORMAT!r}")

@@ -226,7 +226,6 @@ def batch_logits(model: torch.nn.Module, hist: torch.Tensor, pos: torch.Tensor,
     return model(hist, torch.cat([pos.unsqueeze(1), neg], dim=1))
 
 
-_batch_logits = batch_logits  # the former private name (simulations/benchmark.py)
 
 
 @torch.no_grad()

@@ -25,11 +25,12 @@ Read top to bottom:
   popularity-initialised; the transfer model fine-tuned with its encoder's federated loss,
   scratch with the loss that suits it best on valid) -> the ``join.json`` document, plus the
   two kept models' per-user nDCG@10 (``user_ndcg``) and their paired difference
-  (``paired_bootstrap``) in the details; ``simulations/join_seeds.py`` pools those over seeds.
+  (``paired_bootstrap``) in the details; ``simulations/experiments/join_seeds.py`` pools
+  those over seeds.
 
 The Reptile-style meta-learned initialisation is a property of how the encoder was produced
 (the federation's server step, run-config key ``server-lr``), so ``join`` accepts any encoder;
-``simulations/join_experiment.py`` compares encoders produced with and without it.
+``simulations/experiments/join_experiment.py`` compares encoders produced with and without it.
 """
 
 from __future__ import annotations
@@ -528,16 +529,6 @@ def transfer_phases(settings: JoinSettings) -> list[Phase]:
                   encoder_lr_scale=settings.encoder_lr_scale)]
 
 
-# --------------------------------------------------------------------------- Reptile server step
-def reptile_step(before: dict[str, torch.Tensor], aggregated: dict[str, torch.Tensor],
-                 server_lr: float) -> dict[str, torch.Tensor]:
-    """Reptile's outer update over the source markets' round: ``before + server_lr *
-    (aggregated - before)``, where ``aggregated`` is FedAvg's result (the mean of the markets'
-    locally adapted encoders). ``server_lr = 1`` is FedAvg itself."""
-    return {k: (b.double() + server_lr * (aggregated[k].double() - b.double())).to(b.dtype)
-            for k, b in before.items()}
-
-
 # --------------------------------------------------------------------------- the join
 @dataclass
 class JoinOutcome:
@@ -638,7 +629,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                # every loss tried: the kept model's valid nDCG@10, its curve, best and steps
                "scratch_loss": picked, "scratch_by_loss": by_loss,
                "transfer_minus_scratch_ndcg@10": paired,
-               # the same two kept models user by user, for pooling seeds (simulations.join_seeds)
+               # the same two kept models user by user, for pooling seeds (the lab's join_seeds)
                "per_user_ndcg@10": (None if per_user is None else
                                     {"users": [split.user_ids[u] for u in ev_users.tolist()],
                                      **{k: v.tolist() for k, v in per_user.items()}}),

@@ -1,69 +1,111 @@
-"""The ``storefed`` command line. Each sub-command lives in its own module under simulations/.
+"""The ``storefed`` command line: one registry of commands, each loaded only when it runs.
 
-Errors from bad input (``StorefedError``) are printed as one paragraph, exit code 2.
+Decision record
+---------------
+* **One registry** (``COMMANDS``): a command's name, the module that implements it and a
+  one-line help. The product's commands live in ``simulations/``; the lab's (benchmarks,
+  studies, load tests) in ``simulations/experiments/``. This module is the only one that names
+  both, and only by module path: product code never imports the lab.
+* **Lazy.** ``storefed --help`` lists the registry without importing any command (no torch,
+  no Flower); ``storefed CMD ...`` imports only ``CMD``'s module, whose ``register(sub)`` adds
+  its parser and returns ``(name, run)``. A two-word name (``deploy bench``) routes a
+  sub-command of a product command to the lab.
+* **Errors.** Bad input (``StorefedError``) is printed as one paragraph, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from types import ModuleType
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from shared.errors import StorefedError
-
-Command = Callable[[argparse.Namespace], int]
+from simulations.command import Run, run_command
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+@dataclass(frozen=True)
+class Command:
+    module: str
+    help: str
+    lab: bool = False
+
+
+COMMANDS: dict[str, Command] = {
+    "simulate": Command("simulations.simulate", "federated simulation on Flower's simulation "
+                        "engine (one virtual SuperNode per market)"),
+    "join": Command("simulations.join", "a new market joins from the global encoder"),
+    "recommend": Command("simulations.recommend", "top-k items for a user from a market's "
+                         "saved state"),
+    "serve": Command("simulations.serve", "one market's recommendations over HTTP/JSON, "
+                     "refreshed every round"),
+    "deploy": Command("simulations.deploy_cli", "real Flower deployment: certificates, "
+                      "SuperLink + gateway, SuperNodes, runs"),
+    "benchmark": Command("simulations.experiments.benchmark", "all methods on the same "
+                         "splits, negatives and seeds", lab=True),
+    "benchmark-mtl": Command("simulations.experiments.mtl_bench", "single-task vs "
+                             "shared-bottom vs mmoe per category", lab=True),
+    "benchmark-secagg": Command("simulations.experiments.secagg_bench", "SecAgg+ (and DP) "
+                                "cost against plain aggregation", lab=True),
+    "loadtest": Command("simulations.experiments.loadtest", "simulations over many synthetic "
+                        "storefronts", lab=True),
+    "bench-serve": Command("simulations.experiments.bench_serve", "load benchmark of a "
+                           "market's recommendation service", lab=True),
+    "deploy bench": Command("simulations.experiments.deploy_bench", "seconds per round: "
+                            "deployment vs simulation", lab=True),
+}
+
+
+def _route(argv: Sequence[str]) -> str | None:
+    """The registry key ``argv`` names (two-word keys first), or None."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if len(words) == 2 and " ".join(words) in COMMANDS and list(argv[:2]) == words:
+        return " ".join(words)
+    return words[0] if words and words[0] in COMMANDS and argv[:1] == words[:1] else None
+
+
+def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="storefed",
-        description="Federated multi-task transfer-learning recommender for storefronts.")
+        description="Federated multi-task transfer-learning recommender for storefronts.",
+        epilog="Lab commands (experiments): " + ", ".join(
+            k for k, c in COMMANDS.items() if c.lab) + ". `storefed CMD --help` for each.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands: dict[str, Command] = {}
-    for module in _command_modules():
-        name, run = module.register(sub)
-        commands[name] = run
-    return parser, commands
+    return parser
 
 
-def _command_modules() -> list[ModuleType]:
-    import importlib  # noqa: PLC0415
-
-    mods = []
-    for name in ("simulate", "benchmark", "mtl_bench", "secagg_bench", "join", "recommend",
-                 "deploy", "loadtest", "serve", "bench_serve"):
-        try:
-            mods.append(importlib.import_module(f"simulations.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"simulations.{name}":
-                raise
-    return mods
+def _parser(key: str | None) -> tuple[argparse.ArgumentParser, Run | None]:
+    """The top-level parser; with ``key``, that command's module is imported and registered."""
+    parser = _top_parser()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if key is None:
+        for name, cmd in COMMANDS.items():
+            if " " not in name:
+                sub.add_parser(name, help=cmd.help + (" (lab)" if cmd.lab else ""))
+        return parser, None
+    module = importlib.import_module(COMMANDS[key].module)
+    if " " in key:  # e.g. deploy bench: a sub-command of ``deploy`` that lives in the lab
+        outer = sub.add_parser(key.split()[0])
+        sub = outer.add_subparsers(dest="sub_command", required=True)
+    _, run = module.register(sub)
+    return parser, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``storefed`` console script."""
-    parser, commands = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)  # a global flag, anywhere
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    key = _route(argv)
+    parser, run = _parser(key)
     args = parser.parse_args(argv)
+    args.verbose = verbose
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("storefed").setLevel(logging.INFO)
-    return run_command(f"storefed {args.command}", commands[args.command], args)
-
-
-def run_command(prog: str, command: Command, args: argparse.Namespace) -> int:
-    """``command(args)``, with bad input (``StorefedError``) printed as one ``prog: error: ...``
-    paragraph and exit code 2 (130 on Ctrl-C). Also the ``main`` of the python -m scripts."""
-    try:
-        return command(args)
-    except StorefedError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    assert run is not None  # parse_args exits unless a registered command was named
+    return run_command(f"storefed {key}", run, args)
 
 
 if __name__ == "__main__":

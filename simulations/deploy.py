@@ -1,6 +1,7 @@
-"""``storefed deploy ...``: run storefed as a real Flower deployment, one SuperNode per region.
+"""The deployment library behind ``storefed deploy ...`` (``simulations/deploy_cli.py``): run
+storefed as a real Flower deployment, one SuperNode per region.
 
-Steps (each a sub-command; the README section "Deploy per region" walks through them):
+Steps (each a sub-command; ``docs/deployment.md`` walks through them):
 
 - ``deploy certs``     CA + SuperLink TLS certificate (SANs: localhost, 127.0.0.1 + --host ...)
 - ``deploy keys``      a region's SuperNode authentication key pair (EC P-384, OpenSSH format)
@@ -10,8 +11,8 @@ Steps (each a sub-command; the README section "Deploy per region" walks through 
 - ``deploy supernode`` start a region's SuperNode (``--node-config`` market/data/state/device)
                         plus its warm ClientApp executor (``simulations/deploy_exec.py``)
 - ``deploy run``       submit a federated run (``flwr run``) and wait for it
-- ``deploy demo``      all of it on 127.0.0.1 with every market (``simulations/deploy_demo.py``)
-- ``deploy bench``     per-round time of deployment vs simulation on the same work
+- ``deploy demo``      all of it on 127.0.0.1 with every market (``simulations/cluster.py``)
+- ``deploy bench``     per-round time of deployment vs simulation (the lab's)
 
 Every Flower process gets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (nothing is
 pip/uv-installed at run time: install storefed on every host beforehand).
@@ -19,18 +20,15 @@ pip/uv-installed at run time: install storefed on every host beforehand).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,9 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.errors import ConfigError, StorefedError
-from shared.identity import IDENTITY_FILE, TRUSTED_FILE, load_or_create, public_hex
-from shared.policy import NODE_CONFIG_KEY, load_policy
-from simulations.fab import app_sha256, write_app
+from shared.policy import NODE_CONFIG_KEY
 
 CONNECTION = "storefed"
 
@@ -108,7 +104,7 @@ def check_certificates(paths: Sequence[str | Path], warn_days: int = 30,
     return out
 
 
-def _read_passphrase(path: str) -> bytes | None:
+def read_passphrase(path: str) -> bytes | None:
     """The CA key's passphrase from ``path`` (first line), or None without a file."""
     if not path:
         return None
@@ -386,7 +382,7 @@ def write_connection(flwr_home: str | Path, address: str, ca: str | Path | None,
     return path
 
 
-def _flwr(args: Sequence[str], env: Mapping[str, str], timeout: float = 120.0,
+def flwr_cli(args: Sequence[str], env: Mapping[str, str], timeout: float = 120.0,
           check: bool = True) -> subprocess.CompletedProcess[str]:
     cmd = [str(Path(sys.executable).parent / "flwr"), *args]
     # run outside any project directory: flwr would migrate a pyproject.toml it finds in cwd
@@ -400,7 +396,7 @@ def _flwr(args: Sequence[str], env: Mapping[str, str], timeout: float = 120.0,
     return res
 
 
-def _json_tail(text: str) -> dict[str, Any]:
+def json_tail(text: str) -> dict[str, Any]:
     start = text.find("{")
     if start < 0:
         raise DeployError(f"expected JSON from flwr, got: {text.strip()[-500:]}")
@@ -417,7 +413,7 @@ def register_node(public_key: str | Path, env: Mapping[str, str], connection: st
     args = ["supernode", "register", str(public_key), connection, "--format", "json"]
     if name:
         args += ["--name", name]
-    doc = _json_tail(_flwr(args, env).stdout)
+    doc = json_tail(flwr_cli(args, env).stdout)
     if not doc.get("success"):
         raise DeployError(f"registering {public_key} failed: {doc}")
     return int(doc["node-id"])
@@ -425,7 +421,7 @@ def register_node(public_key: str | Path, env: Mapping[str, str], connection: st
 
 def unregister_node(node_id: int, env: Mapping[str, str], connection: str = CONNECTION) -> None:
     """Revoke a SuperNode: remove its registration (its public key) from the SuperLink."""
-    doc = _json_tail(_flwr(["supernode", "unregister", str(node_id), connection, "--format",
+    doc = json_tail(flwr_cli(["supernode", "unregister", str(node_id), connection, "--format",
                             "json"], env).stdout)
     if not doc.get("success"):
         raise DeployError(f"unregistering node {node_id} failed: {doc}")
@@ -440,9 +436,9 @@ def run_config_string(values: Mapping[str, Any]) -> str:
 def submit_run(app_dir: str | Path, values: Mapping[str, Any], env: Mapping[str, str],
                connection: str = CONNECTION) -> int:
     """``flwr run APP CONNECTION --run-config ...``; returns the run id (does not wait)."""
-    res = _flwr(["run", str(app_dir), connection, "--run-config", run_config_string(values),
+    res = flwr_cli(["run", str(app_dir), connection, "--run-config", run_config_string(values),
                  "--format", "json"], env, timeout=300)
-    doc = _json_tail(res.stdout)
+    doc = json_tail(res.stdout)
     if not doc.get("success") or doc.get("run-id") is None:
         raise DeployError(f"flwr run failed: {doc}")
     return int(doc["run-id"])
@@ -450,7 +446,7 @@ def submit_run(app_dir: str | Path, values: Mapping[str, Any], env: Mapping[str,
 
 def run_status(run_id: int, env: Mapping[str, str], connection: str = CONNECTION) -> str:
     """The run's status text, e.g. ``running`` or ``finished:completed``."""
-    doc = _json_tail(_flwr(["list", connection, "--run-id", str(run_id), "--format", "json"],
+    doc = json_tail(flwr_cli(["list", connection, "--run-id", str(run_id), "--format", "json"],
                            env).stdout)
     runs = doc.get("runs") or []
     return str(runs[0].get("status", "")) if runs else ""
@@ -487,7 +483,7 @@ def run_log(run_id: int, env: Mapping[str, str], connection: str = CONNECTION,
     """The tail of a run's ServerApp log as the SuperLink keeps it (``flwr log --show``), for
     error reports: a failed ServerApp's traceback lives there, not in the SuperLink's output."""
     try:
-        res = _flwr(["log", str(run_id), connection, "--show"], env, timeout=60, check=False)
+        res = flwr_cli(["log", str(run_id), connection, "--show"], env, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"(no run log: {exc})"
     return (res.stdout + res.stderr).strip()[-chars:]
@@ -499,381 +495,3 @@ def rounds_written(out_dir: str | Path) -> int:
         return len(json.loads((Path(out_dir) / "metrics.json").read_text())["rounds"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-
-
-# --------------------------------------------------------------------------- node process
-def run_supernode(args: argparse.Namespace) -> int:
-    """Start ``flower-supernode --isolation process`` as a child and serve its ClientApp tasks
-    in this process (torch and the market's data loaded once). Stops the child on exit."""
-    if not args.ca and not args.insecure:
-        raise ConfigError("deploy supernode needs --ca (the CA certificate that signed the "
-                          "SuperLink's certificate): without it the node would talk to the "
-                          "SuperLink unencrypted; pass --insecure to do that on purpose")
-    if args.insecure:
-        print("WARNING: --insecure: this node talks to the SuperLink WITHOUT TLS; its updates "
-              "and its authentication are exposed to anyone on the network", file=sys.stderr,
-              flush=True)
-    from simulations.deploy_exec import WarmExecutor  # noqa: PLC0415 - imports flwr
-
-    if args.threads > 0:
-        import torch  # noqa: PLC0415
-
-        torch.set_num_threads(args.threads)
-    import client.client_app  # noqa: F401, PLC0415 - warm the app (torch, storefed) up front
-    from simulations.deploy_exec import plain_logs  # noqa: PLC0415
-
-    plain_logs()
-
-    for p in (args.ca, args.key):
-        if p and not Path(p).is_file():
-            raise DeployError(f"{p} does not exist")
-    if not args.state_dir:
-        raise ConfigError("--state-dir is required: the market's private heads live there")
-    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
-    policy = ""
-    if args.policy:  # checked here, so a bad file stops the node before it connects
-        policy = str(Path(args.policy).resolve())
-    rules = load_policy({NODE_CONFIG_KEY: policy} if policy else {},
-                        Path(args.state_dir) / args.market)
-    from simulations.fab import installed_app_sha256  # noqa: PLC0415
-
-    print(f"this node runs app bundles: trusted-apps = {rules.trusted_apps!r} (installed = "
-          f"sha256 {installed_app_sha256()}); run-config overrides: allowed-run-config = "
-          f"{rules.allowed_run_config!r}", flush=True)
-    nc = node_config_string(args.market, str(Path(args.data_dir).resolve()) if args.data_dir
-                            else "", str(Path(args.state_dir).resolve()), args.device or "",
-                            args.dataset or "", policy)
-    cmd = supernode_command(args.superlink, None if args.insecure else args.ca, args.key, nc,
-                            args.runtime_port, fleet_poll=args.fleet_poll)
-    print("starting:", " ".join(cmd), flush=True)
-    child = subprocess.Popen(cmd, env=flower_env(os.environ.get("FLWR_HOME")))
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    executor = WarmExecutor(f"127.0.0.1:{args.runtime_port}", poll_interval=args.poll)
-    _wait_listening(args.runtime_port, child, stop)
-    def _watch() -> None:
-        child.wait()
-        stop.set()
-
-    watcher = threading.Thread(target=_watch, daemon=True)
-    watcher.start()
-    try:
-        executor.serve(stop)
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-    return int(child.returncode or 0) if child.returncode not in (None, -15) else 0
-
-
-def _wait_listening(port: int, child: subprocess.Popen, stop: threading.Event) -> None:
-    """Wait until the SuperNode's Runtime API accepts connections (so the executor's first
-    request does not enter Flower's exponential retry back-off)."""
-    import socket  # noqa: PLC0415
-
-    while not stop.is_set() and child.poll() is None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        stop.wait(0.1)
-
-
-# --------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
-    p = sub.add_parser("deploy", help="real Flower deployment: certificates, SuperLink, "
-                                      "SuperNodes, runs",
-                       description="Run storefed on a SuperLink and one SuperNode per region "
-                                   "(TLS + SuperNode authentication).")
-    dsub = p.add_subparsers(dest="deploy_command", required=True)
-
-    c = dsub.add_parser("certs", help="CA + SuperLink TLS certificate")
-    c.add_argument("--out", required=True, help="directory for ca.crt/ca.key/server.crt/server.key")
-    c.add_argument("--host", action="append", default=[],
-                   help="SuperLink host name or IP the nodes use (repeatable); localhost and "
-                        "127.0.0.1 are always included")
-    c.add_argument("--days", type=int, default=397, help="server certificate validity")
-    c.add_argument("--ca-passphrase-file", default="", metavar="FILE",
-                   help="encrypt a new ca.key with the passphrase in FILE (and read an existing "
-                        "one with it); keep ca.key on this admin machine, never on the "
-                        "SuperLink host")
-
-    k = dsub.add_parser("keys", help="SuperNode authentication key pair(s)")
-    k.add_argument("--out", required=True, help="directory for <name>.key and <name>.pub")
-    k.add_argument("names", nargs="+", help="one key pair per name (e.g. the region/market)")
-
-    oc = dsub.add_parser("operator-cert", help="an operator's TLS client certificate for the "
-                                               "gateway's operator listener")
-    oc.add_argument("name", help="the operator (file stem: <name>.crt / <name>.key)")
-    oc.add_argument("--ca-dir", required=True, help="directory with ca.crt and ca.key")
-    oc.add_argument("--out", required=True, help="where to write <name>.crt / <name>.key")
-    oc.add_argument("--days", type=int, default=90, help="validity (default 90)")
-    oc.add_argument("--ca-passphrase-file", default="", metavar="FILE",
-                    help="file holding ca.key's passphrase")
-
-    g = dsub.add_parser("gateway", help="the SuperLink's front door: Fleet API to the regions, "
-                                        "Control API to operators with a client certificate "
-                                        "(foreground)")
-    g.add_argument("--certs", required=True, help="directory with ca.crt, server.crt, server.key")
-    g.add_argument("--superlink", default="127.0.0.1:9092",
-                   help="the SuperLink's loopback address (default 127.0.0.1:9092)")
-    g.add_argument("--host", default="0.0.0.0", help="public bind address (default all)")
-    g.add_argument("--port", type=int, default=9443, help="public port, Fleet only (9443)")
-    g.add_argument("--operator-port", type=int, default=0,
-                   help="operator port, Control only, client certificate required (0: none; "
-                        "operators then use an SSH tunnel to the SuperLink's loopback port)")
-
-    of = dsub.add_parser("operator-forward", help="on an operator's machine: a loopback port for "
-                                                  "flwr that adds the operator's client "
-                                                  "certificate (foreground)")
-    of.add_argument("--gateway", required=True, help="the gateway's operator host:port")
-    of.add_argument("--ca", required=True, help="ca.crt (verifies the gateway)")
-    of.add_argument("--cert", required=True, help="<name>.crt from `deploy operator-cert`")
-    of.add_argument("--key", required=True, help="<name>.key from `deploy operator-cert`")
-    of.add_argument("--port", type=int, default=9093, help="loopback port flwr dials (9093)")
-
-    rv = dsub.add_parser("revoke", help="shut a region out: remove its SuperNode's registration "
-                                        "(its connected node is disconnected too)")
-    rv.add_argument("node_id", type=int, help="the node id `deploy register` printed")
-    rv.add_argument("--connection", default=CONNECTION)
-
-    ck = dsub.add_parser("check", help="certificate expiry, ahead of time (exit 1 when one is "
-                                       "expired, not yet valid or expires within --days)")
-    ck.add_argument("certificates", nargs="+", help="ca.crt, server.crt, ...")
-    ck.add_argument("--days", type=int, default=30, help="warn this many days ahead")
-
-    i = dsub.add_parser("identity", help="a market's SecAgg+ identity key (created if absent): "
-                                         "prints its trusted-markets.toml line")
-    i.add_argument("--state-dir", required=True, help="the region's state directory")
-    i.add_argument("--market", required=True, help="the market the region serves")
-
-    ah = dsub.add_parser("app-hash", help="SHA-256 of the app bundle this storefed submits "
-                                          "(what a region's trusted-apps may pin)")
-    ah.add_argument("--app", default="", metavar="DIR",
-                    help="an app directory to hash instead (default: the installed storefed's)")
-
-    s = dsub.add_parser("superlink", help="start flower-superlink with TLS + node auth "
-                                          "(foreground)")
-    s.add_argument("--certs", required=True, help="directory written by `deploy certs`")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default 127.0.0.1: the Control API stays on this host; "
-                        "the regions come in through `deploy gateway`)")
-    s.add_argument("--port", type=int, default=9092, help="the one HTTPS port (default 9092)")
-    s.add_argument("--database", default="",
-                   help="SQLite file for registrations/runs (survives restarts); default "
-                        "<certs>/superlink.db")
-
-    cn = dsub.add_parser("connect", help="save the SuperLink address for flwr (config.toml)")
-    cn.add_argument("--address", required=True, help="SuperLink host:port")
-    cn.add_argument("--ca", help="CA certificate that signed the SuperLink's certificate")
-    cn.add_argument("--name", default=CONNECTION, help="connection name (default storefed)")
-
-    r = dsub.add_parser("register", help="register a region's SuperNode public key")
-    r.add_argument("public_key", help="<name>.pub written by `deploy keys`")
-    r.add_argument("--name", default=None, help="a label for the node (e.g. the market)")
-    r.add_argument("--connection", default=CONNECTION)
-
-    n = dsub.add_parser("supernode", help="start a region's SuperNode + warm ClientApp "
-                                          "executor (foreground)")
-    n.add_argument("--superlink", required=True, help="SuperLink host:port")
-    n.add_argument("--ca", help="CA certificate to verify the SuperLink (ca.crt)")
-    n.add_argument("--key", help="this node's private key (<name>.key)")
-    n.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
-    n.add_argument("--market", required=True, help="the market this node serves")
-    n.add_argument("--dataset", default="", help="dataset name (default: the run's)")
-    n.add_argument("--data-dir", default="", help="where this region's data lives")
-    n.add_argument("--state-dir", required=True, help="private state (heads) directory")
-    n.add_argument("--policy", default="", metavar="FILE",
-                   help="this market's privacy policy (TOML; default: <state-dir>/<market>/"
-                        "policy.toml, else the private defaults; see docs/privacy.md)")
-    n.add_argument("--device", choices=("auto", "cpu", "cuda"), default="",
-                   help="where this node trains (default: the run's)")
-    n.add_argument("--runtime-port", type=int, default=9094,
-                   help="local port of the SuperNode's Runtime API (one per node per host)")
-    n.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    n.add_argument("--poll", type=float, default=0.2,
-                   help="how often the executor asks the local SuperNode for a task (s)")
-    n.add_argument("--fleet-poll", type=float, default=0.5,
-                   help="how often an idle SuperNode asks the SuperLink for messages (s); "
-                        "Flower's own loop uses 3 (pass 3 to run plain flower-supernode)")
-
-    u = dsub.add_parser("run", help="submit a federated run and wait for it")
-    u.add_argument("--connection", default=CONNECTION)
-    u.add_argument("--markets", required=True,
-                   help="comma-separated markets; the server waits for this many nodes")
-    u.add_argument("--out", required=True,
-                   help="server output directory, a path on the SuperLink host")
-    u.add_argument("--rounds", type=int, default=None)
-    u.add_argument("--resume", action="store_true", help="continue from OUT/encoder.pt")
-    u.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
-                   help="aggregate with SecAgg+ (default: on); --no-secagg: plain FedAvg")
-    u.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="any [tool.flwr.app.config] key (repeatable)")
-    u.add_argument("--timeout", type=float, default=24 * 3600.0)
-    u.add_argument("--no-wait", action="store_true", help="print the run id and return")
-
-    from simulations.deploy_demo import add_demo_parsers  # noqa: PLC0415
-
-    add_demo_parsers(dsub)
-    return "deploy", _run
-
-
-def _run(args: argparse.Namespace) -> int:
-    cmd = args.deploy_command
-    if cmd == "certs":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        ca_crt, ca_key = (out / "ca.crt", out / "ca.key")
-        secret = _read_passphrase(args.ca_passphrase_file)
-        if not (ca_crt.is_file() and ca_key.is_file()):
-            ca_crt, ca_key = generate_ca(out, passphrase=secret)
-            print(f"wrote {ca_crt} and {ca_key} ({'encrypted, ' if secret else ''}"
-                  f"keep ca.key offline)")
-        crt, key = generate_server_cert(out, ca_crt, ca_key, args.host, days=args.days,
-                                        ca_passphrase=secret)
-        print(f"wrote {crt} and {key} for: localhost, 127.0.0.1"
-              + "".join(f", {h}" for h in args.host))
-        return 0
-    if cmd == "keys":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in args.names:
-            priv, pub = generate_node_keys(out, name)
-            print(f"wrote {priv} (copy to the node only) and {pub} (register on the SuperLink)")
-        return 0
-    if cmd == "identity":
-        market_dir = Path(args.state_dir) / args.market
-        public = public_hex(load_or_create(market_dir))
-        print(f"# {market_dir / IDENTITY_FILE}: add this line to the other regions' "
-              f"{TRUSTED_FILE}")
-        print(f'"{args.market}" = "{public}"')
-        return 0
-    if cmd == "operator-cert":
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        crt, key = generate_operator_cert(args.out, Path(args.ca_dir) / "ca.crt",
-                                          Path(args.ca_dir) / "ca.key", args.name, args.days,
-                                          _read_passphrase(args.ca_passphrase_file))
-        print(f"wrote {crt} and {key} (the operator's only; `deploy operator-forward` uses them)")
-        return 0
-    if cmd in ("gateway", "operator-forward"):
-        return _front_door(args)
-    if cmd == "app-hash":
-        from simulations.fab import installed_app_sha256  # noqa: PLC0415
-
-        print(app_sha256(args.app) if args.app else installed_app_sha256())
-        return 0
-    if cmd == "superlink":
-        db = args.database or str(Path(args.certs) / "superlink.db")
-        full = superlink_command(args.certs, args.host, args.port, db)
-        if args.host not in ("127.0.0.1", "::1", "localhost"):
-            print(f"WARNING: --host {args.host}: the Control API (submit runs, register nodes) "
-                  f"is reachable by anyone who reaches this port, and open-source Flower "
-                  f"checks no operator; bind 127.0.0.1 and run `storefed deploy gateway`",
-                  file=sys.stderr, flush=True)
-        print("exec:", " ".join(full), flush=True)
-        os.execve(full[0], full, flower_env(os.environ.get("FLWR_HOME")))
-    if cmd == "connect":
-        home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
-        path = write_connection(home, args.address, args.ca, args.name)
-        print(f"wrote connection '{args.name}' -> {args.address} in {path}")
-        return 0
-    if cmd == "revoke":
-        unregister_node(args.node_id, flower_env(os.environ.get("FLWR_HOME")), args.connection)
-        print(f"revoked node {args.node_id}: the SuperLink no longer accepts its key")
-        return 0
-    if cmd == "check":
-        rows = check_certificates(args.certificates, args.days)
-        for r in rows:
-            issuer = f", issuer {r['issuer']}" if "issuer" in r else ""
-            print(f"{r['file']}: {r['status']} ({r['days_left']:g} days left, until "
-                  f"{r['not_after']}; {r['subject']}{issuer})")
-        bad = [r for r in rows if r["status"] != "ok" or r.get("issuer", "ok") != "ok"]
-        return 1 if bad else 0
-    if cmd == "register":
-        node_id = register_node(args.public_key, flower_env(os.environ.get("FLWR_HOME")),
-                                args.connection, args.name)
-        print(f"registered {args.public_key} as node {node_id}")
-        return 0
-    if cmd == "supernode":
-        return run_supernode(args)
-    if cmd == "run":
-        return _submit(args)
-    from simulations.deploy_demo import run_demo_command  # noqa: PLC0415
-
-    return run_demo_command(args)
-
-
-def _front_door(args: argparse.Namespace) -> int:
-    from simulations.gateway import (  # noqa: PLC0415 - uvicorn/starlette only here
-        gateway_listeners,
-        operator_forward_listener,
-        serve,
-    )
-
-    if args.deploy_command == "gateway":
-        certs = Path(args.certs)
-        for f in ("ca.crt", "server.crt", "server.key"):
-            if not (certs / f).is_file():
-                raise DeployError(f"{certs / f} does not exist (see `storefed deploy certs`)")
-        listeners = gateway_listeners(certs, args.superlink, (args.host, args.port),
-                                      (args.host, args.operator_port) if args.operator_port
-                                      else None)
-        print(f"gateway: https://{args.host}:{args.port} -> Fleet API of {args.superlink}"
-              + (f"; https://{args.host}:{args.operator_port} (client certificate) -> Control "
-                 f"API" if args.operator_port else "; Control API: SSH tunnel only"), flush=True)
-    else:
-        for p in (args.ca, args.cert, args.key):
-            if not Path(p).is_file():
-                raise DeployError(f"{p} does not exist")
-        listeners = [operator_forward_listener(args.gateway, Path(args.ca), Path(args.cert),
-                                               Path(args.key), ("127.0.0.1", args.port))]
-        print(f"operator-forward: http://127.0.0.1:{args.port} -> https://{args.gateway} "
-              f"(Control API, as {Path(args.cert).stem}); point flwr at it with `storefed "
-              f"deploy connect --address 127.0.0.1:{args.port}` (no --ca: plain HTTP on "
-              f"loopback)", flush=True)
-    serve(listeners)
-    return 0
-
-
-def _submit(args: argparse.Namespace) -> int:
-    from simulations.simulate import parse_overrides, print_summary  # noqa: PLC0415
-
-    if not Path(args.out).is_absolute():
-        raise ConfigError(f"--out {args.out!r} must be an absolute path: the ServerApp writes "
-                          f"it on the SuperLink host, relative to nothing you control")
-    values = parse_overrides(args.config)
-    values["markets"] = args.markets
-    values["out-dir"] = args.out
-    if args.rounds is not None:
-        values["num-rounds"] = args.rounds
-    if args.resume:
-        values["resume"] = True
-    if args.secagg is not None:
-        values["secagg"] = args.secagg
-    env = flower_env(os.environ.get("FLWR_HOME"))
-    app = write_app(Path(os.environ.get("TMPDIR", "/tmp")) / f"storefed-app-{os.getpid()}")
-    try:
-        print(f"app bundle sha256 {app_sha256(app)} (the regions' trusted-apps must hold it)",
-              flush=True)
-        run_id = submit_run(app, values, env, args.connection)
-    finally:
-        shutil.rmtree(app, ignore_errors=True)
-    print(f"submitted run {run_id}", flush=True)
-    if args.no_wait:
-        return 0
-    rounds = int(values.get("num-rounds", RunConfig().num_rounds))
-    status = wait_run(run_id, env, args.timeout, args.connection,
-                      done_hint=lambda: rounds_written(args.out) >= rounds)
-    print(f"run {run_id}: {status}")
-    metrics = Path(args.out) / "metrics.json"
-    if metrics.is_file():
-        print_summary(json.loads(metrics.read_text()))
-    return 0 if status.endswith("completed") else 1

@@ -39,7 +39,7 @@ log = logging.getLogger("storefed")
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """The join recipe's flags that ``storefed join`` and ``simulations.join_experiment`` share."""
+    """The join recipe's flags that ``storefed join`` and the lab's ``join_experiment`` share."""
     d = JoinSettings()
     p.add_argument("--scratch-loss", choices=SCRATCH_LOSSES, default=d.scratch_loss,
                    help="the scratch baseline's loss; auto: train it with each of "

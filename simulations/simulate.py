@@ -14,8 +14,8 @@ from typing import Any
 from flwr.clientapp.typing import Mod
 
 from client.client_app import make_app as make_client_app
+from server.rounds import prepare_run
 from server.server_app import make_app as make_server_app
-from server.server_app import prepare_run
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig, parse_overrides
 from shared.data import DATASETS, available_markets, load_market

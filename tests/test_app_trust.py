@@ -162,7 +162,7 @@ def test_untrusted_runs_are_refused_by_real_supernodes_and_the_round_goes_on(tmp
     """SuperLink (TLS + node auth) and four `storefed deploy supernode` regions, SecAgg+ on.
     m2 trusts only another bundle; m3 allows no `lr` override. Both refuse the run with a log
     line naming the rule; the round goes on with m0 and m1 (their lab policy: 2 markets)."""
-    from simulations.deploy_demo import LocalCluster
+    from simulations.cluster import LocalCluster
     from simulations.simulate import lab_policy
 
     markets = ["m0", "m1", "m2", "m3"]

@@ -20,8 +20,8 @@ from shared.baselines import (
 from shared.config import RunConfig
 from shared.data import EvalSet, MarketSplit
 from shared.train import input_histories
-from simulations import benchmark
 from simulations.cli import main
+from simulations.experiments import benchmark
 
 PAD = 6  # 6 items (0..5), padding index 6
 

@@ -30,6 +30,7 @@ from shared.checkpoint import load_encoder
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.policy import write_policy
+from simulations.cluster import LocalCluster
 from simulations.deploy import (
     DeployError,
     generate_ca,
@@ -37,10 +38,9 @@ from simulations.deploy import (
     generate_server_cert,
     node_config_string,
     run_config_string,
-    write_app,
     write_connection,
 )
-from simulations.deploy_demo import LocalCluster
+from simulations.fab import write_app
 from simulations.simulate import lab_policy
 
 MARKETS = ["m0", "m1", "m2"]
@@ -160,12 +160,17 @@ def _private_round(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["round"])
 
 
+def _rounds_seen(cluster: LocalCluster, market: str, run_id: int) -> list[str]:
+    """Message types the market's executor handled for ``run_id``, in order."""
+    lines = cluster.log_tail(f"node-{market}", 10**7).splitlines()
+    return [ln.split(" storefed: ")[1].split(" message")[0] for ln in lines
+            if f"of run {run_id} " in ln and " handled in " in ln]
+
+
 def _evaluations(cluster: LocalCluster, market: str, run_id: int) -> int:
     """Evaluate messages the market's executor handled for ``run_id`` (one per round; the
     SecAgg+ stages are train.secagg messages)."""
-    lines = cluster.log_tail(f"node-{market}", 10**7).splitlines()
-    return sum(1 for ln in lines if f"of run {run_id} " in ln and " handled in " in ln
-               and ln.split(" storefed: ")[1].startswith("evaluate message"))
+    return _rounds_seen(cluster, market, run_id).count("evaluate")
 
 
 @pytest.mark.slow

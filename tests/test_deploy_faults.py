@@ -44,13 +44,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from server.exchange import send_and_receive
-from server.server_app import go_on_with_online_nodes, prepare_run
+from server.rounds import go_on_with_online_nodes, prepare_run
 from shared.checkpoint import load_encoder, load_private
 from shared.config import RunConfig
 from shared.node import MarketNode
 from shared.policy import write_policy
+from simulations.cluster import LocalCluster
 from simulations.deploy import DeployError, rounds_written, submit_run, wait_run
-from simulations.deploy_demo import LocalCluster
 from simulations.simulate import lab_policy
 from tests.test_deploy import SMALL, _fail_with_logs, _private_round
 
@@ -160,8 +160,9 @@ class _Executor:
                 outer.release.wait(60)
                 raise RuntimeError("message contents never arrived")
             meta = SimpleNamespace(message_type="train", group_id="1")
-            return (SimpleNamespace(metadata=meta, token=client.token), object(),
-                    SimpleNamespace(run_id=1, fab_id="f", fab_version="1"),
+            return (SimpleNamespace(metadata=meta, token=client.token),
+                    SimpleNamespace(node_config={}),
+                    SimpleNamespace(run_id=1, fab_id="f", fab_version="1", override_config={}),
                     SimpleNamespace(hash_str="h", content=b""))
 
         def app(message: SimpleNamespace, context: object) -> str:
@@ -191,6 +192,7 @@ class _Executor:
         self.executor = X.WarmExecutor("127.0.0.1:1", poll_interval=0.01)
         monkeypatch.setattr(self.executor, "_client", Client)
         monkeypatch.setattr(self.executor, "_app", lambda *a: app)
+        monkeypatch.setattr(self.executor, "_vet", lambda *a: None)  # trust: test_app_trust
         self.thread = threading.Thread(target=self.executor.serve, args=(self.stop,),
                                        daemon=True)
 

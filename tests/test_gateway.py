@@ -19,17 +19,17 @@ import httpx
 import pytest
 
 from shared.policy import write_policy
+from simulations.cluster import LocalCluster, free_port, wait_port
 from simulations.deploy import (
     CONNECTION,
     DeployError,
-    _flwr,
-    _json_tail,
+    flwr_cli,
     generate_operator_cert,
+    json_tail,
     register_node,
     submit_run,
     write_connection,
 )
-from simulations.deploy_demo import LocalCluster, free_port, wait_port
 from simulations.gateway import CONTROL_PREFIX, FLEET_PREFIX, forwarding_app
 from simulations.simulate import lab_policy
 
@@ -117,17 +117,17 @@ def test_control_api_only_through_the_operator_path(tmp_path):
         assert final == "finished:completed", {n: c.log_tail(n) for n in c.procs}
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         assert sorted(m for m, v in rounds[-1]["markets"].items() if v["trained"]) == MARKETS
-        log = _flwr(["log", str(run_id), CONNECTION, "--show"], c.cli_env, timeout=120)
+        log = flwr_cli(["log", str(run_id), CONNECTION, "--show"], c.cli_env, timeout=120)
         assert "received 3 results and 0 failures" in log.stdout.lower(), log.stdout[-2000:]
         # flwr stop through the same path
         second = submit_run(c.app_dir, {**RUN, "num-rounds": 50, "out-dir": str(tmp_path / "o2")},
                             c.cli_env)
-        stop = _json_tail(_flwr(["stop", str(second), CONNECTION, "--format", "json"],
+        stop = json_tail(flwr_cli(["stop", str(second), CONNECTION, "--format", "json"],
                                 c.cli_env).stdout)
         assert stop.get("success"), stop
         end = time.monotonic() + 60
         while True:
-            runs = _json_tail(_flwr(["list", CONNECTION, "--run-id", str(second), "--format",
+            runs = json_tail(flwr_cli(["list", CONNECTION, "--run-id", str(second), "--format",
                                      "json"], c.cli_env).stdout)["runs"]
             if str(runs[0]["status"]).startswith("finished"):
                 break

@@ -34,8 +34,8 @@ from shared.config import RunConfig
 from shared.node import MarketNode
 from shared.policy import write_policy
 from simulations.cli import main as storefed
+from simulations.cluster import LocalCluster
 from simulations.deploy import DeployError, rounds_written, submit_run, wait_run
-from simulations.deploy_demo import LocalCluster
 from simulations.simulate import lab_policy
 from tests.test_deploy import SMALL, _fail_with_logs, _rounds_seen
 

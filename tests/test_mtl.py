@@ -28,7 +28,7 @@ from shared.node import MarketNode, build_model, initial_encoder, item_counts
 from shared.report import write_metrics
 from shared.train import TrainSettings, train_local
 from shared.wire import WEIGHT_PREFIX, apply_summed_update, expected_update_shapes, sum_updates
-from simulations.mtl_bench import compare, pooled_categories
+from simulations.experiments.mtl_bench import compare, pooled_categories
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -533,7 +533,7 @@ def test_corrupted_private_state_is_a_checkpoint_error(tmp_path):
 
 
 def test_loadtest_writes_readable_storefronts(tmp_path):
-    from simulations.loadtest import write_storefronts
+    from simulations.experiments.loadtest import write_storefronts
 
     names = write_storefronts(tmp_path, 12, n_items=80, users=5, interactions=4,
                               n_categories=3, seed=1)

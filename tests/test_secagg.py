@@ -440,7 +440,7 @@ def test_pipelined_rounds(tmp_path, recorded, fail):
 
 # ---------------------------------------------------------------------------- default + wiring
 def test_secagg_is_the_default_and_needs_two_markets_per_round(tmp_path):
-    from server.server_app import prepare_run
+    from server.rounds import prepare_run
 
     assert RunConfig().secagg is True  # pyproject == dataclass is checked in test_config
     out = {"out-dir": str(tmp_path / "o"), "embedding-dim": 8}
@@ -456,15 +456,14 @@ def test_secagg_is_the_default_and_needs_two_markets_per_round(tmp_path):
 def test_cli_secagg_flags_and_deploy_run_default(tmp_path, monkeypatch):
     import tomllib
 
-    import simulations.deploy as deploy
+    import simulations.deploy_cli as deploy
     from simulations.cli import _parser
     from simulations.simulate import config_from_args
 
-    parser, _ = _parser()
     for flags, want in (([], True), (["--no-secagg"], False), (["--secagg"], True)):
-        args = parser.parse_args(["simulate", "--markets", "m0,m1", *flags])
+        args = _parser("simulate")[0].parse_args(["simulate", "--markets", "m0,m1", *flags])
         assert config_from_args(args, secagg=args.secagg).secagg is want, flags
-        args = parser.parse_args(["deploy", "demo", *flags])
+        args = _parser("deploy")[0].parse_args(["deploy", "demo", *flags])
         assert args.secagg is (None if not flags else want)
 
     submitted = []
@@ -536,7 +535,7 @@ def test_secagg_exchanges_use_the_fast_poll_on_the_deployment_grid(tmp_path, rec
 
 
 def test_benchmark_secagg_interleaves_arms_and_profiles_the_protocol(tmp_path):
-    from simulations.secagg_bench import run_bench
+    from simulations.experiments.secagg_bench import run_bench
 
     cfg = RunConfig.from_mapping({**BASE, "markets": "m0,m1", "num-rounds": 2})
     report = run_bench(cfg, [2], tmp_path, [], 0.5, engine="inprocess", repeats=2)

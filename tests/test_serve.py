@@ -30,7 +30,7 @@ from shared.config import RunConfig
 from shared.model import encoder_state
 from shared.node import MarketNode, initial_encoder, split_scores
 from shared.serving_state import load_serving, serving_path, write_node_serving
-from simulations.bench_serve import ServiceProcess
+from simulations.experiments.bench_serve import ServiceProcess
 
 MARKET = "m0"
 CFG = {"dataset": "synthetic", "embedding-dim": 16, "local-epochs": 1, "torch-threads": 1}
@@ -465,7 +465,7 @@ def test_served_round_moves_during_a_tls_federation(tmp_path):
     """Three markets (the private defaults' minimum sum) on a real SuperLink with TLS and
     SuperNode authentication run 2 SecAgg+ rounds; market m0's service answers a steady stream
     of requests the whole time: its round goes 1 -> 2 and no request fails."""
-    from simulations.deploy_demo import LocalCluster
+    from simulations.cluster import LocalCluster
 
     markets = ["m0", "m1", "m2"]
     state = tmp_path / "state"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.rounds import reptile_step
 from shared.checkpoint import load_encoder, save_encoder
 from shared.config import RunConfig
 from shared.data import Catalog, load_market
@@ -30,7 +31,6 @@ from shared.transfer import (
     join_model,
     load_join_encoder,
     map_encoder,
-    reptile_step,
     run_curve,
     split_evaluator,
     steps_to_target,
@@ -39,7 +39,7 @@ from shared.transfer import (
 from shared.wire import apply_summed_update, sum_updates
 from simulations import join as join_cmd
 from simulations import recommend as rec_cmd
-from simulations.join_experiment import summarize
+from simulations.experiments.join_experiment import summarize
 
 CPU = torch.device("cpu")
 SOURCES = ("m0", "m1", "m2")
@@ -592,7 +592,7 @@ def _fake_run(root: Path, seed: int, transfer: list[float], scratch: list[float]
 
 
 def test_join_seeds_pools_runs_into_counts_mean_curves_and_a_per_user_interval(tmp_path):
-    from simulations import join_seeds
+    from simulations.experiments import join_seeds
 
     users = ["u1", "u2", "u3", "u4"]
     a = _fake_run(tmp_path, 0, [0.50, 0.50, 0.51, 0.51], [0.40, 0.45, 0.49, 0.52],
@@ -620,7 +620,7 @@ def test_join_seeds_pools_runs_into_counts_mean_curves_and_a_per_user_interval(t
 
 
 def test_join_seeds_counts_the_steps_target_against_every_scratch_loss_tried(tmp_path):
-    from simulations import join_seeds
+    from simulations.experiments import join_seeds
 
     pu = {"users": ["u1"], "transfer": [0.5], "scratch": [0.4]}
     # both runs meet the target against the kept scratch (0.45, reached at step 0 vs 30); run b
@@ -639,7 +639,7 @@ def test_join_seeds_counts_the_steps_target_against_every_scratch_loss_tried(tmp
 
 
 def test_join_seeds_refuses_runs_it_cannot_pool(tmp_path, capsys):
-    from simulations import join_seeds
+    from simulations.experiments import join_seeds
 
     good = {"users": ["u1", "u2"], "transfer": [1.0, 0.0], "scratch": [0.0, 0.0]}
     a = _fake_run(tmp_path, 0, [0.5, 0.5], [0.4, 0.5], good)

@@ -44,7 +44,7 @@ class ServiceError(StorefedError):
 
 
 def _free_port() -> int:
-    from simulations.deploy_demo import free_port  # noqa: PLC0415
+    from simulations.cluster import free_port  # noqa: PLC0415
 
     return free_port()
 
@@ -91,8 +91,8 @@ class ServiceProcess:
             else ""
 
     def wait_listening(self, timeout: float = 120.0) -> None:
+        from simulations.cluster import wait_port  # noqa: PLC0415
         from simulations.deploy import DeployError  # noqa: PLC0415
-        from simulations.deploy_demo import wait_port  # noqa: PLC0415
 
         assert self.proc is not None, "start() first"
         try:

@@ -1,6 +1,7 @@
 """A whole deployment on one machine: a TLS + node-auth SuperLink and one SuperNode (plus its
 warm ClientApp executor) per market on 127.0.0.1, each a separate process started by PID and
-stopped by PID. Used by ``storefed deploy demo``, ``storefed deploy bench`` and the tests.
+stopped by PID. Used by ``storefed deploy demo``, the lab's ``storefed deploy bench`` and the
+tests.
 
 Each process gets its own ``FLWR_HOME`` (as it would on its own host) and a log file under
 ``<root>/logs``. Ports are free ports picked at start.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,26 +21,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.data import available_markets
 from shared.errors import ConfigError
 from shared.policy import write_policy
 from simulations.deploy import (
+    CONNECTION,
     DeployError,
     flower_env,
+    flwr_cli,
     generate_ca,
     generate_node_keys,
     generate_server_cert,
+    json_tail,
     node_config_string,
     register_node,
     rounds_written,
-    run_log,
     stop_process,
     submit_run,
     superlink_command,
     supernode_command,
     wait_run,
-    write_app,
     write_connection,
 )
+from simulations.fab import write_app
 from simulations.simulate import lab_policy
 
 Proc = subprocess.Popen
@@ -282,9 +285,7 @@ class LocalCluster:
 
     def nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list`` as JSON (node-id, status: registered/online/offline...)."""
-        from simulations.deploy import CONNECTION, _flwr, _json_tail  # noqa: PLC0415
-
-        doc = _json_tail(_flwr(["supernode", "list", CONNECTION, "--format", "json"],
+        doc = json_tail(flwr_cli(["supernode", "list", CONNECTION, "--format", "json"],
                                self.cli_env).stdout)
         return list(doc.get("nodes", []))
 
@@ -297,29 +298,9 @@ class LocalCluster:
                                 done_hint=lambda: bool(out) and rounds_written(out) >= rounds)
 
 
-# --------------------------------------------------------------------------- demo / bench
-def add_demo_parsers(dsub: argparse._SubParsersAction) -> None:
-    d = dsub.add_parser("demo", help="everything on 127.0.0.1: SuperLink + one SuperNode per "
-                                     "market over TLS with node auth; prints per-market metrics")
-    _cluster_options(d)
-    d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
-                   help="aggregate with SecAgg+ (default: on); --no-secagg: plain FedAvg")
-    d.add_argument("--keep", action="store_true", help="keep the work directory")
-
-
-    b = dsub.add_parser("bench", help="seconds per round: deployment vs simulation on the "
-                                      "same work (prints + writes JSON)")
-    _cluster_options(b)
-    b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--layouts", default="simulation,warm,flower",
-                   help="comma-separated: simulation (Flower simulation engine), warm (this "
-                        "deployment: warm executors, 0.5 s Fleet poll), flower (Flower's "
-                        "default SuperNode: a process per message, 3 s poll)")
-    b.add_argument("--out", default="runs/deploy-bench.json", help="JSON report")
-
-
-def _cluster_options(p: argparse.ArgumentParser) -> None:
+# --------------------------------------------------------------------------- options
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """Options of a command that runs a local cluster (``deploy demo``, ``deploy bench``)."""
     p.add_argument("--dataset", default="xmarket", help="dataset (default xmarket)")
     p.add_argument("--data-dir", default="/work/shared/data/xmarket_forec_electronics",
                    help="dataset directory")
@@ -330,9 +311,8 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=3600.0)
 
 
-def _markets(dataset: str, data_dir: str, wanted: str) -> list[str]:
-    from shared.data import available_markets  # noqa: PLC0415
-
+def choose_markets(dataset: str, data_dir: str, wanted: str) -> list[str]:
+    """``wanted`` (comma-separated; empty: every market of the dataset), checked."""
     found = available_markets(dataset, data_dir or None)
     markets = [m.strip() for m in wanted.split(",") if m.strip()] or found
     unknown = [m for m in markets if m not in found]
@@ -341,154 +321,8 @@ def _markets(dataset: str, data_dir: str, wanted: str) -> list[str]:
     return markets
 
 
-def run_demo_command(args: argparse.Namespace) -> int:
-    if args.deploy_command == "demo":
-        return _demo(args)
-    if args.deploy_command == "bench":
-        return _bench(args)
-    raise ConfigError(f"unknown deploy command {args.deploy_command}")
-
-
-def _demo(args: argparse.Namespace) -> int:
-    import tempfile  # noqa: PLC0415
-
-    from simulations.simulate import parse_overrides, print_summary  # noqa: PLC0415
-
-    markets = _markets(args.dataset, args.data_dir, args.markets)
-    work = Path(args.work or tempfile.mkdtemp(prefix="storefed-deploy-"))
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
-    values: dict[str, Any] = {"dataset": args.dataset, "data-dir": data_dir,
-                              "markets": ",".join(markets), "num-rounds": args.rounds,
-                              "out-dir": str(work / "out"), **parse_overrides(args.config)}
-    if args.secagg is not None:
-        values["secagg"] = args.secagg
-    t0 = time.perf_counter()
-    with LocalCluster(work) as cluster:
-        try:
-            cluster.make_certs()
-            sl = cluster.start_superlink()
-            print(f"SuperLink pid {sl.pid} on https://{cluster.address} (TLS, node auth)")
-            policy = demo_policy(work, bool(values.get("secagg", True)), len(markets))
-            for m in markets:
-                key, _ = cluster.node_keys(m)
-                p = cluster.start_node(m, key, work / "state" / m, data_dir, args.dataset,
-                                       policy=policy)
-                print(f"SuperNode {m}: pid {p.pid}, key {key.name} registered")
-            run_id, status = cluster.run(values, args.timeout)
-        except BaseException:
-            for name in cluster.procs:
-                print(f"--- {name} log tail ---\n{cluster.log_tail(name, 1500)}",
-                      file=sys.stderr)
-            raise
-        print(f"run {run_id}: {status} in {time.perf_counter() - t0:.1f}s")
-    print("stopped: " + ", ".join(f"{n} (pid {p.pid})" for n, p in cluster.procs.items()))
-    doc = json.loads((work / "out" / "metrics.json").read_text())
-    print_summary(doc)
-    for r in doc["rounds"]:
-        print(f"round {r['round']}: {r['seconds']:.1f}s")
-    if not args.keep and not args.work:
-        import shutil  # noqa: PLC0415
-
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        print(f"work directory: {work}")
-    return 0 if status.endswith("completed") else 1
-
-
 def demo_policy(work: Path, secagg: bool, n_markets: int) -> Path:
-    """The privacy policy of the demo's regions (one person runs every region on one host):
-    the private defaults, except plain FedAvg when the demo runs ``--no-secagg`` and a
-    smaller minimum sum when the demo has fewer than three markets."""
+    """The privacy policy of the regions of a cluster on one host (one person runs every
+    region): the private defaults, except plain FedAvg when the run is ``--no-secagg`` and a
+    smaller minimum sum when there are fewer than three markets."""
     return write_policy(work / "demo-policy", lab_policy(secagg, n_markets))
-
-
-def deploy_once(work: Path, values: dict[str, Any], markets: list[str], data_dir: str,
-                dataset: str, layout: str = "warm",
-                timeout: float = 3600.0) -> tuple[dict[str, Any], float, dict[str, float]]:
-    """One run on a fresh local cluster; (metrics.json, seconds from submit to finished,
-    CPU seconds per process over the run)."""
-    with LocalCluster(work) as cluster:
-        try:
-            cluster.make_certs()
-            cluster.start_superlink()
-            cluster.policy = demo_policy(work, bool(values.get("secagg", True)), len(markets))
-            for m in markets:  # one state directory per market, as on separate hosts
-                cluster.start_nodes([m], work / "state" / m, data_dir, dataset,
-                                    flower=layout != "warm")
-            cpu0 = cluster.cpu_seconds()
-            t0 = time.perf_counter()
-            run_id, status = cluster.run(values, timeout)
-            wall = time.perf_counter() - t0
-            cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster.cpu_seconds().items()}
-            if not status.endswith("completed"):
-                raise DeployError(f"{layout} deployment run ended {status}; logs in "
-                                  f"{work / 'logs'}; ServerApp log tail:\n"
-                                  f"{run_log(run_id, cluster.cli_env)}")
-        except BaseException:
-            for name in cluster.procs:
-                print(f"--- {name} log tail ---\n{cluster.log_tail(name, 1500)}",
-                      file=sys.stderr)
-            raise
-    if not status.endswith("completed"):
-        raise DeployError(f"{layout} deployment run ended {status}; logs in {work / 'logs'}")
-    doc: dict[str, Any] = json.loads((Path(values["out-dir"]) / "metrics.json").read_text())
-    return doc, wall, cpu
-
-
-def _bench(args: argparse.Namespace) -> int:
-    import statistics  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
-    from shared.config import RunConfig  # noqa: PLC0415
-    from simulations.simulate import parse_overrides, run_federated  # noqa: PLC0415
-
-    markets = _markets(args.dataset, args.data_dir, args.markets)
-    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    bad = [x for x in layouts if x not in ("simulation", "warm", "flower")]
-    if bad:
-        raise ConfigError(f"--layouts: unknown layout(s) {', '.join(bad)}")
-    work = Path(args.work or tempfile.mkdtemp(prefix="storefed-bench-"))
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
-    base: dict[str, Any] = {"dataset": args.dataset, "data-dir": data_dir,
-                            "markets": ",".join(markets), "num-rounds": args.rounds,
-                            "torch-threads": 1, "device": "cpu", **parse_overrides(args.config)}
-    results: dict[str, Any] = {}
-    for layout in layouts:
-        values = {**base, "out-dir": str(work / layout / "out")}
-        t0 = time.perf_counter()
-        cpu: dict[str, float] = {}
-        if layout == "simulation":
-            doc = run_federated(RunConfig.from_mapping(values, source="bench"))
-            wall = time.perf_counter() - t0
-        else:
-            doc, wall, cpu = deploy_once(work / layout, values, markets, data_dir,
-                                         args.dataset, layout, args.timeout)
-        secs = [float(r["seconds"]) for r in doc["rounds"]]
-        steady = secs[1:] or secs
-        results[layout] = {"round_seconds": secs, "first_round_seconds": secs[0],
-                           "steady_round_seconds": statistics.mean(steady),
-                           "mean_round_seconds": statistics.mean(secs),
-                           "run_wall_seconds": wall, "final_average": doc["final"]["average"],
-                           "cpu_seconds_during_run": cpu}
-        print(f"{layout:<11} rounds {', '.join(f'{x:.1f}' for x in secs)} s "
-              f"(steady {statistics.mean(steady):.1f} s/round)", flush=True)
-    if "simulation" in results:
-        ref = results["simulation"]["steady_round_seconds"]
-        for r in results.values():
-            r["vs_simulation"] = r["steady_round_seconds"] / ref if ref > 0 else None
-    report = {"config": base, "markets": markets, "cores": os.cpu_count(),
-              "load_average_at_end": list(os.getloadavg()), "layouts": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"{'layout':<11}{'first':>8}{'steady':>9}{'x sim':>7}   (seconds per round)")
-    for layout, r in results.items():
-        ratio = r.get("vs_simulation")
-        print(f"{layout:<11}{r['first_round_seconds']:>8.1f}{r['steady_round_seconds']:>9.1f}"
-              f"{(f'{ratio:.2f}' if ratio else '-'):>7}")
-    print(f"wrote {out}")
-    if not args.work:
-        import shutil  # noqa: PLC0415
-
-        shutil.rmtree(work, ignore_errors=True)
-    return 0

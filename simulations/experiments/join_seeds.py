@@ -1,9 +1,10 @@
 """Pool join experiments run with different seeds into one verdict per joining market.
 
-    python -m simulations.join_seeds runs/join-xmarket-calt-seed{0..9} \
+    python -m simulations.experiments.join_seeds runs/join-xmarket-calt-seed{0..9} \
         --out runs/join-xmarket-calt-seeds.json
 
-Each argument is an ``OUT`` of ``simulations.join_experiment`` (its ``summary.json`` and, per
+Each argument is an ``OUT`` of ``simulations.experiments.join_experiment`` (its
+``summary.json`` and, per
 joining market, ``<market>/join.json`` and ``<market>/join_details.json``; the plain variant).
 On a market as small as XMarket ``in`` (239 test users) one run's verdict is decided by noise
 (one user moving one rank is ~0.002), so per market this reports:
@@ -33,7 +34,7 @@ from shared.checkpoint import atomic_write_bytes
 from shared.errors import DataError
 from shared.metrics import paired_bootstrap
 from shared.transfer import steps_target_met, steps_to_target
-from simulations.cli import run_command
+from simulations.command import run_command
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.join_seeds",
+    p = argparse.ArgumentParser(prog="python -m simulations.experiments.join_seeds",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("runs", nargs="+", help="join_experiment --out directories (one per seed)")
     p.add_argument("--markets", default="", help="comma list (default: the first run's)")

@@ -2,7 +2,8 @@
 
 A row of the item table that only one market trained is, in the secure sum, that market's own
 delta (and with row-wise weights its own interaction count). Each candidate below runs the
-federated round loop in one process (``simulations.local.run_inprocess``: the same training,
+federated round loop in one process (``simulations.experiments.local.run_inprocess``: the
+same training,
 update format and aggregation as a Flower run, without Flower; SecAgg+ decodes the same sums to
 within its fixed-point grid) on every market of the dataset, and reports the average nDCG@10 on
 the validation and the test split per seed:
@@ -19,7 +20,8 @@ the validation and the test split per seed:
                         interactions with the item (the rest keep their global value)
 * ``uniform-catalog``   scalar-catalog with weight 1 per market (as under DP)
 
-``python -m simulations.sparse_rows --dataset xmarket --data-dir DIR --seeds 3 --out OUT``
+``python -m simulations.experiments.sparse_rows --dataset xmarket --data-dir DIR --seeds 3
+--out OUT``
 writes ``OUT/sparse_rows.json`` and prints one line per candidate.
 """
 
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 import shared.node as node_module
-import simulations.local as local
+import simulations.experiments.local as local
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.data import available_markets

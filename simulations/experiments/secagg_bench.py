@@ -191,8 +191,8 @@ def cpu_run(cfg: RunConfig, out: Path, profile: Profile | None = None,
     The doc gets ``cpu_round_seconds`` and ``wall_round_seconds`` (per round, from the ends
     of the evaluate exchanges) and, with ``profile``, the SecAgg+ profile."""
     from client.client_app import make_app  # noqa: PLC0415
-    from server.secagg import run_server_secagg  # noqa: PLC0415
-    from server.server_app import run_server  # noqa: PLC0415
+    from server.rounds import PlainAggregation, run_rounds  # noqa: PLC0415
+    from server.secagg import SecAggAggregation  # noqa: PLC0415
 
     cfg = cfg.replace(out_dir=str(out), state_dir=str(out / "state"), torch_threads=1)
     overrides = cfg.to_mapping()
@@ -204,8 +204,7 @@ def cpu_run(cfg: RunConfig, out: Path, profile: Profile | None = None,
     ctx = profile.active() if profile is not None else contextlib.nullcontext()
     with ctx:
         grid.marks.append((time.process_time(), time.perf_counter()))
-        doc = (run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg) if cfg.secagg
-               else run_server(grid, cfg))
+        doc = run_rounds(grid, cfg, SecAggAggregation if cfg.secagg else PlainAggregation)
     cpu = [b[0] - a[0] for a, b in zip(grid.marks, grid.marks[1:], strict=False)]
     wall = [b[1] - a[1] for a, b in zip(grid.marks, grid.marks[1:], strict=False)]
     doc["cpu_round_seconds"], doc["wall_round_seconds"] = cpu, wall

@@ -1,6 +1,6 @@
 """Join experiment: federate some source markets, then let held-back markets join.
 
-    python -m simulations.join_experiment --dataset xmarket \
+    python -m simulations.experiments.join_experiment --dataset xmarket \
         --data-dir /work/shared/data/xmarket_forec_electronics \
         --sources ca,de,fr,mx,uk --join in,jp --out runs/join-xmarket
 
@@ -39,7 +39,7 @@ from shared.transfer import (
     steps_target_met,
     steps_to_target,
 )
-from simulations.cli import run_command
+from simulations.command import run_command
 from simulations.join import add_recipe_args
 
 log = logging.getLogger("storefed")
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.join_experiment",
+    p = argparse.ArgumentParser(prog="python -m simulations.experiments.join_experiment",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--dataset", choices=DATASETS, default="xmarket")
     p.add_argument("--data-dir", default="/work/shared/data/xmarket_forec_electronics")

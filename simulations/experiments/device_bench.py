@@ -5,7 +5,7 @@ run, once per device, timed in one process.
 It needs only torch and numpy (no Flower, no Ray), so it runs on an accelerator machine that has
 neither::
 
-    python -m simulations.device_bench --dataset xmarket \\
+    python -m simulations.experiments.device_bench --dataset xmarket \\
         --data-dir ../shared/data/xmarket_forec_electronics --devices cpu,cuda --out DIR
 
 Prints a table and writes ``DIR/device_bench.json``:
@@ -26,7 +26,7 @@ import torch
 
 from shared.config import RunConfig, parse_overrides
 from shared.data import available_markets
-from simulations.local import run_central, run_inprocess
+from simulations.experiments.local import run_central, run_inprocess
 
 
 def _arm(fn: Any, cfg: RunConfig) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Methods form a registry (``METHODS``: name -> small function), so other commands can add
 theirs. Neural methods share one model family and budget (``num_rounds x local_epochs``):
 
-* ``local``        each market alone (``simulations.local.run_local``);
+* ``local``        each market alone (``simulations.experiments.local.run_local``);
 * ``central``      all markets pooled in one process (``run_central``): the quality ceiling;
 * ``fedavg-full``  FedAvg over the whole model, heads averaged too (``run_inprocess`` with
   ``share_heads``: the same client training and the same ``shared.wire`` sums as the Flower
@@ -39,8 +39,8 @@ from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.errors import ConfigError
 from shared.node import build_model, init_heads_from_data, train_settings
-from shared.train import _batch_logits, adam, input_histories, ranking_loss, train_local
-from simulations.local import run_central, run_inprocess, run_local
+from shared.train import adam, batch_logits, input_histories, ranking_loss, train_local
+from simulations.experiments.local import run_central, run_inprocess, run_local
 from simulations.simulate import add_run_options, config_from_args
 
 log = logging.getLogger("storefed")
@@ -276,7 +276,7 @@ def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1,
         t0 = time.perf_counter()
         n = 0
         for hist, pos in batches:
-            loss = ranking_loss(_batch_logits(model, hist, pos, pool, settings, gen),
+            loss = ranking_loss(batch_logits(model, hist, pos, pool, settings, gen),
                                 settings.loss)
             opt.zero_grad()
             loss.backward()
@@ -478,7 +478,7 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--out", default="runs/benchmark", help="output directory")
     p.add_argument("--mtl-compare", action="store_true",
                    help="instead: single-task vs shared-bottom vs mmoe per category, federated "
-                        "(simulations/mtl_bench.py; --methods may name a subset of those)")
+                        "(experiments/mtl_bench.py; --methods may name a subset of those)")
     return "benchmark", _run
 
 
@@ -486,7 +486,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.mtl_compare:
-        from simulations.mtl_bench import run_from_benchmark_args  # noqa: PLC0415
+        from simulations.experiments.mtl_bench import run_from_benchmark_args  # noqa: PLC0415
 
         return run_from_benchmark_args(args)
     cfg = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs)
