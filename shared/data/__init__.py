@@ -1,0 +1,73 @@
+"""Data for storefed: readers for the public datasets, the global catalog and the split.
+
+The package, by layer (imports point down only; no module uses another's private names):
+
+* ``types``     - the containers (:class:`Catalog`, :class:`EvalSet`, :class:`MarketSplit`,
+  :class:`Dataset`) and the reader interface (:class:`Reader`, :class:`ReadResult`).
+* ``textio``    - parsing shared by the readers (plain or gzipped files, typed columns, errors
+  with file and line number, the canonical table).
+* ``xmarket``, ``xmrec``, ``movielens``, ``amazon``, ``synthetic`` - one reader per dataset,
+  each exporting ``READER``.
+* ``registry``  - dataset name -> reader; :data:`DATASETS` is its keys. A new dataset is a new
+  reader module plus one entry there.
+* ``split``     - the public catalog and the chronological leave-one-out split.
+* ``load``      - markets, catalog, dataset and market loading, memoised; :func:`clear_caches`.
+
+This module only re-exports the public names importers use (``from shared.data import ...``).
+"""
+
+from __future__ import annotations
+
+from shared.data.amazon import read_amazon_pairs
+from shared.data.load import (
+    available_markets,
+    clear_caches,
+    load_catalog,
+    load_dataset,
+    load_market,
+)
+from shared.data.movielens import read_movielens
+from shared.data.registry import DATASETS, READERS
+from shared.data.split import build_catalog, pad_histories, split_market
+from shared.data.synthetic import SPEC as SYNTHETIC_SPEC
+from shared.data.synthetic import SyntheticSpec, generate_synthetic
+from shared.data.types import (
+    CANONICAL_COLUMNS,
+    Catalog,
+    Dataset,
+    EvalSet,
+    MarketExtras,
+    MarketSplit,
+    Reader,
+    ReadResult,
+)
+from shared.data.xmarket import read_xmarket
+from shared.data.xmrec import read_xmrec
+
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "DATASETS",
+    "READERS",
+    "SYNTHETIC_SPEC",
+    "Catalog",
+    "Dataset",
+    "EvalSet",
+    "MarketExtras",
+    "MarketSplit",
+    "ReadResult",
+    "Reader",
+    "SyntheticSpec",
+    "available_markets",
+    "build_catalog",
+    "clear_caches",
+    "generate_synthetic",
+    "load_catalog",
+    "load_dataset",
+    "load_market",
+    "pad_histories",
+    "read_amazon_pairs",
+    "read_movielens",
+    "read_xmarket",
+    "read_xmrec",
+    "split_market",
+]

@@ -1,0 +1,30 @@
+"""The one registry of dataset readers: dataset name -> :class:`~shared.data.types.Reader`.
+
+Why a registry: which reader serves a dataset used to be chosen by if-chains in two places (the
+market listing and the read), and a third place special-cased the synthetic catalog; each new
+dataset had to find all three. Now a dataset is one module exporting ``READER`` plus one line
+here; :data:`DATASETS` (the CLI's choices, in this order) is derived from it, never written.
+"""
+
+from __future__ import annotations
+
+from shared.data.amazon import READER as AMAZON_PAIRS
+from shared.data.movielens import READER as MOVIELENS
+from shared.data.synthetic import READER as SYNTHETIC
+from shared.data.types import Reader
+from shared.data.xmarket import READER as XMARKET
+from shared.data.xmrec import READER as XMREC
+from shared.errors import DataError
+
+READERS: dict[str, Reader] = {
+    r.name: r for r in (SYNTHETIC, XMARKET, XMREC, MOVIELENS, AMAZON_PAIRS)
+}
+DATASETS: tuple[str, ...] = tuple(READERS)
+
+
+def reader(dataset: str) -> Reader:
+    """The reader registered for ``dataset``; DataError listing the known datasets otherwise."""
+    found = READERS.get(dataset)
+    if found is None:
+        raise DataError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    return found
