@@ -53,10 +53,21 @@ def read_checkpoint(path: str | Path, what: str) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"{what} checkpoint {path} is corrupted or not a storefed "
-                              f"checkpoint ({type(exc).__name__}: {exc})") from exc
+                              f"checkpoint ({type(exc).__name__}: {load_reason(exc)})"
+                              ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} checkpoint {path} does not hold a dict")
     return obj
+
+
+def load_reason(exc: BaseException) -> str:
+    """The first line of ``torch.load``'s error, without its advice to retry with
+    ``weights_only=False`` (that would unpickle arbitrary code from an untrusted file)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln and "arbitrary code" not in ln
+            and not ln.startswith(("(1)", "(2)", "Please file an issue", "Check the docum"))]
+    text = (keep[0] if keep else "unreadable file")[:200]
+    return text.removesuffix(".")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ the key, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
@@ -198,15 +200,42 @@ def _coerce(key: str, value: Any, type_name: Any, source: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> typed values (TOML syntax; bare words are strings)."""
+    """Run-config overrides as Flower's ``--run-config`` takes them -> typed values.
+
+    Each item is a TOML file (``overrides.toml``: ``key = value`` lines), or one or more
+    ``KEY=VALUE`` pairs separated by spaces (``"num-rounds=3 lr=0.001"``; values in TOML syntax,
+    bare words are strings). Later items win."""
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--config {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
+        path = Path(item)
+        if "=" not in item and path.suffix == ".toml":
+            out.update(_toml_file(path))
+            continue
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key.strip()] = value
+            pairs = shlex.split(item)
+        except ValueError as exc:
+            raise ConfigError(f"--run-config {item!r}: {exc}") from None
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError(f"--run-config {pair!r}: expected KEY=VALUE (or a .toml file)")
+            key, raw = pair.split("=", 1)
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw
+            out[key.strip()] = value
     return out
+
+
+def _toml_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--run-config {path}: no such file")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--run-config {path}: not valid TOML ({exc})") from None
+    nested = [k for k, v in doc.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"--run-config {path}: expected flat 'key = value' lines, found "
+                          f"table(s) {', '.join(nested)}")
+    return doc

@@ -35,6 +35,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "simulate": Command("simulations.simulate", "federated simulation on Flower's simulation "
                         "engine (one virtual SuperNode per market)"),
+    "check-config": Command("simulations.check_config", "check run-config overrides (keys, "
+                            "types) before `storefed simulate` or `flwr run`"),
     "join": Command("simulations.join", "a new market joins from the global encoder"),
     "recommend": Command("simulations.recommend", "top-k items for a user from a market's "
                          "saved state"),
@@ -65,20 +67,50 @@ def _route(argv: Sequence[str]) -> str | None:
     return words[0] if words and words[0] in COMMANDS and argv[:1] == words[:1] else None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in every ``--help``; docstring markup (````code````, ``**bold**``) shown as
+    plain text."""
+
+    def format_help(self) -> str:
+        return super().format_help().replace("``", "`").replace("**", "")
+
+
+class Parser(argparse.ArgumentParser):
+    """Every storefed (sub-)parser: :class:`HelpFormatter` unless one is given."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def version() -> str:
+    """The installed storefed's version (no heavy import)."""
+    from importlib.metadata import PackageNotFoundError  # noqa: PLC0415
+    from importlib.metadata import version as dist_version  # noqa: PLC0415
+
+    try:
+        return dist_version("storefed")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="storefed",
         description="Federated multi-task transfer-learning recommender for storefronts.",
         epilog="Lab commands (experiments): " + ", ".join(
             k for k, c in COMMANDS.items() if c.lab) + ". `storefed CMD --help` for each.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Flower's own logs (anywhere on the line)")
+    parser.add_argument("--version", action="version", version=f"storefed {version()}")
     return parser
 
 
 def _parser(key: str | None) -> tuple[argparse.ArgumentParser, Run | None]:
     """The top-level parser; with ``key``, that command's module is imported and registered."""
     parser = _top_parser()
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
     if key is None:
         for name, cmd in COMMANDS.items():
             if " " not in name:

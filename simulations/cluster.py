@@ -24,6 +24,7 @@ from typing import Any
 from shared.data import available_markets
 from shared.errors import ConfigError
 from shared.policy import write_policy
+from simulations.command import add_run_config_option
 from simulations.deploy import (
     CONNECTION,
     DeployError,
@@ -301,13 +302,14 @@ class LocalCluster:
 # --------------------------------------------------------------------------- options
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
     """Options of a command that runs a local cluster (``deploy demo``, ``deploy bench``)."""
-    p.add_argument("--dataset", default="xmarket", help="dataset (default xmarket)")
-    p.add_argument("--data-dir", default="/work/shared/data/xmarket_forec_electronics",
-                   help="dataset directory")
+    p.add_argument("--dataset", default="synthetic",
+                   help="dataset (synthetic: the built-in storefronts, no files)")
+    p.add_argument("--data-dir", default=os.environ.get("STOREFED_DATA_DIR", ""),
+                   help="dataset directory (default: $STOREFED_DATA_DIR; required for any "
+                        "dataset but synthetic)")
     p.add_argument("--markets", default="", help="comma-separated markets (default: all)")
     p.add_argument("--work", default="", help="work directory (default: a temp dir)")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="any [tool.flwr.app.config] key (repeatable)")
+    add_run_config_option(p)
     p.add_argument("--timeout", type=float, default=3600.0)
 
 

@@ -26,6 +26,7 @@ from shared.errors import ConfigError
 from shared.identity import IDENTITY_FILE, TRUSTED_FILE, load_or_create, public_hex
 from shared.policy import NODE_CONFIG_KEY, load_policy
 from simulations.cluster import LocalCluster, add_cluster_options, choose_markets, demo_policy
+from simulations.command import add_run_config_option
 from simulations.deploy import (
     CONNECTION,
     DeployError,
@@ -261,8 +262,7 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     u.add_argument("--resume", action="store_true", help="continue from OUT/encoder.pt")
     u.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
                    help="aggregate with SecAgg+ (default: on); --no-secagg: plain FedAvg")
-    u.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="any [tool.flwr.app.config] key (repeatable)")
+    add_run_config_option(u)
     u.add_argument("--timeout", type=float, default=24 * 3600.0)
     u.add_argument("--no-wait", action="store_true", help="print the run id and return")
 

@@ -71,8 +71,10 @@ def user_items(split: MarketSplit, user: str) -> np.ndarray:
     try:
         u = split.user_ids.index(user)
     except ValueError:
-        raise DataError(f"market {split.market}: unknown user {user!r} (pass --history for a "
-                        "cold user)") from None
+        examples = ", ".join(split.user_ids[:3])
+        raise DataError(f"market {split.market}: unknown user {user!r}; known users look like "
+                        f"{examples} (`storefed recommend ... --list-users` lists them; pass "
+                        "--history for a cold user)") from None
     items = list(split.train_items[split.train_users == u].tolist())
     rows = np.flatnonzero(split.test.users == u)
     if len(rows):
@@ -112,12 +114,16 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p = sub.add_parser("recommend", help="top-k items for a user from a market's saved state",
                        description="Top-k item ids for a known user (--user) or a cold user "
                                    "(--history), excluding items the user already has.")
-    p.add_argument("--state", required=True,
-                   help="run/join output dir (encoder.pt + state/<market>/private.pt)")
+    p.add_argument("--run-dir", dest="state", default=None,
+                   help="the --out directory of `storefed simulate` or `storefed join` "
+                        "(encoder.pt + state/<market>/private.pt)")
+    p.add_argument("--state", dest="state", help=argparse.SUPPRESS)  # former name
     p.add_argument("--market", required=True)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user id of the market")
     who.add_argument("--history", help="comma-separated item ids of a cold user")
+    who.add_argument("--list-users", action="store_true",
+                     help="print the market's user ids, one a line, and exit")
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: from the checkpoint's run config")
@@ -129,13 +135,16 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.state:
+        raise DataError("--run-dir is required (the --out directory of `storefed simulate` or "
+                        "`storefed join`)")
     if args.k < 1:
         raise DataError(f"-k must be >= 1, got {args.k}")
     state = load_state(args.state, args.market)
     cfg = state.config
     max_history = int(cfg.get("max-history", 50))
     split = None
-    if args.user is not None or not args.all_items:
+    if args.user is not None or args.list_users or not args.all_items:
         dataset = args.dataset or str(cfg.get("dataset", ""))
         data_dir = args.data_dir if args.data_dir is not None else str(cfg.get("data-dir", ""))
         if dataset not in DATASETS:
@@ -147,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.state}/encoder.pt was saved for another catalog "
                                   f"than {dataset} {data_dir}")
         use_knn(state, split)
+    if args.list_users:
+        assert split is not None
+        print("\n".join(split.user_ids))
+        return 0
     if args.user is not None:
         assert split is not None
         history = user_items(split, args.user)

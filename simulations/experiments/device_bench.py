@@ -26,6 +26,7 @@ import torch
 
 from shared.config import RunConfig, parse_overrides
 from shared.data import available_markets
+from simulations.command import add_run_config_option
 from simulations.experiments.local import run_central, run_inprocess
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markets", default="")
     p.add_argument("--rounds", type=int, default=0, help="0: the config's num-rounds")
     p.add_argument("--devices", default="cpu,cuda")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
+    add_run_config_option(p)
     p.add_argument("--out", default="runs/device-bench")
     a = p.parse_args(argv)
     values: dict[str, Any] = {"dataset": a.dataset, "data-dir": a.data_dir,

@@ -1,7 +1,7 @@
 """Join experiment: federate some source markets, then let held-back markets join.
 
     python -m simulations.experiments.join_experiment --dataset xmarket \
-        --data-dir /work/shared/data/xmarket_forec_electronics \
+        --data-dir DATA \
         --sources ca,de,fr,mx,uk --join in,jp --out runs/join-xmarket
 
 1. ``run_federated`` over the source markets only (Flower simulation) -> ``OUT/fed/encoder.pt``
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.experiments.join_experiment",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--dataset", choices=DATASETS, default="xmarket")
-    p.add_argument("--data-dir", default="/work/shared/data/xmarket_forec_electronics")
+    p.add_argument("--data-dir", default=os.environ.get("STOREFED_DATA_DIR", ""),
+                   help="the dataset's directory (default: $STOREFED_DATA_DIR; required)")
     p.add_argument("--sources", default="ca,de,fr,mx,uk")
     p.add_argument("--join", default="in,jp")
     p.add_argument("--out", default="runs/join-experiment")

@@ -33,6 +33,7 @@ from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.data import generate_synthetic
 from shared.errors import ConfigError
+from simulations.command import add_run_config_option
 
 log = logging.getLogger("storefed")
 
@@ -210,8 +211,7 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--sample-every", type=float, default=0.5, help="memory sampling period (s)")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="more run-config keys (repeatable)")
+    add_run_config_option(p)
     return "loadtest", _run
 
 

@@ -415,7 +415,7 @@ def print_report(doc: dict[str, Any]) -> None:
 
 
 def add_mtl_options(p: argparse.ArgumentParser) -> None:
-    """The options of the comparison (shared by ``benchmark --mtl-compare``)."""
+    """The options of the comparison (``storefed benchmark-mtl``)."""
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated mtl modes to compare (default: all three)")
     p.add_argument("--engine", choices=ENGINES, default="inprocess",
@@ -437,16 +437,6 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="keep the other methods of an earlier OUT/benchmark.json (same "
                         "settings) and rerun only --methods")
     return "benchmark-mtl", _run
-
-
-def run_from_benchmark_args(args: argparse.Namespace) -> int:
-    """``storefed benchmark --mtl-compare``: its ``--methods`` counts only if it names mtl
-    modes (otherwise all three); in-process engine; no keep-existing."""
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    chosen = [m for m in names if m in MTL_MODES]
-    args.methods = ",".join(chosen if chosen and len(chosen) == len(names) else METHODS)
-    args.engine, args.keep_existing = "inprocess", False
-    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
