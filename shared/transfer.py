@@ -72,6 +72,7 @@ from shared.node import (
     neural_scores,
     split_scores,
 )
+from shared.progress import bar
 from shared.train import (
     HISTORY_MODES,
     TrainSettings,
@@ -424,7 +425,7 @@ def split_evaluator(split: MarketSplit, catalog: Catalog, which: str,
 def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
               settings: JoinSettings, device: torch.device, evaluator: Evaluator,
               adversary: Adversary | None = None, selector: Evaluator | None = None,
-              raw: list[list[float]] | None = None) -> list[list[float]]:
+              raw: list[list[float]] | None = None, progress: str = "") -> list[list[float]]:
     """Train through ``phases`` (one continuous stream of shuffled mini-batches, a new Adam per
     phase since the trainable set changes) and return ``[[steps, metric], ...]`` evaluated at
     step 0, every ``eval_every`` steps and at the end. Batches are built by ``train_local``'s
@@ -435,7 +436,7 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
     With a ``selector`` (the market's validation nDCG@10), the curve is that of the model one
     would keep: at each evaluation, the checkpoint with the best selector value so far, and its
     ``evaluator`` value; ``model`` ends as that checkpoint. ``raw`` (if given) receives every
-    checkpoint's own ``evaluator`` value."""
+    checkpoint's own ``evaluator`` value. ``progress``: a bar with an ETA on stderr, so named."""
     model.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     users = torch.as_tensor(split.train_users, dtype=torch.long)
@@ -466,6 +467,7 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
     steps, order, cursor = 0, torch.randperm(n, generator=gen), 0
     if adversary is not None:
         adversary.disc.to(device)
+    pbar = bar(sum(p.steps for p in phases), progress, enabled=bool(progress))
     for phase in phases:
         if phase.steps == 0:
             continue
@@ -497,8 +499,10 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
             loss.backward()
             opt.step()
             steps += 1
+            pbar.update(1)
             if steps % settings.eval_every == 0:
                 curve.append([steps, measure(steps)])
+    pbar.close()
     set_encoder_trainable(model, True)
     if curve[-1][0] != steps:
         curve.append([steps, measure(steps)])
@@ -540,8 +544,9 @@ class JoinOutcome:
 
 def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                 settings: JoinSettings, device: torch.device,
-                with_scratch: bool = True) -> JoinOutcome:
-    """Zero-shot, transfer fine-tuning curve and scratch curve for one market."""
+                with_scratch: bool = True, progress: bool = False) -> JoinOutcome:
+    """Zero-shot, transfer fine-tuning curve and scratch curve for one market (``progress``: a
+    bar with an ETA on stderr for each curve)."""
     t0 = time.perf_counter()
     state, mcfg, mapping, ck = load_join_encoder(encoder_path, catalog, settings.fresh_init)
     model = join_model(state, mcfg, catalog, split)
@@ -578,7 +583,8 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                               torch.from_numpy(np.flatnonzero(mapping.known)), settings.adv_weight)
     t1 = time.perf_counter()
     transfer = run_curve(model, split, transfer_phases(settings), settings, device, ndcg,
-                         adversary, selector, raw["transfer"])
+                         adversary, selector, raw["transfer"],
+                         progress=f"{split.market}: fine-tuning" if progress else "")
     t2 = time.perf_counter()
     scratch: list[list[float]] = []
     base: MarketModel | None = None
@@ -594,7 +600,8 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
             raw_c: list[list[float]] = []
             curve = run_curve(candidate, split, [Phase(settings.scratch_budget, True, 1.0)],
                               dataclasses.replace(settings, loss=loss), device, ndcg,
-                              selector=selector, raw=raw_c)
+                              selector=selector, raw=raw_c,
+                              progress=f"{split.market}: scratch ({loss})" if progress else "")
             calibrate_knn(candidate, split, device, knn)  # as every evaluation does
             kept_valid = valid_ndcg(candidate)
             best_c = max(v for _, v in curve)

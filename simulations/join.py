@@ -133,8 +133,11 @@ def run(args: argparse.Namespace) -> int:
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
                                  seed=args.seed, max_history=max_history)
     device = resolve_device(args.device)
+    log.info("market %s: zero-shot evaluation, then %d fine-tuning steps%s", args.market,
+             settings.head_steps + settings.encoder_steps,
+             "" if args.no_scratch else " and the scratch baseline (--no-scratch skips it)")
     outcome = join_market(args.encoder, catalog, split, settings, device,
-                          with_scratch=not args.no_scratch)
+                          with_scratch=not args.no_scratch, progress=True)
     out = Path(args.out)
     config = {"dataset": args.dataset, "data-dir": args.data_dir, "markets": args.market,
               "seed": args.seed, "max-history": max_history, "item-knn": settings.item_knn,
@@ -170,13 +173,16 @@ def _item_knn(flag: str | None, fed_cfg: dict[str, Any]) -> bool:
 def _print(doc: dict[str, Any], details: dict[str, Any]) -> None:
     zs, best, reach = doc["zero_shot"], doc["best"], doc["steps_to_target"]
     m = details["mapping"]
-    print(f"market {details['market']}: {m['copied']} item rows from the encoder, "
-          f"{m['missing'] + m['untrained']} fresh ({m['missing']} not in its catalog, "
-          f"{m['untrained']} never trained)")
+    print(f"catalog ({m['copied'] + m['missing'] + m['untrained']} items): {m['copied']} item "
+          f"rows from the encoder, {m['missing'] + m['untrained']} fresh ({m['missing']} not in "
+          f"the encoder's catalog, {m['untrained']} never trained by the federation)")
     print(f"zero-shot   ndcg@10 {zs['ndcg@10']:.4f}  hr@10 {zs['hr@10']:.4f}")
     scratch = "-" if best["scratch"] is None else f"{best['scratch']:.4f}"
     print(f"best        transfer {best['transfer']:.4f}  scratch {scratch}")
-    print(f"steps to scratch's best: transfer {reach['transfer']}  scratch {reach['scratch']}")
+    if best["scratch"] is not None:
+        t_reach = ("never" if reach["transfer"] is None else f"after {reach['transfer']} steps")
+        print(f"reaching scratch's best ({best['scratch']:.4f}): transfer {t_reach}, scratch "
+              f"after {reach['scratch']} steps")
     diff = details.get("transfer_minus_scratch_ndcg@10")
     if diff:
         print(f"kept transfer - kept scratch ndcg@10 {diff['mean']:+.4f} (95% paired bootstrap "

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from shared.data import DATASETS, available_markets, load_market
 from shared.errors import ConfigError, DataError
 from shared.identity import enroll
 from shared.policy import NODE_CONFIG_KEY, PrivacyPolicy, load_policy, write_policy
+from simulations.command import add_run_config_option
 
 log = logging.getLogger("storefed")
 
@@ -35,8 +37,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for splits, negatives, init")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="where clients train (default auto: cuda when available)")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="any [tool.flwr.app.config] key, e.g. --config lr=0.001 (repeatable)")
+    add_run_config_option(p)
 
 
 def config_from_args(args: argparse.Namespace, **explicit: Any) -> RunConfig:
@@ -73,8 +74,11 @@ def resolve_markets(cfg: RunConfig, markets_arg: str) -> list[str]:
 
 def run_federated(cfg: RunConfig, verbose: bool = False,
                   client_mods: list[Mod] | None = None,
-                  policy: PrivacyPolicy | None = None) -> dict[str, Any]:
+                  policy: PrivacyPolicy | None = None,
+                  progress: bool = False) -> dict[str, Any]:
     """Run ``cfg`` through ``flwr.simulation.run_simulation``; returns metrics.json's content.
+
+    ``progress``: a bar with an ETA over the rounds on stderr (``RoundProgress``).
 
     ``client_mods`` (Flower client mods) wrap every client's handlers, e.g. for fault tests.
     ``policy``: the privacy policy every simulated market holds (written to each market's
@@ -117,17 +121,70 @@ def run_federated(cfg: RunConfig, verbose: bool = False,
     atomic_write_bytes(out / "run_config.json", json.dumps(overrides, indent=2).encode())
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").addFilter(_RunSimulationDeprecation())
     t0 = time.perf_counter()
-    run_simulation(server_app=make_server_app(overrides),
-                   client_app=make_client_app(overrides, mods=client_mods),
-                   num_supernodes=len(markets), backend_config=backend,
-                   verbose_logging=verbose)
     metrics_path = out / "metrics.json"
+    with RoundProgress(metrics_path, cfg.num_rounds, enabled=progress):
+        run_simulation(server_app=make_server_app(overrides),
+                       client_app=make_client_app(overrides, mods=client_mods),
+                       num_supernodes=len(markets), backend_config=backend,
+                       verbose_logging=verbose)
     if not metrics_path.is_file():
         raise RuntimeError(f"simulation ended without writing {metrics_path}; rerun with -v")
     doc: dict[str, Any] = json.loads(metrics_path.read_text())
     doc["wall_seconds"] = time.perf_counter() - t0
     return doc
+
+
+class _RunSimulationDeprecation(logging.Filter):
+    """Drops Flower's "``run_simulation`` is deprecated, use ``flwr run``" warning: `storefed
+    simulate` is the supported entry point here (`flwr run .` is documented beside it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+class RoundProgress:
+    """A bar with an ETA over a run's rounds, advanced by watching ``metrics.json`` (the server
+    rewrites it after every round) from a thread, so the server's round loop stays untouched."""
+
+    def __init__(self, metrics_path: Path, rounds: int, enabled: bool = True) -> None:
+        self.path, self.rounds, self.enabled = metrics_path, rounds, enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _done(self) -> int:
+        try:
+            return len(json.loads(self.path.read_text()).get("rounds", []))
+        except (OSError, ValueError):
+            return 0
+
+    def _watch(self) -> None:
+        from shared.progress import bar  # noqa: PLC0415
+
+        start = self._done()  # rounds already there (--resume)
+        pbar = bar(self.rounds, "rounds", unit="round")
+        pbar.update(start)
+        seen = start
+        while not self._stop.wait(0.5):
+            done = min(self._done(), self.rounds)
+            if done > seen:
+                pbar.update(done - seen)
+                seen = done
+        done = min(self._done(), self.rounds)
+        pbar.update(max(0, done - seen))
+        pbar.close()
+
+    def __enter__(self) -> RoundProgress:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def lab_policy(secagg: bool, n_markets: int) -> PrivacyPolicy:
@@ -206,8 +263,74 @@ def _run(args: argparse.Namespace) -> int:
              cfg.markets, cfg.dataset, cfg.num_rounds, cfg.out_dir)
     policy = (load_policy({NODE_CONFIG_KEY: args.market_policy}, None)
               if args.market_policy else None)
-    doc = run_federated(cfg, verbose=args.verbose, policy=policy)
+    doc = run_federated(cfg, verbose=args.verbose, policy=policy, progress=True)
     print_summary(doc)
-    print(f"wrote {Path(cfg.out_dir) / 'metrics.json'} and {Path(cfg.out_dir) / 'encoder.pt'} "
+    out = Path(cfg.out_dir)
+    report_run(doc, cfg, out)
+    print(f"wrote {out / 'metrics.json'}, {out / 'encoder.pt'} and {out / 'learning_curve.png'} "
           f"({doc['wall_seconds']:.1f}s)")
+    joining = [m for m in available_markets(cfg.dataset, cfg.data_dir or None)
+               if m not in cfg.market_list]
+    data = ("" if cfg.dataset == "synthetic"
+            else f" --dataset {cfg.dataset} --data-dir {cfg.data_dir}")
+    if joining:
+        target = out.parent / f"join-{joining[0]}"
+        print(f"next: a new market joins from this encoder:\n  storefed join --encoder "
+              f"{out / 'encoder.pt'}{data} --market {joining[0]} --out {target}")
+    else:
+        print(f"next: recommendations for one of its users:\n  storefed recommend --run-dir "
+              f"{out} --market {cfg.market_list[0]} --list-users")
     return 0
+
+
+def round_curve(doc: dict[str, Any]) -> list[tuple[int, float]]:
+    """(round, average nDCG@10 over the markets evaluated in it) for every round."""
+    out = []
+    for r in doc["rounds"]:
+        vals = [m["ndcg@10"] for m in r["markets"].values()]
+        if vals:
+            out.append((int(r["round"]), sum(vals) / len(vals)))
+    return out
+
+
+def report_run(doc: dict[str, Any], cfg: RunConfig, out: Path) -> None:
+    """After a run: its best round, a popularity reference on the same split (cheap: counts
+    only), and the learning curve as ``OUT/learning_curve.png``."""
+    from shared.baselines import run_popularity  # noqa: PLC0415
+
+    curve = round_curve(doc)
+    if not curve:
+        return
+    best_round, best = max(curve, key=lambda rv: rv[1])
+    print(f"best round {best_round} of {len(curve)}: avg ndcg@10 {best:.4f} (rounds are "
+          f"evaluated on each market's test split; pick a round count on validation, e.g. with "
+          f"`storefed benchmark`, before reading test figures)")
+    splits, n_items = {}, 0
+    for m in cfg.market_list:
+        catalog, split = load_market(cfg.dataset, cfg.data_dir or None, m, seed=cfg.seed,
+                                     n_neg=cfg.eval_negatives, max_history=cfg.max_history)
+        splits[m], n_items = split, catalog.n_items
+    pop = run_popularity(splits, n_items, "test")
+    pop_avg = sum(float(str(v["ndcg@10"])) for v in pop.values()) / len(pop)
+    print(f"reference on the same split: popularity avg ndcg@10 {pop_avg:.4f}; a random "
+          f"ranking scores 0.0454 (99 negatives); each method on the XMarket markets: "
+          f"docs/benchmarks.md")
+    plot_curve(curve, pop_avg, out / "learning_curve.png")
+
+
+def plot_curve(curve: list[tuple[int, float]], reference: float, path: Path) -> None:
+    """The average nDCG@10 per round against the popularity reference, as a PNG."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r for r, _ in curve], [v for _, v in curve], marker="o", label="storefed")
+    ax.axhline(reference, color="grey", linestyle="--", label="popularity")
+    ax.set_xlabel("round")
+    ax.set_ylabel("avg nDCG@10 (test)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -39,6 +39,7 @@ from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.errors import ConfigError
 from shared.node import build_model, init_heads_from_data, train_settings
+from shared.progress import bar
 from shared.train import adam, batch_logits, input_histories, ranking_loss, train_local
 from simulations.experiments.local import run_central, run_inprocess, run_local
 from simulations.simulate import add_run_options, config_from_args
@@ -425,17 +426,20 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 # --------------------------------------------------------------------------- command
 def run_benchmark(cfg: RunConfig, out: Path, seeds: int, methods: list[str],
-                  overhead_repeats: int = 2) -> dict[str, Any]:
-    """Every method x seed; returns (and writes) the benchmark document."""
+                  overhead_repeats: int = 2, progress: bool = False) -> dict[str, Any]:
+    """Every method x seed; returns (and writes) the benchmark document. ``progress``: a bar
+    with an ETA over the method x seed runs on stderr."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown benchmark method(s) {', '.join(unknown)}; known: "
                           f"{', '.join(METHODS)}")
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[MethodResult] | str] = {}
+    pbar = bar(len(methods) * seeds, "benchmark", unit="run", enabled=progress)
     for name in methods:
         runs: list[MethodResult] = []
         for s in range(seeds):
+            pbar.set_postfix_str(f"{name} seed {s}")
             scfg = cfg.replace(seed=cfg.seed + s)
             t0 = time.perf_counter()
             try:
@@ -448,10 +452,12 @@ def run_benchmark(cfg: RunConfig, out: Path, seeds: int, methods: list[str],
                 break
             log.info("benchmark: %s seed %d done in %.1fs", name, s,
                      time.perf_counter() - t0)
+            pbar.update(1)
         else:
             results[name] = runs
         partial = build_document(results, cfg, seeds, None)  # progress survives an abort
         atomic_write_bytes(out / "benchmark.partial.json", json.dumps(partial, indent=2).encode())
+    pbar.close()
     ov = measure_overhead(cfg, out, overhead_repeats) if overhead_repeats > 0 else None
     doc = build_document(results, cfg, seeds, ov)
     atomic_write_bytes(out / "benchmark.json", json.dumps(doc, indent=2).encode())
@@ -476,19 +482,12 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                    help="in-process/Flower run pairs timed for the overhead ratio (fastest of "
                         "each arm)")
     p.add_argument("--out", default="runs/benchmark", help="output directory")
-    p.add_argument("--mtl-compare", action="store_true",
-                   help="instead: single-task vs shared-bottom vs mmoe per category, federated "
-                        "(experiments/mtl_bench.py; --methods may name a subset of those)")
     return "benchmark", _run
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.mtl_compare:
-        from simulations.experiments.mtl_bench import run_from_benchmark_args  # noqa: PLC0415
-
-        return run_from_benchmark_args(args)
     cfg = config_from_args(args, num_rounds=args.rounds, local_epochs=args.local_epochs)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
@@ -496,7 +495,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.overhead_repeats < 1:
         raise ConfigError(f"--overhead-repeats must be >= 1, got {args.overhead_repeats}")
     repeats = 0 if args.no_overhead or "storefed" not in methods else args.overhead_repeats
-    doc = run_benchmark(cfg, out, args.seeds, methods, overhead_repeats=repeats)
+    doc = run_benchmark(cfg, out, args.seeds, methods, overhead_repeats=repeats, progress=True)
     print_table(doc)
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.png'} "
           f"({time.perf_counter() - t0:.0f}s)")
