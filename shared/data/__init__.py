@@ -39,10 +39,12 @@ from shared.data.types import (
     MarketExtras,
     MarketSplit,
     Reader,
+    ReaderOptions,
     ReadResult,
 )
 from shared.data.xmarket import read_xmarket
-from shared.data.xmrec import read_xmrec
+from shared.data.xmrec import extra_rows as xmrec_extra_rows
+from shared.data.xmrec import read_xmrec, read_xmrec_extra
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -56,6 +58,7 @@ __all__ = [
     "MarketSplit",
     "ReadResult",
     "Reader",
+    "ReaderOptions",
     "SyntheticSpec",
     "available_markets",
     "build_catalog",
@@ -69,5 +72,7 @@ __all__ = [
     "read_movielens",
     "read_xmarket",
     "read_xmrec",
+    "read_xmrec_extra",
     "split_market",
+    "xmrec_extra_rows",
 ]

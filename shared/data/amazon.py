@@ -28,7 +28,7 @@ from shared.data.textio import (
     require_file,
     resolve,
 )
-from shared.data.types import Reader, ReadResult
+from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 SHARDS = 4  # markets per pair: user id modulo SHARDS
@@ -133,8 +133,13 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return sorted(f"{p}-{k}" for p in _amazon_pairs(d) for k in range(SHARDS))
 
 
-def read(data_dir: str | Path | None, markets: Sequence[str] | None, seed: int) -> ReadResult:
-    """:func:`read_amazon_pairs` for the registry (no extras; ``seed`` is unused)."""
+def read(
+    data_dir: str | Path | None,
+    markets: Sequence[str] | None,
+    seed: int,
+    options: ReaderOptions,
+) -> ReadResult:
+    """:func:`read_amazon_pairs` for the registry (no extras; ``seed``, ``options`` unused)."""
     return ReadResult(read_amazon_pairs(require_dir(data_dir, "amazon-pairs"), markets))
 
 

@@ -25,7 +25,14 @@ import pandas as pd
 from shared.data.registry import reader
 from shared.data.split import build_catalog, split_market
 from shared.data.textio import as_list
-from shared.data.types import Catalog, Dataset, MarketExtras, MarketSplit, ReadResult
+from shared.data.types import (
+    Catalog,
+    Dataset,
+    MarketExtras,
+    MarketSplit,
+    ReaderOptions,
+    ReadResult,
+)
 from shared.errors import DataError
 
 _PACKAGE = __name__.rpartition(".")[0]  # "shared.data"
@@ -46,34 +53,51 @@ def available_markets(dataset: str, data_dir: str | Path | None) -> list[str]:
 
 
 def _read(
-    dataset: str, data_dir: str | None, markets: Sequence[str] | None, seed: int
+    dataset: str,
+    data_dir: str | None,
+    markets: Sequence[str] | None,
+    seed: int,
+    options: ReaderOptions,
 ) -> ReadResult:
-    """Canonical table of the selected markets + their extras (official run, heldout)."""
-    return reader(dataset).read(data_dir, markets, seed)
+    """Canonical table of the selected markets + their extras (official run, heldout, extra
+    training rows)."""
+    return reader(dataset).read(data_dir, markets, seed, options)
 
 
 @functools.lru_cache(maxsize=16)
-def _catalog_cached(dataset: str, data_dir: str | None, seed: int) -> Catalog:
+def _catalog_cached(
+    dataset: str, data_dir: str | None, seed: int, options: ReaderOptions
+) -> Catalog:
     found = reader(dataset)
     if found.catalog_items is not None:
         return build_catalog(found.catalog_items(data_dir, seed))
-    res = _read(dataset, data_dir, None, seed)
+    res = _read(dataset, data_dir, None, seed, options)
     parts = [res.table[["item", "category"]]]
-    for run, qrel in res.extras.values():
+    for run, qrel, extra_train in res.extras.values():
         extra_items: list[str] = []
         if qrel is not None:
             extra_items.extend(qrel["item"].astype(str).tolist())
         if run is not None:
             extra_items.extend(i for cands in run.values() for i in cands)
+        if extra_train is not None:
+            extra_items.extend(extra_train["item"].astype(str).tolist())
         parts.append(pd.DataFrame({"item": extra_items, "category": "all"}))
     return build_catalog(pd.concat(parts, ignore_index=True))
 
 
-def load_catalog(dataset: str, data_dir: str | Path | None, *, seed: int = 0) -> Catalog:
+def load_catalog(
+    dataset: str,
+    data_dir: str | Path | None,
+    *,
+    seed: int = 0,
+    options: ReaderOptions | None = None,
+) -> Catalog:
     """The public catalog over ALL markets of the dataset (memoised), so every party indexes
-    items identically. For xmrec it also covers the valid_qrel and official valid_run items."""
+    items identically. For xmrec it also covers the valid_qrel and official valid_run items, and
+    the items of the extra training rows when ``options`` reads them (the default)."""
     seeded = reader(dataset).seeded
-    return _catalog_cached(dataset, _dir_key(data_dir), seed if seeded else 0)
+    opts = options or ReaderOptions()
+    return _catalog_cached(dataset, _dir_key(data_dir), seed if seeded else 0, opts)
 
 
 def _split_all(
@@ -103,6 +127,7 @@ def _split_all(
             max_history=max_history,
             official_run=run,
             heldout=heldout,
+            extra_train=extras.extra_train,
         )
     return out
 
@@ -115,14 +140,17 @@ def load_dataset(
     seed: int = 0,
     n_neg: int = 99,
     max_history: int = 50,
+    options: ReaderOptions | None = None,
 ) -> Dataset:
     """Read, index and split the selected markets (all when ``markets`` is None).
 
     For xmrec the valid_qrel rows are the test items and the official valid_run (when present
-    and of length 1 + n_neg) gives the test candidates.
+    and of length 1 + n_neg) gives the test candidates. ``options``: the readers' options
+    (None = the defaults, :class:`ReaderOptions`).
     """
-    catalog = load_catalog(dataset, data_dir, seed=seed)
-    res = _read(dataset, _dir_key(data_dir), markets, seed)
+    opts = options or ReaderOptions()
+    catalog = load_catalog(dataset, data_dir, seed=seed, options=opts)
+    res = _read(dataset, _dir_key(data_dir), markets, seed, opts)
     names = as_list(markets) or sorted(res.table["market"].unique().tolist())
     splits = _split_all(
         catalog,
@@ -137,10 +165,16 @@ def load_dataset(
 
 @functools.lru_cache(maxsize=64)
 def _load_market_cached(
-    dataset: str, data_dir: str | None, market: str, seed: int, n_neg: int, max_history: int
+    dataset: str,
+    data_dir: str | None,
+    market: str,
+    seed: int,
+    n_neg: int,
+    max_history: int,
+    options: ReaderOptions,
 ) -> tuple[Catalog, MarketSplit]:
-    catalog = load_catalog(dataset, data_dir, seed=seed)
-    res = _read(dataset, data_dir, [market], seed)
+    catalog = load_catalog(dataset, data_dir, seed=seed, options=options)
+    res = _read(dataset, data_dir, [market], seed, options)
     splits = _split_all(catalog, res, [market], seed=seed, n_neg=n_neg, max_history=max_history)
     return catalog, splits[market]
 
@@ -153,11 +187,16 @@ def load_market(
     seed: int = 0,
     n_neg: int = 99,
     max_history: int = 50,
+    options: ReaderOptions | None = None,
 ) -> tuple[Catalog, MarketSplit]:
     """What one client calls: the public catalog plus its own market's split (memoised; the
-    returned objects are shared between calls, do not mutate their arrays)."""
+    returned objects are shared between calls, do not mutate their arrays). ``options``: the
+    readers' options (None = the defaults); the server's catalog must use the same."""
     check_dataset(dataset)
-    return _load_market_cached(dataset, _dir_key(data_dir), str(market), seed, n_neg, max_history)
+    opts = options or ReaderOptions()
+    return _load_market_cached(
+        dataset, _dir_key(data_dir), str(market), seed, n_neg, max_history, opts
+    )
 
 
 def clear_caches(*modules: ModuleType) -> None:

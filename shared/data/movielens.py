@@ -25,7 +25,7 @@ from shared.data.textio import (
     require_dir,
     require_file,
 )
-from shared.data.types import Reader, ReadResult
+from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 MIN_CATEGORY_ITEMS = 50  # a genre first-flagged on fewer movies is merged into "other"
@@ -123,8 +123,13 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return sorted(set(user_market.values()))
 
 
-def read(data_dir: str | Path | None, markets: Sequence[str] | None, seed: int) -> ReadResult:
-    """:func:`read_movielens` for the registry (no extras; ``seed`` is unused)."""
+def read(
+    data_dir: str | Path | None,
+    markets: Sequence[str] | None,
+    seed: int,
+    options: ReaderOptions,
+) -> ReadResult:
+    """:func:`read_movielens` for the registry (no extras; ``seed`` and ``options`` are unused)."""
     return ReadResult(read_movielens(require_dir(data_dir, "movielens"), markets))
 
 

@@ -253,6 +253,40 @@ def _user_rows(users: np.ndarray, item_idx: np.ndarray, ts: np.ndarray) -> _User
     return _UserRows(user_ids, u, it, counts, np.cumsum(counts) - counts)
 
 
+def _with_extra_rows(
+    rows: _UserRows, extra_train: pd.DataFrame, catalog: Catalog, market: str
+) -> tuple[_UserRows, np.ndarray, np.ndarray]:
+    """``rows`` with the training-only rows put first in each user's sequence (in their given
+    order; users with only extra rows added). Returns (rows, is_extra (N,) bool per row,
+    main_counts (n_users,) int64: each user's rows that are not extra)."""
+    e_users = extra_train["user"].astype(str).to_numpy(dtype=object)
+    e_items = _item_indices(extra_train["item"].astype(str).to_numpy(dtype=object), catalog, market)
+    user_ids = np.unique(np.concatenate([rows.user_ids, e_users]))
+    main_code = np.searchsorted(user_ids, rows.user_ids)[rows.u]
+    u = np.concatenate([np.searchsorted(user_ids, e_users), main_code]).astype(np.int64)
+    it = np.concatenate([e_items, rows.it])
+    is_extra = np.arange(len(u)) < len(e_users)
+    order = np.lexsort((np.arange(len(u)), u))  # per user: extra rows, then the others in order
+    counts = np.bincount(u, minlength=len(user_ids)).astype(np.int64)
+    main_counts = np.bincount(main_code, minlength=len(user_ids)).astype(np.int64)
+    merged = _UserRows(user_ids, u[order], it[order], counts, np.cumsum(counts) - counts)
+    return merged, is_extra[order], main_counts
+
+
+def _refuse_leaks(
+    rows: _UserRows, is_extra: np.ndarray, held: np.ndarray, held_items: np.ndarray, market: str
+) -> None:
+    """DataError if an extra training row repeats a held-out (user, item) pair: the reader
+    must remove those (``held``/``held_items``: (K,) int64 user codes and their positives)."""
+    n = np.int64(max(int(rows.it.max(initial=0)), int(held_items.max(initial=0))) + 1)
+    leak = np.isin(rows.u[is_extra] * n + rows.it[is_extra], held * n + held_items)
+    if leak.any():
+        raise DataError(
+            f"market {market}: {int(leak.sum())} extra training row(s) repeat a held-out "
+            "(user, item) pair; the reader must remove them"
+        )
+
+
 def _negatives(
     rows: _UserRows,
     eval_users: np.ndarray,
@@ -307,6 +341,7 @@ def split_market(
     max_history: int = 50,
     official_run: dict[str, list[str]] | None = None,
     heldout: pd.DataFrame | None = None,
+    extra_train: pd.DataFrame | None = None,
 ) -> MarketSplit:
     """Chronological leave-one-out split of one market.
 
@@ -320,12 +355,17 @@ def split_market(
     Negatives are drawn uniformly without replacement from the market's items the user never
     touched (with replacement if fewer than n_neg are left), with
     ``np.random.default_rng([seed, zlib.crc32(market.encode())])``; valid first, then test.
+    ``extra_train`` (columns user, item) are training-only rows, first in each user's sequence:
+    never held out, and a user with only such rows is never evaluated.
     """
     market = _market_of(df_market, n_neg, max_history)
     users, items, ts = _rows(df_market, heldout, market)
     rows = _user_rows(users, _item_indices(items, catalog, market), ts)
+    main_counts, is_extra = rows.counts, np.zeros(len(rows.u), dtype=bool)
+    if extra_train is not None and len(extra_train):
+        rows, is_extra, main_counts = _with_extra_rows(rows, extra_train, catalog, market)
     u, it, counts, starts = rows.u, rows.it, rows.counts, rows.starts
-    eligible = counts >= 3
+    eligible = main_counts >= 3
     from_end = counts[u] - 1 - (np.arange(len(u)) - starts[u])
     is_test = eligible[u] & (from_end == 0)
     is_valid = eligible[u] & (from_end == 1)
@@ -335,6 +375,7 @@ def split_market(
     eval_users = np.flatnonzero(eligible).astype(np.int64)
     e_starts, e_counts = starts[eval_users], counts[eval_users]
     valid_pos, test_pos = it[is_valid], it[is_test]
+    _refuse_leaks(rows, is_extra, np.tile(eval_users, 2), np.r_[valid_pos, test_pos], market)
     valid_neg, test_neg = _negatives(
         rows,
         eval_users,

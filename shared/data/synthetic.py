@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from shared.data.textio import as_list, canonical, check_markets
-from shared.data.types import Reader, ReadResult
+from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 
@@ -123,7 +123,12 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return [market_name(m) for m in range(SPEC.n_markets)]
 
 
-def read(data_dir: str | Path | None, markets: Sequence[str] | None, seed: int) -> ReadResult:
+def read(
+    data_dir: str | Path | None,
+    markets: Sequence[str] | None,
+    seed: int,
+    options: ReaderOptions,
+) -> ReadResult:
     """The selected markets of :data:`SPEC`'s table for ``seed``."""
     df = synthesize(SPEC, seed)[0]
     known = sorted(df["market"].unique().tolist())

@@ -150,11 +150,26 @@ class MarketExtras(NamedTuple):
     """What a dataset ships beside one market's interactions.
 
     ``official_run``: user id -> official candidate item ids (the positive among them), or None;
-    ``heldout``: DataFrame(user, item), at most one row per user, the official test positives.
+    ``heldout``: DataFrame(user, item), at most one row per user, the official test positives;
+    ``extra_train``: DataFrame(user, item) of training-only rows (never held out, never a
+    held-out pair: the reader removes those), first in each user's history, or None.
     """
 
     official_run: dict[str, list[str]] | None
     heldout: pd.DataFrame | None
+    extra_train: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """Options of the readers (hashable: part of every cache key). The defaults are what a run
+    uses unless its run config says otherwise.
+
+    ``xmrec_extra_train``: XMRec markets also train on ``train.tsv`` (explicit ratings read as
+    implicit feedback) beside ``train_5core.tsv``, minus duplicates and held-out pairs.
+    """
+
+    xmrec_extra_train: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,7 +184,7 @@ class ReadResult:
 class Reader:
     """One dataset's reader, as the registry holds it.
 
-    ``list_markets(dir)``: the markets found (sorted). ``read(dir, markets, seed)``: the
+    ``list_markets(dir)``: the markets found (sorted). ``read(dir, markets, seed, options)``: the
     selected markets (all when None; unknown ones raise ``DataError``). ``catalog_items(dir,
     seed)``: DataFrame(item, category) of every item the public catalog must index, or None to
     build it from ``read`` over all markets plus the items of their extras. ``dir`` is the
@@ -180,6 +195,6 @@ class Reader:
 
     name: str
     list_markets: Callable[[str | Path | None], list[str]]
-    read: Callable[[str | Path | None, Sequence[str] | None, int], ReadResult]
+    read: Callable[[str | Path | None, Sequence[str] | None, int, ReaderOptions], ReadResult]
     catalog_items: Callable[[str | Path | None, int], pd.DataFrame] | None = None
     seeded: bool = False

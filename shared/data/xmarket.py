@@ -28,7 +28,7 @@ from shared.data.textio import (
     parse_table,
     require_dir,
 )
-from shared.data.types import Reader, ReadResult
+from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 _XMARKET_COLUMNS = "userId itemId rate date"
@@ -96,8 +96,14 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return sorted(_xmarket_files(require_dir(data_dir, "xmarket")))
 
 
-def read(data_dir: str | Path | None, markets: Sequence[str] | None, seed: int) -> ReadResult:
-    """:func:`read_xmarket` for the registry (XMarket ships no extras; ``seed`` is unused)."""
+def read(
+    data_dir: str | Path | None,
+    markets: Sequence[str] | None,
+    seed: int,
+    options: ReaderOptions,
+) -> ReadResult:
+    """:func:`read_xmarket` for the registry (XMarket ships no extras; ``seed`` and ``options`` are
+    unused)."""
     return ReadResult(read_xmarket(require_dir(data_dir, "xmarket"), markets))
 
 

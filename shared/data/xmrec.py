@@ -7,6 +7,19 @@ user's rows, so they are the test items) and, where the market ships one, the of
 candidates per user (``valid_run.tsv``: the test candidates). The challenge's ``valid_*`` files
 are storefed's *test* split because the challenge's test positives were never released;
 storefed's validation item is each user's last ``train_5core`` row.
+
+Extra training rows (``ReaderOptions.xmrec_extra_train``, on by default): where a market ships
+``train.tsv`` (explicit 1-5 ratings, more rows, other users and items; s1 ships none), its rows
+are read as implicit feedback (every rating is a positive, as the challenge's winning team did)
+and handed to the split as *training-only* rows (``MarketExtras.extra_train``): they come first
+in each user's history, their users who are not 5-core users are never evaluated, and the
+benchmark (5-core users, ``valid_qrel``, official runs) is unchanged. Why the removals are here
+and nowhere else (:func:`extra_rows`): ``train.tsv`` repeats most 5-core pairs, including each
+user's last 5-core row, which the split holds out as the validation positive, and often the
+``valid_qrel`` pair, the test positive. A training row equal to a held-out pair is a leak, so
+every pair of ``train_5core`` and of ``valid_qrel`` is removed from the extra rows (and
+repeated extra pairs are kept once); the split refuses any extra row that still repeats a
+held-out positive.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from shared.data.textio import (
     require_file,
     resolve,
 )
-from shared.data.types import MarketExtras, Reader, ReadResult
+from shared.data.types import MarketExtras, Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 
@@ -109,11 +122,59 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return _xmrec_markets(require_dir(data_dir, "xmrec"))
 
 
-def read(data_dir: str | Path | None, markets: Sequence[str] | None, seed: int) -> ReadResult:
-    """:func:`read_xmrec` for the registry: per market, the official run (when shipped) and the
-    ``valid_qrel`` rows as the held-out test positives (``seed`` is unused)."""
-    train, qrels, runs = read_xmrec(require_dir(data_dir, "xmrec"), markets)
-    return ReadResult(train, {m: MarketExtras(runs.get(m), q) for m, q in qrels.items()})
+@functools.lru_cache(maxsize=64)
+def _read_xmrec_extra(key: tuple[str, int, int]) -> pd.DataFrame:
+    path = Path(key[0])
+    tab = parse_table(path, "\t", "userId itemId rating", header_token="userId")
+    users = ids(tab, 0, "userId")
+    items = ids(tab, 1, "itemId")
+    floats(tab, 2, "rating")  # checked, then read as implicit feedback
+    return pd.DataFrame({"user": pd.Series(users, dtype=str), "item": pd.Series(items, dtype=str)})
+
+
+def extra_rows(extra: pd.DataFrame, core: pd.DataFrame, qrel: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``extra`` (user, item) that may train: without any (user, item) pair of
+    ``core`` (the 5-core rows: duplicates, and each user's last row, the validation positive)
+    or of ``qrel`` (the test positives), each remaining pair once, in file order."""
+    rows = extra[["user", "item"]].astype(str).drop_duplicates(keep="first")
+    held = pd.concat([core[["user", "item"]], qrel[["user", "item"]]]).astype(str)
+    keys = pd.MultiIndex.from_frame(rows)
+    keep = ~keys.isin(pd.MultiIndex.from_frame(held))
+    return rows[keep].reset_index(drop=True)
+
+
+def read_xmrec_extra(
+    data_dir: str | Path, markets: Sequence[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Market -> DataFrame(user, item) of its ``train.tsv[.gz]`` rows that may train
+    (:func:`extra_rows`), for the selected markets that ship one."""
+    d = require_dir(data_dir, "xmrec")
+    chosen = check_markets(as_list(markets), _xmrec_markets(d), f"xmrec {d}")
+    train, qrels, _ = read_xmrec(d, chosen)
+    out: dict[str, pd.DataFrame] = {}
+    for m in chosen:
+        path = resolve(d / m / "train.tsv")
+        if path is not None:
+            core = train[train["market"] == m]
+            out[m] = extra_rows(_read_xmrec_extra(file_key(path)), core, qrels[m])
+    return out
+
+
+def read(
+    data_dir: str | Path | None,
+    markets: Sequence[str] | None,
+    seed: int,
+    options: ReaderOptions,
+) -> ReadResult:
+    """:func:`read_xmrec` for the registry: per market, the official run (when shipped), the
+    ``valid_qrel`` rows as the held-out test positives and, with ``options.xmrec_extra_train``,
+    the cleaned ``train.tsv`` rows as training-only rows (``seed`` is unused)."""
+    d = require_dir(data_dir, "xmrec")
+    train, qrels, runs = read_xmrec(d, markets)
+    extra = read_xmrec_extra(d, markets) if options.xmrec_extra_train else {}
+    return ReadResult(
+        train, {m: MarketExtras(runs.get(m), q, extra.get(m)) for m, q in qrels.items()}
+    )
 
 
 READER = Reader(name="xmrec", list_markets=list_markets, read=read)
