@@ -27,8 +27,8 @@ from shared.data.textio import (
     require_dir,
     require_file,
     resolve,
+    table_reader,
 )
-from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 SHARDS = 4  # markets per pair: user id modulo SHARDS
@@ -133,14 +133,4 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return sorted(f"{p}-{k}" for p in _amazon_pairs(d) for k in range(SHARDS))
 
 
-def read(
-    data_dir: str | Path | None,
-    markets: Sequence[str] | None,
-    seed: int,
-    options: ReaderOptions,
-) -> ReadResult:
-    """:func:`read_amazon_pairs` for the registry (no extras; ``seed``, ``options`` unused)."""
-    return ReadResult(read_amazon_pairs(require_dir(data_dir, "amazon-pairs"), markets))
-
-
-READER = Reader(name="amazon-pairs", list_markets=list_markets, read=read)
+READER = table_reader("amazon-pairs", list_markets, read_amazon_pairs)

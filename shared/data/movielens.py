@@ -24,8 +24,8 @@ from shared.data.textio import (
     parse_table,
     require_dir,
     require_file,
+    table_reader,
 )
-from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 MIN_CATEGORY_ITEMS = 50  # a genre first-flagged on fewer movies is merged into "other"
@@ -123,14 +123,4 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return sorted(set(user_market.values()))
 
 
-def read(
-    data_dir: str | Path | None,
-    markets: Sequence[str] | None,
-    seed: int,
-    options: ReaderOptions,
-) -> ReadResult:
-    """:func:`read_movielens` for the registry (no extras; ``seed`` and ``options`` are unused)."""
-    return ReadResult(read_movielens(require_dir(data_dir, "movielens"), markets))
-
-
-READER = Reader(name="movielens", list_markets=list_markets, read=read)
+READER = table_reader("movielens", list_markets, read_movielens)

@@ -17,13 +17,14 @@ import gzip
 import io
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 _INT_RE = re.compile(r"-?[0-9]{1,18}")
@@ -320,3 +321,16 @@ def file_key(path: Path) -> tuple[str, int, int]:
     """(path, mtime_ns, size): the cache key of a parsed file, so an edited file is re-read."""
     st = path.stat()
     return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def table_reader(name: str, list_markets: Callable[[str | Path | None], list[str]],
+                 read_table: Callable[[Path, Sequence[str] | None], pd.DataFrame]) -> Reader:
+    """A registry :class:`Reader` for a dataset read from a directory as one canonical table:
+    no extras, and neither the seed nor the reader options change what is read."""
+
+    def read(data_dir: str | Path | None, markets: Sequence[str] | None, seed: int,
+             options: ReaderOptions) -> ReadResult:
+        return ReadResult(read_table(require_dir(data_dir, name), markets))
+
+    return Reader(name=name, list_markets=list_markets, read=read)
+

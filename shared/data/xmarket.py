@@ -27,8 +27,8 @@ from shared.data.textio import (
     ids,
     parse_table,
     require_dir,
+    table_reader,
 )
-from shared.data.types import Reader, ReaderOptions, ReadResult
 from shared.errors import DataError
 
 _XMARKET_COLUMNS = "userId itemId rate date"
@@ -96,15 +96,4 @@ def list_markets(data_dir: str | Path | None) -> list[str]:
     return sorted(_xmarket_files(require_dir(data_dir, "xmarket")))
 
 
-def read(
-    data_dir: str | Path | None,
-    markets: Sequence[str] | None,
-    seed: int,
-    options: ReaderOptions,
-) -> ReadResult:
-    """:func:`read_xmarket` for the registry (XMarket ships no extras; ``seed`` and ``options`` are
-    unused)."""
-    return ReadResult(read_xmarket(require_dir(data_dir, "xmarket"), markets))
-
-
-READER = Reader(name="xmarket", list_markets=list_markets, read=read)
+READER = table_reader("xmarket", list_markets, read_xmarket)
