@@ -48,12 +48,13 @@ log = logging.getLogger("storefed")
 
 def federate(args: argparse.Namespace, out: Path, server_lr: float = 1.0) -> Path:
     """Run the source federation; returns its encoder checkpoint."""
-    from simulations.simulate import run_federated  # noqa: PLC0415 - heavy (Flower, Ray)
+    from simulations.simulate import lab_policy, run_federated  # noqa: PLC0415 - Flower, Ray
 
     cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, markets=args.sources,
                     num_rounds=args.rounds, local_epochs=args.local_epochs, seed=args.seed,
                     device=args.device, out_dir=str(out), server_lr=server_lr)
-    doc = run_federated(cfg)
+    # the lab holds every source market: with two sources their policy must allow sums of two
+    doc = run_federated(cfg, policy=lab_policy(cfg.secagg, len(cfg.market_list)))
     log.info("federated %s for %d rounds (server-lr %.2f): avg ndcg@10 %.4f (%.0fs)",
              args.sources, args.rounds, server_lr, doc["final"]["average"]["ndcg@10"],
              doc["wall_seconds"])
