@@ -13,7 +13,7 @@ from flwr.clientapp.typing import Mod
 
 from client.node import MetricDict, market_policy, open_node, train_reply
 from client.secagg import Identity, handle_secagg, piggyback
-from shared.report import flatten_eval
+from shared.report import VALID_METRICS, flatten_eval
 from shared.secagg import RECORD
 from shared.serving_state import write_node_serving
 
@@ -44,6 +44,8 @@ def make_app(overrides: Mapping[str, Any] | None = None,
         if policy.share_evaluation:
             flat = flatten_eval(summary)
             flat["num-examples"] = flat["examples"]
+            valid = node.evaluate(None, "valid")  # for choosing rounds without the test split
+            flat.update({f"valid/{k}": float(cast(float, valid[k])) for k in VALID_METRICS})
             content["metrics"] = MetricRecord(cast(MetricDict, flat))
             content["info"] = ConfigRecord({"market": node.market})
         if RECORD in msg.content.config_records:  # SecAgg+ share-keys for the next round

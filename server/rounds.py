@@ -31,7 +31,7 @@ from shared.data import Catalog, load_catalog
 from shared.errors import CheckpointError, ConfigError
 from shared.model import ModelConfig
 from shared.node import initial_encoder, model_config
-from shared.report import write_metrics
+from shared.report import VALID_METRICS, write_metrics
 from shared.wire import to_record
 
 log = logging.getLogger("storefed")
@@ -128,6 +128,7 @@ def finish_round(grid: Grid, run: ServerRun, rnd: int, t0: float, t_train: float
         # known, not its own loss or example count (those stay null)
         markets[m] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],
                       "examples": metrics["examples"], "trained": m in strategy.last_train,
+                      **{f"valid_{k}": metrics.get(f"valid/{k}") for k in VALID_METRICS},
                       "loss": train.get("train-loss"),
                       "train_examples": train.get("num-examples"),
                       "categories": metrics["categories"]}

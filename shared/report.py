@@ -10,6 +10,9 @@ from shared.checkpoint import atomic_write_bytes
 
 CAT_PREFIX = "cat/"
 METRIC_NAMES = ("ndcg@10", "hr@10", "examples")
+# a market's validation figures travel as ``valid/<name>`` beside its test figures, and land in
+# metrics.json as ``valid_<name>``: runs choose rounds on them, never on test
+VALID_METRICS = ("ndcg@10", "hr@10")
 
 
 def flatten_eval(summary: dict[str, Any]) -> dict[str, float]:
@@ -36,11 +39,14 @@ def unflatten_eval(flat: dict[str, float]) -> dict[str, Any]:
 
 
 def average(markets: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Unweighted mean over markets (each market counts once, as in the XMarket papers)."""
+    """Unweighted mean over markets (each market counts once, as in the XMarket papers); the
+    validation figures too when every market has them."""
     if not markets:
         return {"ndcg@10": 0.0, "hr@10": 0.0}
-    return {k: sum(float(m[k]) for m in markets.values()) / len(markets)
-            for k in ("ndcg@10", "hr@10")}
+    keys = ["ndcg@10", "hr@10"] + [f"valid_{k}" for k in VALID_METRICS
+                                   if all(m.get(f"valid_{k}") is not None
+                                          for m in markets.values())]
+    return {k: sum(float(m[k]) for m in markets.values()) / len(markets) for k in keys}
 
 
 def write_metrics(path: str | Path, rounds: list[dict[str, Any]],

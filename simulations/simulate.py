@@ -283,11 +283,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def round_curve(doc: dict[str, Any]) -> list[tuple[int, float]]:
-    """(round, average nDCG@10 over the markets evaluated in it) for every round."""
+def round_curve(doc: dict[str, Any], key: str = "ndcg@10") -> list[tuple[int, float]]:
+    """(round, average of ``key`` over the markets that report it) for every round
+    (``valid_ndcg@10``: the validation curve)."""
     out = []
     for r in doc["rounds"]:
-        vals = [m["ndcg@10"] for m in r["markets"].values()]
+        vals = [float(m[key]) for m in r["markets"].values() if m.get(key) is not None]
         if vals:
             out.append((int(r["round"]), sum(vals) / len(vals)))
     return out
@@ -301,10 +302,15 @@ def report_run(doc: dict[str, Any], cfg: RunConfig, out: Path) -> None:
     curve = round_curve(doc)
     if not curve:
         return
-    best_round, best = max(curve, key=lambda rv: rv[1])
-    print(f"best round {best_round} of {len(curve)}: avg ndcg@10 {best:.4f} (rounds are "
-          f"evaluated on each market's test split; pick a round count on validation, e.g. with "
-          f"`storefed benchmark`, before reading test figures)")
+    valid = round_curve(doc, "valid_ndcg@10")
+    if valid:  # chosen on validation; the test figure is only read off at that round
+        best_round, best = max(valid, key=lambda rv: rv[1])
+        print(f"best round on validation: {best_round} of {len(curve)} (avg valid ndcg@10 "
+              f"{best:.4f}); test avg ndcg@10 {dict(curve).get(best_round, float('nan')):.4f} "
+              f"there, {curve[-1][1]:.4f} after the last round")
+    else:  # markets that keep their evaluation private send no validation figures either
+        print(f"no validation figures reported; last round {curve[-1][0]}: test avg ndcg@10 "
+              f"{curve[-1][1]:.4f}")
     splits, n_items = {}, 0
     for m in cfg.market_list:
         catalog, split = load_market(cfg.dataset, cfg.data_dir or None, m, seed=cfg.seed,
@@ -315,21 +321,26 @@ def report_run(doc: dict[str, Any], cfg: RunConfig, out: Path) -> None:
     print(f"reference on the same split: popularity avg ndcg@10 {pop_avg:.4f}; a random "
           f"ranking scores 0.0454 (99 negatives); each method on the XMarket markets: "
           f"docs/benchmarks.md")
-    plot_curve(curve, pop_avg, out / "learning_curve.png")
+    plot_curve(curve, pop_avg, out / "learning_curve.png", valid)
 
 
-def plot_curve(curve: list[tuple[int, float]], reference: float, path: Path) -> None:
-    """The average nDCG@10 per round against the popularity reference, as a PNG."""
+def plot_curve(curve: list[tuple[int, float]], reference: float, path: Path,
+               valid: list[tuple[int, float]] | None = None) -> None:
+    """The average test (and validation) nDCG@10 per round against the popularity reference
+    on test, as a PNG."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r for r, _ in curve], [v for _, v in curve], marker="o", label="storefed")
+    ax.plot([r for r, _ in curve], [v for _, v in curve], marker="o", label="storefed (test)")
+    if valid:
+        ax.plot([r for r, _ in valid], [v for _, v in valid], marker=".", linestyle=":",
+                label="storefed (valid)")
     ax.axhline(reference, color="grey", linestyle="--", label="popularity")
     ax.set_xlabel("round")
-    ax.set_ylabel("avg nDCG@10 (test)")
+    ax.set_ylabel("avg nDCG@10")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
