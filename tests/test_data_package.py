@@ -28,7 +28,7 @@ def test_every_reader_module_is_registered_once_and_datasets_is_the_registry():
             exported[reader.name] = reader
     assert exported == registry.READERS
     assert D.DATASETS == tuple(registry.READERS) == (
-        "synthetic", "xmarket", "xmrec", "movielens", "amazon-pairs"
+        "synthetic", "table", "xmarket", "xmrec", "movielens", "amazon-pairs"
     )
     with pytest.raises(DataError, match="unknown dataset 'nope'; known datasets: synthetic"):
         D.available_markets("nope", None)

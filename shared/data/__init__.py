@@ -6,8 +6,8 @@ The package, by layer (imports point down only; no module uses another's private
   :class:`Dataset`) and the reader interface (:class:`Reader`, :class:`ReadResult`).
 * ``textio``    - parsing shared by the readers (plain or gzipped files, typed columns, errors
   with file and line number, the canonical table).
-* ``xmarket``, ``xmrec``, ``movielens``, ``amazon``, ``synthetic`` - one reader per dataset,
-  each exporting ``READER``.
+* ``table`` (your own CSV), ``xmarket``, ``xmrec``, ``movielens``, ``amazon``, ``synthetic`` -
+  one reader per dataset, each exporting ``READER``.
 * ``registry``  - dataset name -> reader; :data:`DATASETS` is its keys. A new dataset is a new
   reader module plus one entry there.
 * ``split``     - the public catalog and the chronological leave-one-out split.

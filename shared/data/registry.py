@@ -11,13 +11,14 @@ from __future__ import annotations
 from shared.data.amazon import READER as AMAZON_PAIRS
 from shared.data.movielens import READER as MOVIELENS
 from shared.data.synthetic import READER as SYNTHETIC
+from shared.data.table import READER as TABLE
 from shared.data.types import Reader
 from shared.data.xmarket import READER as XMARKET
 from shared.data.xmrec import READER as XMREC
 from shared.errors import DataError
 
 READERS: dict[str, Reader] = {
-    r.name: r for r in (SYNTHETIC, XMARKET, XMREC, MOVIELENS, AMAZON_PAIRS)
+    r.name: r for r in (SYNTHETIC, TABLE, XMARKET, XMREC, MOVIELENS, AMAZON_PAIRS)
 }
 DATASETS: tuple[str, ...] = tuple(READERS)
 
