@@ -10,7 +10,9 @@ theirs. Neural methods share one model family and budget (``num_rounds x local_e
   server, run in one process; the Flower app federates only the encoder by design);
 * ``storefed``     the product: Flower simulation, encoder-only federation, private heads;
 * ``storefed-secagg`` the same under SecAgg+ (reported "unavailable" if that path fails);
-* ``popularity``, ``itemknn-pooled``, ``bpr-mf-local``: classical floors (shared/baselines.py).
+* ``popularity``, ``itemknn-pooled``, ``bpr-mf-local``: classical floors (shared/baselines.py);
+  ``ease-pooled``: EASE over every market's data pooled, a centralised reference, on request
+  (``--methods``).
 
 Writes ``OUT/benchmark.json`` (shape in ``build_document``), a table on stdout (with the
 published per-market nDCG@10 of the ECIR 2023 efficient-xmrec study for XMarket) and
@@ -33,7 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.baselines import run_bpr_mf_local, run_itemknn_pooled, run_popularity
+from shared.baselines import (
+    run_bpr_mf_local,
+    run_ease_pooled,
+    run_itemknn_pooled,
+    run_popularity,
+)
 from shared.checkpoint import atomic_write_bytes
 from shared.config import RunConfig
 from shared.data import load_dataset
@@ -153,6 +160,7 @@ def _baseline(fn: Callable[..., dict[str, dict[str, object]]],
 
 METHODS["popularity"] = _baseline(run_popularity)
 METHODS["itemknn-pooled"] = _baseline(run_itemknn_pooled)
+METHODS["ease-pooled"] = _baseline(run_ease_pooled)  # centralised reference (pools all data)
 METHODS["bpr-mf-local"] = _baseline(run_bpr_mf_local, seed=True)
 
 DEFAULT_METHODS = ("popularity", "itemknn-pooled", "bpr-mf-local", "local", "central",
