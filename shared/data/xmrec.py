@@ -67,7 +67,9 @@ def _read_xmrec_train(key: tuple[str, int, int], market: str) -> pd.DataFrame:
 
 
 @functools.lru_cache(maxsize=64)
-def _read_xmrec_qrel(key: tuple[str, int, int]) -> pd.DataFrame:
+def _read_pairs(key: tuple[str, int, int]) -> pd.DataFrame:
+    """(user, item) of a ``userId itemId rating`` file (``valid_qrel.tsv``, ``train.tsv``);
+    ratings are checked, then read as implicit feedback."""
     path = Path(key[0])
     tab = parse_table(path, "\t", "userId itemId rating", header_token="userId")
     users = ids(tab, 0, "userId")
@@ -110,7 +112,7 @@ def read_xmrec(
     for m in chosen:
         md = d / m
         frames.append(_read_xmrec_train(file_key(require_file(md / "train_5core.tsv")), m))
-        qrels[m] = _read_xmrec_qrel(file_key(require_file(md / "valid_qrel.tsv"))).copy()
+        qrels[m] = _read_pairs(file_key(require_file(md / "valid_qrel.tsv"))).copy()
         run_path = resolve(md / "valid_run.tsv")
         if run_path is not None:
             runs[m] = _read_xmrec_run(file_key(run_path))
@@ -120,16 +122,6 @@ def read_xmrec(
 def list_markets(data_dir: str | Path | None) -> list[str]:
     """The sub-folders of ``data_dir`` holding a ``train_5core.tsv[.gz]``, sorted."""
     return _xmrec_markets(require_dir(data_dir, "xmrec"))
-
-
-@functools.lru_cache(maxsize=64)
-def _read_xmrec_extra(key: tuple[str, int, int]) -> pd.DataFrame:
-    path = Path(key[0])
-    tab = parse_table(path, "\t", "userId itemId rating", header_token="userId")
-    users = ids(tab, 0, "userId")
-    items = ids(tab, 1, "itemId")
-    floats(tab, 2, "rating")  # checked, then read as implicit feedback
-    return pd.DataFrame({"user": pd.Series(users, dtype=str), "item": pd.Series(items, dtype=str)})
 
 
 def extra_rows(extra: pd.DataFrame, core: pd.DataFrame, qrel: pd.DataFrame) -> pd.DataFrame:
@@ -156,7 +148,7 @@ def read_xmrec_extra(
         path = resolve(d / m / "train.tsv")
         if path is not None:
             core = train[train["market"] == m]
-            out[m] = extra_rows(_read_xmrec_extra(file_key(path)), core, qrels[m])
+            out[m] = extra_rows(_read_pairs(file_key(path)), core, qrels[m])
     return out
 
 
