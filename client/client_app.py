@@ -4,6 +4,7 @@ metrics only (under SecAgg+, a masked vector: ``client/secagg.py``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -12,10 +13,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.node import MetricDict, market_policy, open_node, train_reply
-from client.secagg import Identity, handle_secagg, piggyback
+from client.secagg import Identity, SecAggRefusedError, handle_secagg, piggyback
+from shared.policy import PolicyRefusedError
 from shared.report import VALID_METRICS, flatten_eval
 from shared.secagg import RECORD
 from shared.serving_state import write_node_serving
+
+log = logging.getLogger("storefed")
 
 
 def make_app(overrides: Mapping[str, Any] | None = None,
@@ -48,9 +52,13 @@ def make_app(overrides: Mapping[str, Any] | None = None,
             flat.update({f"valid/{k}": float(cast(float, valid[k])) for k in VALID_METRICS})
             content["metrics"] = MetricRecord(cast(MetricDict, flat))
             content["info"] = ConfigRecord({"market": node.market})
-        if RECORD in msg.content.config_records:  # SecAgg+ share-keys for the next round
-            content[RECORD] = piggyback(msg, context, policy,
-                                        Identity.of(market, policy, market_dir))
+        if RECORD in msg.content.config_records:  # SecAgg+: the next round's masked upload
+            try:  # a refusal (budget spent, bad request) still sends the evaluation
+                for key, record in piggyback(msg, context, fixed, policy,
+                                             Identity.of(market, policy, market_dir)).items():
+                    content[key] = record
+            except (PolicyRefusedError, SecAggRefusedError) as exc:
+                log.warning("market %s: no masked upload with this evaluation: %s", market, exc)
         return Message(content, reply_to=msg)
 
     @app.train("secagg")

@@ -9,8 +9,14 @@ clips and noises the update (``shared/dp.py``), encodes it into one integer vect
 shares it was forwarded and uploads ``vector + PRG(seed) +- PRG(pairwise keys)`` (mod 2**64) with
 its train metrics. At **unmask** it reveals seed shares of the neighbours that uploaded and
 secret-key shares of those that did not, never both for one node, only after checking the stage
-order of that (round, attempt). The server may piggyback the next round's setup on an unmask
-message (``secagg-next``) and its share-keys on an evaluate message (``piggyback``).
+order of that (round, attempt).
+
+Pipelining (``server/secagg.py``): the server may piggyback the next round's setup on a masked
+upload and the next round's share-keys on an unmask message (``secagg-next``), and the next
+round's masked upload on an evaluate message (``piggyback``: the market evaluates the encoder
+first, then trains from it). A masked upload that names the survivor set (``survivors``) is
+signed at once: that signature is this instance's consistency check, and the market signs no
+other set for it.
 The protocol state lives in ``context.state`` (same node, successive messages), one record
 per (round, attempt); records of older rounds are dropped.
 """
@@ -107,10 +113,18 @@ class Identity:
 
 def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any],
                   policy: PrivacyPolicy, me: Identity) -> Message:
-    """Answer one ``train.secagg`` message: its ``secagg`` stage, plus the next round's setup
-    when the server piggybacks it (``secagg-next``, on the unmask message). The reply carries
-    protocol fields and the masked vector only: no metrics; the market's name only with its
-    setup keys (who a node is, the server knows anyway from the node's authentication key)."""
+    """Answer one ``train.secagg`` message: its ``secagg`` stage, plus the next round's stage
+    when the server piggybacks one (``secagg-next``). The reply carries protocol fields and the
+    masked vector only: no metrics; the market's name only with its setup keys (who a node is,
+    the server knows anyway from the node's authentication key)."""
+    return Message(secagg_records(msg, context, fixed, policy, me), reply_to=msg)
+
+
+def secagg_records(msg: Message, context: Context, fixed: Mapping[str, Any],
+                   policy: PrivacyPolicy, me: Identity) -> RecordDict:
+    """The reply records to the ``secagg`` (and ``secagg-next``) records of ``msg``, whether
+    it is a ``train.secagg`` message or an evaluate message carrying the next round's masked
+    upload (``piggyback``)."""
     content = RecordDict()
     rec = msg.content.config_records[RECORD]
     res, extra = _stage(msg, context, fixed, rec, policy, me)
@@ -123,15 +137,17 @@ def handle_secagg(msg: Message, context: Context, fixed: Mapping[str, Any],
         content[RECORD_NEXT] = ConfigRecord(nxt)
     if rec["stage"] == SETUP or RECORD_NEXT in msg.content.config_records:
         content["info"] = ConfigRecord({"market": me.market})
-    return Message(content, reply_to=msg)
+    return content
 
 
-def piggyback(msg: Message, context: Context, policy: PrivacyPolicy,
-              me: Identity) -> ConfigRecord:
-    """The reply to the ``secagg`` record riding on another message (the next round's
-    share-keys on an evaluate message)."""
-    res, _ = _stage(msg, context, {}, msg.content.config_records[RECORD], policy, me)
-    return ConfigRecord(res)
+def piggyback(msg: Message, context: Context, fixed: Mapping[str, Any],
+              policy: PrivacyPolicy, me: Identity) -> RecordDict:
+    """The reply records to the protocol stage riding on an evaluate message (the next
+    round's masked upload, and the setup of the round after it). Call it after evaluating:
+    the masked upload trains from the encoder the message carries."""
+    if str(msg.content.config_records[RECORD].get("stage")) != MASKED:
+        raise SecAggRefusedError("secagg: only a masked upload may ride on an evaluate message")
+    return secagg_records(msg, context, fixed, policy, me)
 
 
 def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
@@ -159,8 +175,14 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
     else:
         st = _load(context, rnd, attempt)
         expected = STAGES[STAGES.index(stage) - 1]
-        if stage == UNMASK and st.get("stage") == MASKED and me_id.trusted is None:
-            expected = MASKED  # no consistency check for a market that cannot verify it
+        if stage == UNMASK and st.get("stage") == MASKED and (
+                me_id.trusted is None or "survivors" in st):
+            # no consistency check for a market that cannot verify it; none left to run
+            # when the market signed the survivor set with its masked upload
+            expected = MASKED
+        if stage == CONSISTENCY and "survivors" in st:
+            raise _refuse(f"it already signed a survivor set for round {rnd} attempt "
+                          f"{attempt}; it signs no other")
         if st.get("stage") != expected:
             raise SecAggRefusedError(f"secagg: {stage} for round {rnd} attempt {attempt} but "
                                      f"this node is at {st.get('stage') or 'no stage'} of it")
@@ -171,6 +193,8 @@ def _stage(msg: Message, context: Context, fixed: Mapping[str, Any],
         elif stage == MASKED:
             _ensure_update(msg, context, fixed, rec, policy)
             res = _masked(st, rec, context)
+            if "survivors" in rec:  # the consistency check, signed with the upload
+                res.update(_consistency(st, rec, me_id))
             extra = RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(res.pop("_vec"))})})
         elif stage == CONSISTENCY:
             res = _consistency(st, rec, me_id)

@@ -18,11 +18,16 @@ Per round: sample nodes with the strategy (``EncoderFedAvg.configure_train``), t
    the U2 - U3 dropouts, then decodes the sum (``apply_summed_update``).
 
 **Pipelining** (when every node trains every round, ``fraction-train = 1``): the next round's
-setup rides on this round's unmask messages and its share-keys on this round's evaluate
-messages, so from round 2 on a round costs two SecAgg+ exchanges (masked upload, unmask) plus
-the evaluation that plain FedAvg runs anyway, instead of four. A node missing from the
-prepared keys (it failed the piggybacked setup) makes that round run setup and share-keys
-itself; a node that failed the piggybacked share-keys is a share-keys dropout of the round.
+setup rides on this round's masked upload, its share-keys on this round's unmask and its masked
+upload on this round's evaluate messages (each market evaluates the new encoder, then trains
+from it). From round 2 on a round is then two exchanges, as in plain FedAvg: unmask, and the
+evaluation that carries the next masked upload. A pipelined masked upload names its survivor
+set (the nodes asked) and each enrolled market signs it with its upload: that is the
+consistency check, done without an exchange of its own. The pipelined attempt is all or
+nothing: if a node asked did not upload (or a node to be sampled was not in the keys), it is
+abandoned before any unmask (nothing was revealed) and the round runs the full protocol with
+the nodes that uploaded, as a retry that does not count against ``secagg-retries``; a market
+signs one survivor set per attempt, so the retry has fresh keys.
 
 If a stage leaves fewer than two nodes, or a secret that will be needed has fewer holders than
 the threshold, the attempt is abandoned (no sum was revealed) and the round restarts from setup
@@ -125,16 +130,28 @@ class KeyRing:
     signed: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # market, signature
     authenticated: set[int] = field(default_factory=set)  # nodes that check signatures
     dropped: dict[str, list[str]] = field(default_factory=dict)
+    uploaded: Uploaded | None = None  # the masked upload that rode on evaluation
+    after: KeyRing | None = None  # the following round's keys, set up with that upload
+
+
+@dataclass
+class Uploaded:
+    """One instance's masked upload: the vectors summed (mod 2**64), who uploaded (``u3``),
+    the survivor set the requests named (pipelined) and the markets' signatures on it."""
+
+    total: np.ndarray
+    u3: set[int]
+    survivors: list[int] | None = None
+    signed: dict[int, bytes] = field(default_factory=dict)
 
 
 class SecAggRound:
     """One round of SecAgg+ over ``nodes`` (see module doc). ``received`` keeps every reply
     the server got (tests inspect it: it must never contain a market's plain update).
 
-    ``prepared``: this round's keys, set up during the previous round (``pipeline``): then the
-    round needs only two message exchanges (masked upload, unmask) besides evaluation.
-    ``pipeline``: piggyback the next round's setup on this round's unmask messages and its
-    share-keys on this round's evaluate messages (``next_share_records`` / ``collect_next``).
+    ``prepared``: this round's keys and masked upload, done during the previous round's unmask
+    and evaluation (``pipeline``): the round then needs only its unmask exchange.
+    ``pipeline``: prepare the next round during this one (``next_records`` / ``collect_next``).
     """
 
     def __init__(self, grid: Grid, cfg: RunConfig, rnd: int,
@@ -147,8 +164,9 @@ class SecAggRound:
         self.layout = VectorLayout.for_encoder(global_state)
         self.nodes = list(nodes)
         self.prepared, self.pipeline = prepared, pipeline
-        self.next_ring: KeyRing | None = None  # next round: keys received at unmask
-        self.next_prepared: KeyRing | None = None  # ... and shares received at evaluate
+        # next round: keys received with the masked upload, shares with the unmask replies
+        self.next_ring: KeyRing | None = None
+        self.next_prepared: KeyRing | None = None  # ... and its masked upload, at evaluation
         # node -> market, as nodes name themselves with their setup keys (kept across rounds)
         self.markets: dict[int, str] = {} if markets is None else markets
         self.dropped: dict[str, list[str]] = {}
@@ -160,7 +178,22 @@ class SecAggRound:
     # ------------------------------------------------------------------ driver
     def run(self) -> RoundResult:
         participants = set(self.nodes)
-        for attempt in range(self.cfg.secagg_retries + 1):
+        first = 0
+        ring = self.prepared
+        if ring is not None and ring.rnd == self.rnd and ring.uploaded is not None:
+            first = 1  # the pipelined attempt does not count against secagg-retries
+            try:
+                summed, train = self._finish_pipelined(ring, participants)
+                self.attempts.append({"attempt": 0, "aggregated": sorted(train),
+                                      "pipelined": True})
+                return self._result(summed, train)
+            except AttemptFailedError as exc:
+                log.warning("round %d: pipelined secagg attempt failed (%s); running the full "
+                            "protocol with %d nodes", self.rnd, exc, len(exc.survivors))
+                self.attempts.append({"attempt": 0, "failed": str(exc), "pipelined": True})
+                participants = exc.survivors
+                self.next_ring = None
+        for attempt in range(first, self.cfg.secagg_retries + 1 + first):
             if len(participants) < 2:
                 self.attempts.append({"attempt": attempt, "failed": "fewer than 2 nodes left"})
                 break
@@ -175,11 +208,15 @@ class SecAggRound:
                 self.next_ring = None
                 continue
             self.attempts.append({"attempt": attempt, "aggregated": sorted(train),
-                                  "pipelined": ring is self.prepared})
-            return RoundResult(summed, train, self._report(len(train)), len(self.nodes),
-                               len(train), self.intact)
+                                  "pipelined": False})
+            return self._result(summed, train)
         log.warning("round %d: secure aggregation failed; global encoder unchanged", self.rnd)
         return RoundResult(None, {}, self._report(0), len(self.nodes), 0)
+
+    def _result(self, summed: dict[str, np.ndarray],
+                train: dict[str, dict[str, float]]) -> RoundResult:
+        return RoundResult(summed, train, self._report(len(train)), len(self.nodes),
+                           len(train), self.intact)
 
     def _report(self, n: int) -> dict[str, Any]:
         step = quant_step(self.cfg.secagg_clip_range, self.cfg.secagg_quant_range)
@@ -189,14 +226,7 @@ class SecAggRound:
                 "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()}}
 
     def _ring(self, attempt: int, nodes: set[int]) -> KeyRing:
-        """This attempt's keys: the prepared ones if they cover every participant, else run
-        setup and share-keys now."""
-        ring = self.prepared
-        if attempt == 0 and ring is not None and ring.rnd == self.rnd and nodes <= ring.u1:
-            for stage, labels in ring.dropped.items():
-                self.dropped.setdefault(stage, []).extend(labels)
-            self._check_holders(ring.u2, ring.graph, ring.u2, ring.t, "share keys")
-            return ring
+        """This attempt's keys: setup and share-keys over ``nodes``."""
         ring = self._setup(attempt, self._send(SETUP, {
             n: RecordDict({RECORD: self._setup_record(self.rnd, attempt)}) for n in nodes},
             self.cfg.secagg_timeout), RECORD)
@@ -257,12 +287,12 @@ class SecAggRound:
             out[n] = ConfigRecord(rec)
         return out
 
-    def _share_keys(self, ring: KeyRing, rep: dict[int, Message]) -> None:
+    def _share_keys(self, ring: KeyRing, rep: dict[int, Message], key: str = RECORD) -> None:
         """Encrypted shares received -> what to forward to whom (from ``u2`` only). A reply
         whose lists are malformed is that node dropping out of share-keys."""
         good: dict[int, list[tuple[int, bytes]]] = {}
         for src, m in rep.items():
-            rec = m.content.config_records.get(RECORD)
+            rec = m.content.config_records.get(key)
             dsts, ctxts = (rec.get("dsts"), rec.get("ctxts")) if rec is not None else (None, None)
             if not (src in ring.graph and isinstance(dsts, list) and isinstance(ctxts, list)
                     and len(dsts) == len(ctxts)
@@ -283,61 +313,119 @@ class SecAggRound:
 
     def _finish(self, ring: KeyRing, participants: set[int],
                 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-        """Masked upload (nodes train on the first attempt) and unmask; returns the sum."""
-        cfg = self.cfg
-        base = {"round": ring.rnd, "attempt": ring.attempt}
-        graph, t, u2 = ring.graph, ring.t, ring.u2 & participants
+        """Masked upload (nodes train on the first attempt), the consistency check when
+        enrolled markets take part, and unmask; returns the sum."""
+        u2 = ring.u2 & participants
         arrays = to_record(self.global_state)
         config = ConfigRecord({"server-round": self.rnd})
-        masked_msgs = {n: RecordDict({
-            "arrays": arrays, "config": config,
-            RECORD: ConfigRecord({**base, "stage": MASKED, "srcs": ring.fwd[n][0],
-                                  "ctxts": ring.fwd[n][1], "sampled": len(self.nodes),
-                                  "size": self.layout.size,
-                                  "clip-range": float(cfg.secagg_clip_range),
-                                  "quant-range": int(cfg.secagg_quant_range)})}) for n in u2}
-        rep = self._send(MASKED, masked_msgs, cfg.round_timeout)
+        records = self._masked_records(ring, u2, survivors=False)
+        rep = self._send(MASKED, {n: RecordDict({"arrays": arrays, "config": config, **rec})
+                                  for n, rec in records.items()}, self.cfg.round_timeout)
+        up = self._collect_masked(ring, rep)
+        self.next_ring = self._next_setup(rep, self.rnd + 1)
+        proof = self._consistency(ring, up.u3) if ring.authenticated & up.u3 else {}
+        return self._unmask(ring, up, proof)
+
+    def _finish_pipelined(self, ring: KeyRing, participants: set[int],
+                          ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+        """Unmask the masked upload that rode on the previous round's evaluation, if every
+        node asked uploaded (and signed, when enrolled) and no new node is to be sampled;
+        else ``AttemptFailedError`` before anything is revealed."""
+        up = ring.uploaded
+        assert up is not None and up.survivors is not None
+        for stage, labels in ring.dropped.items():
+            self.dropped.setdefault(stage, []).extend(labels)
+        if not participants <= ring.u1:
+            raise AttemptFailedError(f"{len(participants - ring.u1)} node(s) to be sampled "
+                                     f"were not in the prepared keys", participants)
+        if up.u3 != set(up.survivors):
+            raise AttemptFailedError(f"{len(set(up.survivors) - up.u3)} node(s) of the "
+                                     f"survivor set did not upload", participants & up.u3)
+        unsigned = ring.authenticated & up.u3 - set(up.signed)
+        if unsigned:
+            raise AttemptFailedError(f"{len(unsigned)} node(s) did not sign the survivor set",
+                                     participants & up.u3)
+        self._check_holders(up.u3, ring.graph, up.u3, ring.t, "masked upload")
+        self.next_ring = ring.after
+        proof: dict[str, list[int] | list[bytes]] = (
+            {"survivors": up.survivors, "signers": list(up.signed),
+             "sigs": list(up.signed.values())} if up.signed else {})
+        return self._unmask(ring, up, proof)
+
+    def _masked_records(self, ring: KeyRing, nodes: set[int],
+                        survivors: bool) -> dict[int, dict[str, ConfigRecord]]:
+        """The masked-upload requests (and the next round's setup, when pipelining).
+        ``survivors``: name the survivor set (every node asked), which enrolled markets sign
+        with their upload (the pipelined consistency check)."""
+        cfg = self.cfg
+        named = {"survivors": sorted(nodes)} if survivors else {}
+        out: dict[int, dict[str, ConfigRecord]] = {}
+        for n in nodes:
+            out[n] = {RECORD: ConfigRecord({
+                "round": ring.rnd, "attempt": ring.attempt, "stage": MASKED,
+                "srcs": ring.fwd[n][0], "ctxts": ring.fwd[n][1], "sampled": len(self.nodes),
+                "size": self.layout.size, "clip-range": float(cfg.secagg_clip_range),
+                "quant-range": int(cfg.secagg_quant_range), **named})}
+            if self.pipeline and ring.rnd < cfg.num_rounds:
+                out[n][RECORD_NEXT] = self._setup_record(ring.rnd + 1, 0)
+        return out
+
+    def _collect_masked(self, ring: KeyRing, rep: dict[int, Message],
+                        dropped: dict[str, list[str]] | None = None) -> Uploaded:
+        """Sum the well-formed masked vectors (mod 2**64); note the signatures on the survivor
+        set; check every secret that unmask will need still has ``t`` holders. Malformed
+        uploads are dropouts, noted in ``dropped`` (default: this round's)."""
         total = np.zeros(self.layout.size, dtype=np.uint64)
-        train: dict[int, dict[str, float]] = {}  # a market's own metrics never travel here
+        u3: set[int] = set()
+        signed: dict[int, bytes] = {}
         for n, m in rep.items():
             try:
                 vec = m.content.array_records["arrays"][MASKED_KEY].numpy()
             except (KeyError, TypeError, ValueError) as exc:
-                self._drop(MASKED, n, f"malformed masked upload: {exc}")
+                self._drop(MASKED, n, f"malformed masked upload: {exc}", dropped)
                 continue
             if vec.dtype != np.uint64 or vec.shape != (self.layout.size,):
-                self._drop(MASKED, n, f"masked vector {vec.dtype}{vec.shape}")
+                self._drop(MASKED, n, f"masked vector {vec.dtype}{vec.shape}", dropped)
                 continue
             total += vec
-            train[n] = {}
-        u3 = set(train)
+            u3.add(n)
+            sig = m.content.config_records[RECORD].get("sig")
+            if isinstance(sig, bytes):
+                signed[n] = sig
         dead = ring.u2 - u3
-        self._check_holders(u3, graph, u3, t, "masked upload")
-        self._check_holders(dead, graph, u3, t, "masked upload", min_alive=0)
+        self._check_holders(u3, ring.graph, u3, ring.t, "masked upload")
+        self._check_holders(dead, ring.graph, u3, ring.t, "masked upload", min_alive=0)
+        return Uploaded(total, u3, signed=signed)
 
-        # consistency check: markets that verify signatures sign the survivor set first
+    def _consistency(self, ring: KeyRing, u3: set[int]) -> dict[str, list[int] | list[bytes]]:
+        """The consistency check as its own exchange: the survivors sign the survivor set."""
         survivors = sorted(u3)
+        rep = self._send(CONSISTENCY, {n: RecordDict({RECORD: ConfigRecord({
+            "round": ring.rnd, "attempt": ring.attempt, "stage": CONSISTENCY,
+            "survivors": survivors})}) for n in u3}, self.cfg.secagg_timeout)
         signed: dict[int, bytes] = {}
-        if ring.authenticated & u3:
-            rep = self._send(CONSISTENCY, {n: RecordDict({RECORD: ConfigRecord({
-                **base, "stage": CONSISTENCY, "survivors": survivors})}) for n in u3},
-                cfg.secagg_timeout)
-            for n, m in rep.items():
-                sig = m.content.config_records[RECORD].get("sig")
-                if isinstance(sig, bytes):
-                    signed[n] = sig
-        proof: dict[str, list[int] | list[bytes]] = (
-            {"survivors": survivors, "signers": list(signed), "sigs": list(signed.values())}
-            if signed else {})
+        for n, m in rep.items():
+            sig = m.content.config_records[RECORD].get("sig")
+            if isinstance(sig, bytes):
+                signed[n] = sig
+        return ({"survivors": survivors, "signers": list(signed), "sigs": list(signed.values())}
+                if signed else {})
 
-        # unmask (+ the next round's setup, piggybacked)
+    def _unmask(self, ring: KeyRing, up: Uploaded, proof: dict[str, list[int] | list[bytes]],
+                ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+        """Ask the survivors for the shares (with the next round's share-keys, when
+        pipelining), remove the masks and decode the sum."""
+        cfg, graph, t, u3 = self.cfg, ring.graph, ring.t, up.u3
+        dead = ring.u2 - u3
+        nxt = self._share_records(self.next_ring) if self.next_ring is not None else {}
         unmask_msgs = {}
         for n in u3:
             content = RecordDict({RECORD: ConfigRecord({
-                **base, "stage": UNMASK, "active": [v for v in graph[n] if v in u3],
+                "round": ring.rnd, "attempt": ring.attempt, "stage": UNMASK,
+                "active": [v for v in graph[n] if v in u3],
                 "dead": [v for v in graph[n] if v in dead], **proof})})
-            if self.pipeline:
-                content[RECORD_NEXT] = self._setup_record(self.rnd + 1, 0)
+            if n in nxt:
+                content[RECORD_NEXT] = nxt[n]
             unmask_msgs[n] = content
         rep = self._send(UNMASK, unmask_msgs, cfg.secagg_timeout)
         t_unmask = time.perf_counter()
@@ -357,6 +445,7 @@ class SecAggRound:
         short = [n for n, s in shares.items() if len(s) < t]
         if short:
             raise AttemptFailedError(f"too few shares to unmask {len(short)} node(s)", set(rep))
+        total = up.total.copy()
         try:
             self._remove_masks(total, shares, ring, u3, dead)
         except (ValueError, TypeError, IndexError) as exc:  # a share that rebuilds nothing
@@ -365,13 +454,9 @@ class SecAggRound:
         self.intact = intact(total)
         summed = decode(total, self.layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
         self._time("server-unmask", t_unmask)
-        if self.pipeline:
-            nxt = {n: m for n, m in rep.items() if RECORD_NEXT in m.content.config_records}
-            try:
-                self.next_ring = self._setup(0, nxt, RECORD_NEXT, rnd=self.rnd + 1)
-            except AttemptFailedError:
-                self.next_ring = None
-        return summed, {self._label(n, u3): train[n] for n in sorted(u3)}
+        if self.next_ring is not None:
+            self._next_shares(self.next_ring, rep)
+        return summed, {self._label(n, u3): {} for n in sorted(u3)}
 
     @staticmethod
     def _remove_masks(total: np.ndarray, shares: dict[int, list[bytes]], ring: KeyRing,
@@ -393,35 +478,63 @@ class SecAggRound:
                         total += mask
 
     # ------------------------------------------------------------------ pipelining
-    def next_share_records(self) -> dict[int, dict[str, ConfigRecord]]:
-        """The next round's share-keys requests, to ride on this round's evaluate messages."""
-        if self.next_ring is None:
-            return {}
-        return {n: {RECORD: rec} for n, rec in self._share_records(self.next_ring).items()}
-
-    def collect_next(self, replies: list[Message]) -> None:
-        """Read the next round's encrypted shares from the evaluate replies into
-        ``next_prepared``, the next round's ``prepared`` (None: it runs setup itself)."""
-        self.next_prepared = self._collect(replies)
-
-    def _collect(self, replies: list[Message]) -> KeyRing | None:
-        ring = self.next_ring
-        if ring is None:
+    def _next_setup(self, rep: dict[int, Message], rnd: int) -> KeyRing | None:
+        """Round ``rnd``'s keys, from the setup replies riding on a masked upload."""
+        if not self.pipeline or rnd > self.cfg.num_rounds:
             return None
-        ok = {}
-        for r in replies:
-            n = int(r.metadata.src_node_id)
-            if n in ring.u1 and not r.has_error() and RECORD in r.content.config_records:
-                ok[n] = r
+        nxt = {n: m for n, m in rep.items() if RECORD_NEXT in m.content.config_records}
+        try:
+            return self._setup(0, nxt, RECORD_NEXT, rnd=rnd)
+        except AttemptFailedError:
+            return None
+
+    def _next_shares(self, ring: KeyRing, rep: dict[int, Message]) -> None:
+        """The next round's encrypted shares, from the unmask replies (``self.next_ring`` is
+        None when too few came)."""
+        ok = {n: m for n, m in rep.items() if n in ring.u1
+              and RECORD_NEXT in m.content.config_records}
         for n in ring.u1 - set(ok):
             ring.dropped.setdefault(SHARE_KEYS, []).append(self.markets.get(n, f"node-{n}"))
         try:
-            self._share_keys(ring, ok)
+            self._share_keys(ring, ok, RECORD_NEXT)
         except AttemptFailedError as exc:
             log.warning("round %d: pipelined share-keys failed (%s); next round runs setup",
                         self.rnd, exc)
-            return None
-        return ring
+            self.next_ring = None
+
+    def next_records(self) -> dict[int, dict[str, ConfigRecord]]:
+        """The next round's masked-upload requests, to ride on this round's evaluate
+        messages (naming the survivor set, which enrolled markets sign)."""
+        if self.next_ring is None:
+            return {}
+        return self._masked_records(self.next_ring, self.next_ring.u2, survivors=True)
+
+    def collect_next(self, replies: list[Message]) -> None:
+        """Read the next round's masked upload (and the setup of the round after it) from the
+        evaluate replies into ``next_prepared``, the next round's ``prepared``."""
+        ring = self.next_ring
+        if ring is None:
+            return
+        asked = ring.u2
+        ok: dict[int, Message] = {}
+        for r in replies:
+            self.received.append(r)
+            n = int(r.metadata.src_node_id)
+            if n in asked and n not in ok and not r.has_error() and RECORD in r.content:
+                ok[n] = r
+                info = r.content.config_records.get("info")
+                if info is not None and isinstance(info.get("market"), str):
+                    self.markets[n] = str(info["market"])
+        for n in asked - set(ok):
+            self._drop(MASKED, n, "no masked upload with its evaluation", ring.dropped)
+        try:
+            up = self._collect_masked(ring, ok, ring.dropped)
+        except AttemptFailedError:
+            up = Uploaded(np.zeros(self.layout.size, dtype=np.uint64), set())
+        up.survivors = sorted(asked)
+        ring.uploaded = up
+        ring.after = self._next_setup(ok, ring.rnd + 1)
+        self.next_prepared = ring
 
     # ------------------------------------------------------------------ helpers
     def _send(self, stage: str, contents: dict[int, RecordDict],
@@ -463,9 +576,10 @@ class SecAggRound:
         clash = any(self.markets.get(o) == m for o in among if o != n)
         return f"{m}@{n}" if clash else m
 
-    def _drop(self, stage: str, n: int, why: str) -> None:
+    def _drop(self, stage: str, n: int, why: str,
+              into: dict[str, list[str]] | None = None) -> None:
         label = self.markets.get(n, f"node-{n}")
-        self.dropped.setdefault(stage, []).append(label)
+        (self.dropped if into is None else into).setdefault(stage, []).append(label)
         log.warning("round %d: secagg %s: %s dropped (%s)", self.rnd, stage, label, why[:200])
 
     @staticmethod
@@ -546,7 +660,7 @@ class SecAggAggregation:
                                     "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip}
             result.report["epsilon"] = run.extra["privacy"]["epsilon"]
         return RoundStep(extra={"secagg": result.report},
-                         eval_records=sa.next_share_records(), on_eval=sa.collect_next)
+                         eval_records=sa.next_records(), on_eval=sa.collect_next)
 
 
 def run_server_secagg(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, Any]:

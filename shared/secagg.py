@@ -55,8 +55,9 @@ P-384 ECDH was the largest SecAgg+ cost in ``storefed benchmark-secagg``'s profi
   the reconstruction threshold a secret needs) the round restarts from setup with the survivors
   (clients reuse the update they already trained for the round, unless an unmask of the round
   was already answered: then they refuse) up to ``secagg-retries`` times.
-* **Pipelining**: the next round's setup and share-keys ride on this round's unmask and evaluate
-  messages, so a steady-state round adds two message exchanges to plain FedAvg, not three.
+* **Pipelining**: the next round's setup, share-keys and masked upload ride on this round's
+  masked upload, unmask and evaluate messages, so a steady-state round is two exchanges (unmask,
+  evaluation) as in plain FedAvg (``server/secagg.py``).
 * **Threat model** (``docs/privacy.md``): honest-but-curious server; the server learns only
   sums over at least the ``min-markets`` of every summed market's privacy policy
   (``shared/policy.py``). Each client checks the stage order, that no node is reported both
@@ -86,7 +87,7 @@ from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
 
 MESSAGE_TYPE = "train.secagg"
 RECORD = "secagg"  # ConfigRecord key carrying the protocol fields both ways
-RECORD_NEXT = "secagg-next"  # the next round's setup, piggybacked on this round's unmask
+RECORD_NEXT = "secagg-next"  # the next round's stage riding on this round's (pipelining)
 SETUP, SHARE_KEYS, MASKED, UNMASK = "setup", "share-keys", "masked-upload", "unmask"
 #: the malicious-server variant's consistency check (between masked upload and unmask): each
 #: survivor signs the survivor set it was given, and reveals shares only after checking at

@@ -383,6 +383,8 @@ def test_a_market_whose_budget_is_spent_stops_contributing(tmp_path, caplog):
     aggregated = [r["secagg"]["attempts"][-1].get("aggregated") for r in doc["rounds"]]
     assert aggregated[0] == markets
     assert aggregated[1] == aggregated[2] == ["m0", "m1", "m2"]
+    # its refusals ride on evaluate messages (pipelined masked uploads): it is still evaluated
+    assert all("m3" in r["markets"] for r in doc["rounds"])
     ledger = PrivacyLedger.open(tmp_path / "state" / "m3")
     assert len(ledger.releases) == 1 and ledger.epsilon(1e-5) <= 6.0
     assert "privacy budget" in caplog.text

@@ -35,6 +35,7 @@ from shared.node import initial_encoder
 from shared.secagg import (
     MESSAGE_TYPE,
     RECORD,
+    RECORD_NEXT,
     SEED_BYTES,
     VectorLayout,
     decode,
@@ -378,18 +379,19 @@ def test_storefed_simulate_secagg_end_to_end(tmp_path):
         rep = r["secagg"]
         assert rep["attempts"][-1]["aggregated"] == ["m0", "m1", "m2"]
         assert rep["clipped_values"] == 0 and not r["rejected"]
-    # round 2 used keys exchanged during round 1 (piggybacked through Flower's engine); the
-    # simulated markets are enrolled, so they also run the consistency check before unmask
+    # round 2 was prepared during round 1 (piggybacked through Flower's engine): its keys, and
+    # its masked upload with round 1's evaluation, where the enrolled markets also signed the
+    # survivor set; round 1 ran every stage, the consistency check as its own exchange
     assert doc["rounds"][1]["secagg"]["attempts"][0]["pipelined"] is True
-    assert set(doc["rounds"][1]["secagg"]["stage_seconds"]) == {
-        "masked-upload", "consistency", "unmask", "server-unmask"}
+    assert set(doc["rounds"][1]["secagg"]["stage_seconds"]) == {"unmask", "server-unmask"}
+    assert "consistency" in doc["rounds"][0]["secagg"]["stage_seconds"]
     assert "not authenticated" not in res.stderr
     assert doc["final"]["average"]["ndcg@10"] > 0.05
 
 
 def eval_drop_mod(market_index: int, rnd: int):
-    """Make one node fail its evaluate message of one round (it carries next round's
-    piggybacked share-keys stage)."""
+    """Make one node fail its evaluate message of one round (it carries the next round's
+    piggybacked masked upload)."""
 
     def mod(msg, ctx, call_next):
         if (msg.metadata.message_type == "evaluate"
@@ -402,37 +404,61 @@ def eval_drop_mod(market_index: int, rnd: int):
 
 
 def round_start(grid, rnd):
+    """The global encoder round ``rnd`` trained from (its masked-upload requests carry it,
+    whether on ``train.secagg`` or on the previous round's evaluate messages)."""
     for msg in grid.sent:
-        if (msg.metadata.message_type == MESSAGE_TYPE
-                and msg.content.config_records[RECORD]["stage"] == "masked-upload"
-                and msg.content.config_records[RECORD]["round"] == rnd):
+        rec = msg.content.config_records.get(RECORD)
+        if rec is not None and rec["stage"] == "masked-upload" and rec["round"] == rnd:
             return state_from_record(msg.content.array_records["arrays"])
     raise AssertionError(f"no masked-upload message for round {rnd}")
 
 
-@pytest.mark.parametrize("fail", ["none", "piggybacked share-keys", "unmask + next setup"])
+def secagg_stages(grid, rnd):
+    """(message type, stage) of every message that carried a stage of round ``rnd``."""
+    out = set()
+    for m in grid.sent:
+        for key in (RECORD, RECORD_NEXT):
+            rec = m.content.config_records.get(key)
+            if rec is not None and rec["round"] == rnd:
+                out.add((m.metadata.message_type, rec["stage"]))
+    return out
+
+
+@pytest.mark.parametrize("fail", ["none", "masked upload with evaluation",
+                                  "unmask + next share-keys"])
 def test_pipelined_rounds(tmp_path, recorded, fail):
-    """Round 2 reuses keys set up during round 1 (only masked upload + unmask exchanges);
-    dropouts in the piggybacked stages still leave a correct round 2."""
+    """Round 2 is prepared during round 1 (setup on the masked upload, share-keys on unmask,
+    the masked upload on evaluation), so it costs one exchange of its own (unmask); a dropout
+    in a piggybacked stage still leaves a correct round 2."""
     markets = ["m0", "m1", "m2", "m3"]  # losing one still leaves min-markets (3) in a sum
-    mods = {"none": [], "piggybacked share-keys": [eval_drop_mod(1, 1)],
-            "unmask + next setup": [drop_mod(1, "unmask", rounds=(1,))]}[fail]
+    mods = {"none": [], "masked upload with evaluation": [eval_drop_mod(1, 1)],
+            "unmask + next share-keys": [drop_mod(1, "unmask", rounds=(1,))]}[fail]
     cfg, grid, doc, glob, new = run(tmp_path, markets, mods=mods, **{"num-rounds": 2})
     r1, r2 = (r["secagg"] for r in doc["rounds"])
     assert r1["attempts"][0]["aggregated"] == markets
-    stages_r2 = [m.content.config_records[RECORD]["stage"] for m in grid.sent
-                 if m.metadata.message_type == MESSAGE_TYPE
-                 and m.content.config_records[RECORD]["round"] == 2]
-    if fail == "unmask + next setup":  # m1 sent no keys for round 2: full protocol, all in
-        assert r2["attempts"][0]["pipelined"] is False and "setup" in stages_r2
-        expected = markets
+    stages_r2 = secagg_stages(grid, 2)
+    if fail == "masked upload with evaluation":
+        # m1 did not upload: the pipelined attempt is abandoned before any unmask and the
+        # round runs the full protocol with the three that did (a free retry)
+        assert r2["attempts"][0] == {"attempt": 0, "pipelined": True,
+                                     "failed": "1 node(s) of the survivor set did not upload"}
+        assert r2["attempts"][1]["pipelined"] is False
+        assert ("train.secagg", "setup") in stages_r2
+        assert r2["dropped"]["masked-upload"] == ["m1"]
+        expected = ["m0", "m2", "m3"]
     else:
-        assert r2["attempts"][0]["pipelined"] is True
-        assert set(stages_r2) == {"masked-upload", "unmask"}
+        assert len(r2["attempts"]) == 1 and r2["attempts"][0]["pipelined"] is True
+        assert stages_r2 == {("train.secagg", "setup"), ("train.secagg", "share-keys"),
+                             ("evaluate", "masked-upload"), ("train.secagg", "unmask")}
+        # setup and share-keys of round 2 rode on round 1's masked upload and unmask
+        assert not [m for m in grid.sent if m.metadata.message_type == MESSAGE_TYPE
+                    and m.content.config_records[RECORD]["round"] == 2
+                    and m.content.config_records[RECORD]["stage"] != "unmask"]
         expected = markets if fail == "none" else ["m0", "m2", "m3"]
         if fail != "none":
             assert r2["dropped"] == {"share-keys": ["m1"]}
-    assert r2["attempts"][0]["aggregated"] == expected
+    assert r2["attempts"][-1]["aggregated"] == expected
+    assert sorted(doc["rounds"][1]["markets"]) == markets  # every market is evaluated
     round2 = recorded[len(markets):]  # round-1 updates come first
     assert len(round2) == len(expected)
     check_average(cfg, round_start(grid, 2), new, round2, doc)

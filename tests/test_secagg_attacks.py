@@ -25,6 +25,7 @@ from shared.config import RunConfig
 from shared.data import load_catalog
 from shared.node import MarketNode, initial_encoder
 from shared.secagg import (
+    CONSISTENCY,
     MASKED,
     MASKED_KEY,
     MESSAGE_TYPE,
@@ -427,3 +428,35 @@ def test_consistency_check_before_any_share_is_revealed(tmp_path, spies, caplog)
     ok = sa._send(UNMASK, {nodes[2]: RecordDict({RECORD: ConfigRecord(
         {**unmask, **proof})})}, 60)
     assert ok and ok[nodes[2]].content.config_records[RECORD]["shares"]
+
+
+def test_a_survivor_set_signed_with_the_upload_is_the_only_one(tmp_path, spies, caplog):
+    """Pipelined rounds sign the survivor set with the masked upload (no consistency exchange
+    of its own). A server that then asks a market to sign another set for the same attempt
+    (to tell its neighbours different stories about who survived) is refused, and the
+    market reveals shares only for the set it signed."""
+    from shared.identity import enroll
+
+    cfg, grid, glob = _setup(tmp_path, 4)
+    enroll(tmp_path / "state", [f"m{i}" for i in range(4)])
+    nodes = list(grid.ids)
+    sa = server_secagg.SecAggRound(grid, cfg, 1, glob, nodes)
+    ring = sa._ring(0, set(nodes))
+    records = sa._masked_records(ring, set(nodes), survivors=True)
+    rep = sa._send(MASKED, {n: RecordDict({"arrays": to_record(glob),
+                                           "config": ConfigRecord({"server-round": 1}),
+                                           **rec}) for n, rec in records.items()}, 60)
+    sigs = {n: m.content.config_records[RECORD]["sig"] for n, m in rep.items()}
+    assert set(sigs) == set(nodes)  # every enrolled market signed with its upload
+    # a second survivor set for the same attempt: refused
+    assert not sa._send(CONSISTENCY, {nodes[0]: RecordDict({RECORD: ConfigRecord({
+        "round": 1, "attempt": 0, "stage": CONSISTENCY, "survivors": nodes[:3]})})}, 60)
+    assert "already signed a survivor set" in caplog.text
+    # unmask naming the signed set, with every signature: shares revealed
+    unmask = {"round": 1, "attempt": 0, "stage": UNMASK, "active": nodes, "dead": [],
+              "survivors": nodes, "signers": list(sigs), "sigs": list(sigs.values())}
+    ok = sa._send(UNMASK, {nodes[1]: RecordDict({RECORD: ConfigRecord(unmask)})}, 60)
+    assert ok and ok[nodes[1]].content.config_records[RECORD]["shares"]
+    # ... and naming m0 as dropped (to rebuild its secret key as well): refused
+    lie = {**unmask, "active": nodes[1:], "dead": nodes[:1]}
+    assert not sa._send(UNMASK, {nodes[2]: RecordDict({RECORD: ConfigRecord(lie)})}, 60)

@@ -4,7 +4,7 @@ aggregation, on the same configuration.
 For each client count N (default 3, 7, 20) the plain and the SecAgg+ arm are run **interleaved**
 (``--repeats`` pairs in ABBA order: plain, secagg, secagg, plain, ...) so that slow drifts in the
 machine's load hit both arms alike; it reports the per-round wall time of each arm (median over
-rounds 2..R of every repeat: round 1 also starts Ray / builds the models), their ratio, the
+rounds 2..R-1 of every repeat: see ``_steady``), their ratio, the
 ratio of each repeat pair, the machine's load average, the time of each SecAgg+ stage and the
 final nDCG@10 of both (relative difference). Clients are the dataset's markets, cycled when N is
 larger than the number of markets (the synthetic data has 4: N = 20 runs each market on 5 nodes;
@@ -55,7 +55,12 @@ def _markets(cfg: RunConfig, n: int, chosen: list[str]) -> str:
 
 
 def _steady(vals: list[T]) -> list[T]:
-    """Rounds 2..R (round 1 also starts Ray / builds models), or all if there is one."""
+    """Rounds 2..R-1, the same window for both arms: round 1 also starts Ray and builds the
+    models (and under pipelined SecAgg+ runs every stage), and a pipelined SecAgg+ round r < R
+    also trains round r + 1 (its masked upload rides on round r's evaluation), so its last
+    round trains nothing. Fewer than three rounds: rounds 2..R, or all if there is one."""
+    if len(vals) >= 3:
+        return vals[1:-1]
     return vals[1:] if len(vals) > 1 else vals
 
 
@@ -339,7 +344,7 @@ def run_bench(cfg: RunConfig, clients: list[int], out: Path, dp_noise: list[floa
     return report
 
 
-NOTE = ("per-round wall seconds: medians over rounds 2..R of every repeat, arms interleaved "
+NOTE = ("per-round wall seconds: medians over rounds 2..R-1 of every repeat, arms interleaved "
         "ABBA; inprocess also CPU seconds per round of server + all clients and the SecAgg+ "
         "profile (exclusive seconds per round, summed over server and clients); "
         "ratio = secagg / plain")
