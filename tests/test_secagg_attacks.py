@@ -30,6 +30,7 @@ from shared.secagg import (
     MASKED_KEY,
     MESSAGE_TYPE,
     RECORD,
+    RECORD_NEXT,
     UNMASK,
     VectorLayout,
     generate_keys,
@@ -58,17 +59,20 @@ def _setup(tmp_path, n: int, mods=None, **extra):
 @pytest.fixture
 def spies(monkeypatch):
     """Every vector a client encodes (by node, in order) and every sum the server decodes."""
-    seen: dict[str, list] = {"encoded": [], "decoded": [], "market": []}
+    seen: dict[str, list] = {"encoded": [], "decoded": [], "market": [], "round": [],
+                             "encoded_round": []}
     real_encode, real_decode = client_secagg.encode, server_secagg.decode
     real_train = MarketNode.train_round
 
     def train(self, *a, **kw):
         seen["market"].append(self.market)
+        seen["round"].append(int(a[1]))
         return real_train(self, *a, **kw)
 
     def encode(update, layout, clip, quant, rng, *rest):
         vec, clipped = real_encode(update, layout, clip, quant, rng, *rest)
         seen["encoded"].append((seen["market"][-1], vec.copy()))
+        seen["encoded_round"].append(seen["round"][-1])
         return vec, clipped
 
     def decode(*a, **kw):
@@ -214,57 +218,75 @@ def _mutate(value, draw):
                                  HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_replies_never_crash_the_server(tmp_path_factory, spies, data):
-    """Any field of any stage's reply of one market, mutated: the round completes or is
-    abandoned cleanly, the server survives, and an accepted sum is exactly the honest sum of
-    the markets it names (a shifted masked vector fails the sum's integrity check)."""
+    """Any field of any stage's reply of one market, mutated, in round 1 (every stage its own
+    exchange) or in round 2 (pipelined: setup on round 1's masked upload, share-keys on its
+    unmask, the masked upload on its evaluation): every round completes or is abandoned
+    cleanly, the server survives, and an accepted sum is exactly the honest sum of the
+    markets it names (a shifted masked vector fails the sum's integrity check)."""
     for v in spies.values():
         v.clear()
     stage = data.draw(st.sampled_from(["setup", "share-keys", "masked-upload", "unmask"]))
+    target = data.draw(st.integers(1, 2))  # the round whose stage is mutated
     victim = data.draw(st.integers(0, 3))
     tmp_path = tmp_path_factory.mktemp("fuzz")
-    shifted: list[bool] = []
+    shifted: set[int] = set()
+
+    def carried(msg) -> str | None:
+        """The key of the record in ``msg`` that carries ``stage`` of round ``target``."""
+        for key in (RECORD, RECORD_NEXT):
+            rec = msg.content.config_records.get(key)
+            if rec is not None and rec["stage"] == stage and rec["round"] == target:
+                return key
+        return None
 
     def mod(msg, ctx, call_next):
         reply = call_next(msg, ctx)
-        if (ctx.node_config["partition-id"] != victim or reply.has_error()
-                or msg.metadata.message_type != MESSAGE_TYPE
-                or msg.content.config_records[RECORD]["stage"] != stage):
+        key = carried(msg)
+        if ctx.node_config["partition-id"] != victim or reply.has_error() or key is None:
             return reply
         if stage == MASKED:
+            if "arrays" not in reply.content.array_records:  # the market refused
+                return reply
             vec = reply.content.array_records["arrays"][MASKED_KEY].numpy().copy()
             how = data.draw(st.sampled_from(["shorter", "shifted", "float"]))
             if how == "shorter":
                 vec = vec[:-1]
             elif how == "shifted":
                 vec = vec + np.uint64(2**41)
-                shifted.append(True)
+                shifted.add(target)
             else:
                 vec = vec.astype(np.float64)
             from flwr.app import Array, ArrayRecord  # noqa: PLC0415
 
             reply.content.array_records["arrays"] = ArrayRecord({MASKED_KEY: Array(vec)})
             return reply
-        rec = reply.content.config_records[RECORD]
+        rec = reply.content.config_records.get(key)
         if rec:
-            key = data.draw(st.sampled_from(sorted(rec.keys())))
-            rec[key] = _mutate(rec[key], data.draw)
+            field = data.draw(st.sampled_from(sorted(rec.keys())))
+            rec[field] = _mutate(rec[field], data.draw)
         return reply
 
-    cfg, grid, glob = _setup(tmp_path, 4, mods=[mod])
+    cfg, grid, glob = _setup(tmp_path, 4, mods=[mod], **{"num-rounds": 2})
     doc = server_secagg.run_server_secagg(grid, Context(1, 0, {}, RecordDict(), {}), cfg)
-    assert [r["round"] for r in doc["rounds"]] == [1]  # the server survived the round
-    rnd = doc["rounds"][0]
-    aggregated = rnd["secagg"]["attempts"][-1].get("aggregated")
-    if not aggregated or rnd["rejected"]:
-        return  # abandoned or rejected cleanly
-    assert not shifted, "a shifted masked vector was accepted"
-    honest = sum((v for m, v in spies["encoded"] if m in aggregated),
-                 np.zeros_like(spies["encoded"][0][1]))
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]  # the server survived both rounds
     layout = server_secagg.SecAggRound(grid, cfg, 1, glob, grid.ids).layout
-    want = server_secagg.decode(honest, layout, cfg.secagg_clip_range, cfg.secagg_quant_range)
-    got = spies["decoded"][-2]  # the accepted sum (the last decode is ``want`` itself)
-    for k in want:
-        assert np.array_equal(got[k], want[k]), k
+    decoded = iter(list(spies["decoded"]))  # one decode per round that reached unmask
+    for rnd in doc["rounds"]:
+        aggregated = rnd["secagg"]["attempts"][-1].get("aggregated")
+        if not aggregated:
+            continue  # abandoned cleanly
+        got = next(decoded)
+        if rnd["rejected"]:
+            continue  # rejected cleanly
+        assert rnd["round"] not in shifted, "a shifted masked vector was accepted"
+        honest = sum((v for (m, v), r in zip(spies["encoded"], spies["encoded_round"],
+                                              strict=True)
+                      if m in aggregated and r == rnd["round"]),
+                     np.zeros_like(spies["encoded"][0][1]))
+        want = server_secagg.decode(honest, layout, cfg.secagg_clip_range,
+                                    cfg.secagg_quant_range)
+        for k in want:
+            assert np.array_equal(got[k], want[k]), (rnd["round"], k)
 
 
 def _poison(index: int, what: str, amount: int, consistent: bool = True):
