@@ -11,13 +11,12 @@ from typing import Any, cast
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-
-from client.node import MetricDict, market_policy, open_node, train_reply
-from client.secagg import Identity, SecAggRefusedError, handle_secagg, piggyback
-from shared.policy import PolicyRefusedError
-from shared.report import VALID_METRICS, flatten_eval
-from shared.secagg import RECORD
-from shared.serving_state import write_node_serving
+from storefed.client.node import MetricDict, market_policy, open_node, train_reply
+from storefed.client.secagg import Identity, SecAggRefusedError, handle_secagg, piggyback
+from storefed.shared.policy import PolicyRefusedError
+from storefed.shared.report import VALID_METRICS, flatten_eval
+from storefed.shared.secagg import RECORD
+from storefed.shared.serving_state import write_node_serving
 
 log = logging.getLogger("storefed")
 

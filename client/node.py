@@ -16,13 +16,12 @@ from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-
-from shared.config import RunConfig
-from shared.data import available_markets
-from shared.errors import ConfigError
-from shared.node import MarketNode
-from shared.policy import PolicyRefusedError, PrivacyPolicy, load_policy
-from shared.wire import state_from_record, to_record
+from storefed.shared.config import RunConfig
+from storefed.shared.data import available_markets
+from storefed.shared.errors import ConfigError
+from storefed.shared.node import MarketNode
+from storefed.shared.policy import PolicyRefusedError, PrivacyPolicy, load_policy
+from storefed.shared.wire import state_from_record, to_record
 
 log = logging.getLogger("storefed")
 PRIVATE_KEY = "private"

@@ -40,11 +40,10 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-
-from client.node import PRIVATE_KEY, open_node
-from shared.dp import delta_norm, privatize
-from shared.errors import ConfigError
-from shared.identity import (
+from storefed.client.node import PRIVATE_KEY, open_node
+from storefed.shared.dp import delta_norm, privatize
+from storefed.shared.errors import ConfigError
+from storefed.shared.identity import (
     TRUSTED_FILE,
     load_or_create,
     load_trusted,
@@ -53,9 +52,9 @@ from shared.identity import (
     verify_round_keys,
     verify_survivors,
 )
-from shared.model import encoder_state
-from shared.policy import PolicyRefusedError, PrivacyLedger, PrivacyPolicy
-from shared.secagg import (
+from storefed.shared.model import encoder_state
+from storefed.shared.policy import PolicyRefusedError, PrivacyLedger, PrivacyPolicy
+from storefed.shared.secagg import (
     CONSISTENCY,
     MASKED,
     MASKED_KEY,
@@ -74,7 +73,7 @@ from shared.secagg import (
     shared_key,
     with_stats,
 )
-from shared.wire import make_update
+from storefed.shared.wire import make_update
 
 log = logging.getLogger("storefed")
 STATE_KEY = "secagg-state"

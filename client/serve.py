@@ -54,12 +54,11 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, Response
-
-from shared.data import Catalog, MarketSplit, load_market, pad_histories
-from shared.errors import CheckpointError, ConfigError, StorefedError
-from shared.itemsim import ItemSimilarity
-from shared.model import MarketModel, load_parts
-from shared.serving_state import ServingSnapshot, load_serving, serving_path
+from storefed.shared.data import Catalog, MarketSplit, load_market, pad_histories
+from storefed.shared.errors import CheckpointError, ConfigError, StorefedError
+from storefed.shared.itemsim import ItemSimilarity
+from storefed.shared.model import MarketModel, load_parts
+from storefed.shared.serving_state import ServingSnapshot, load_serving, serving_path
 
 log = logging.getLogger("storefed.serve")
 

@@ -22,17 +22,16 @@ from typing import Any, Protocol
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-
-from server.exchange import send_and_receive
-from server.strategy import EncoderFedAvg
-from shared.checkpoint import check_state, load_encoder, save_encoder
-from shared.config import RunConfig
-from shared.data import Catalog, load_catalog
-from shared.errors import CheckpointError, ConfigError
-from shared.model import ModelConfig
-from shared.node import initial_encoder, model_config
-from shared.report import VALID_METRICS, write_metrics
-from shared.wire import to_record
+from storefed.server.exchange import send_and_receive
+from storefed.server.strategy import EncoderFedAvg
+from storefed.shared.checkpoint import check_state, load_encoder, save_encoder
+from storefed.shared.config import RunConfig
+from storefed.shared.data import Catalog, load_catalog
+from storefed.shared.errors import CheckpointError, ConfigError
+from storefed.shared.model import ModelConfig
+from storefed.shared.node import initial_encoder, model_config
+from storefed.shared.report import VALID_METRICS, write_metrics
+from storefed.shared.wire import to_record
 
 log = logging.getLogger("storefed")
 

@@ -58,12 +58,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
-
-from server.exchange import send_and_receive
-from server.rounds import RoundStep, ServerRun, run_rounds
-from shared.config import RunConfig
-from shared.dp import effective_multiplier, epsilon_spent
-from shared.secagg import (
+from storefed.server.exchange import send_and_receive
+from storefed.server.rounds import RoundStep, ServerRun, run_rounds
+from storefed.shared.config import RunConfig
+from storefed.shared.dp import effective_multiplier, epsilon_spent
+from storefed.shared.secagg import (
     CONSISTENCY,
     COUNTER_PREFIX,
     MASKED,
@@ -87,7 +86,7 @@ from shared.secagg import (
     shared_key,
     threshold_for,
 )
-from shared.wire import WEIGHT_PREFIX, apply_summed_update, to_record
+from storefed.shared.wire import WEIGHT_PREFIX, apply_summed_update, to_record
 
 log = logging.getLogger("storefed")
 

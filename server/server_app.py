@@ -11,11 +11,10 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-
-from server.rounds import PlainAggregation, run_rounds
-from server.secagg import SecAggAggregation
-from shared.config import RunConfig
-from shared.errors import StorefedError
+from storefed.server.rounds import PlainAggregation, run_rounds
+from storefed.server.secagg import SecAggAggregation
+from storefed.shared.config import RunConfig
+from storefed.shared.errors import StorefedError
 
 
 def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -20,9 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
-
-from shared.report import unflatten_eval
-from shared.wire import apply_summed_update, expected_update_shapes, from_record, sum_updates
+from storefed.shared.report import unflatten_eval
+from storefed.shared.wire import (
+    apply_summed_update,
+    expected_update_shapes,
+    from_record,
+    sum_updates,
+)
 
 log = logging.getLogger("storefed")
 

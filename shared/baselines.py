@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from shared.data import EvalSet, MarketSplit
-from shared.metrics import ndcg_hr_at_k, summarize
+from storefed.shared.data import EvalSet, MarketSplit
+from storefed.shared.metrics import ndcg_hr_at_k, summarize
 
 TIE_BREAK = 1e-9
 

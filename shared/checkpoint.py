@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from shared.errors import CheckpointError
-from shared.model import ModelConfig
+from storefed.shared.errors import CheckpointError
+from storefed.shared.model import ModelConfig
 
 FORMAT = "storefed-encoder/1"
 PRIVATE_FORMAT = "storefed-private/1"

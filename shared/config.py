@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from storefed.shared.errors import ConfigError
 
 LOSSES = ("bce", "bpr", "softmax", "full-softmax")
 HISTORY_MODES = ("causal", "bag")

@@ -34,9 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-
-from shared.checkpoint import atomic_write_bytes
-from shared.errors import ConfigError
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.errors import ConfigError
 
 IDENTITY_FILE = "identity.key"
 TRUSTED_FILE = "trusted-markets.toml"

@@ -25,11 +25,10 @@ import functools
 
 import numpy as np
 import torch
+from storefed.shared.baselines import fit_itemknn
+from storefed.shared.data import MarketSplit
+from storefed.shared.metrics import ndcg_hr_at_k
 from torch import nn
-
-from shared.baselines import fit_itemknn
-from shared.data import MarketSplit
-from shared.metrics import ndcg_hr_at_k
 
 
 class ItemSimilarity(nn.Module):

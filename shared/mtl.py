@@ -31,12 +31,11 @@ from typing import cast
 
 import numpy as np
 import torch
-
-from shared.data import MarketSplit, pad_histories
-from shared.metrics import ndcg_hr_at_k, summarize
-from shared.model import Encoder, MarketModel, ModelConfig
-from shared.train import TrainResult, TrainSettings, score_candidates, train_local
-from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
+from storefed.shared.data import MarketSplit, pad_histories
+from storefed.shared.metrics import ndcg_hr_at_k, summarize
+from storefed.shared.model import Encoder, MarketModel, ModelConfig
+from storefed.shared.train import TrainResult, TrainSettings, score_candidates, train_local
+from storefed.shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
 
 PER_CATEGORY_PREFIXES = ("encoder.experts.", "encoder.recencies.")  # then "<c>" or "<c>.*"
 

@@ -14,27 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from shared import data, itemsim
-from shared.checkpoint import load_private, save_private
-from shared.config import RunConfig
-from shared.data import Catalog, MarketSplit, load_market
-from shared.itemsim import ItemSimilarity, calibrate_weight
-from shared.model import (
+from storefed.shared import data, itemsim
+from storefed.shared.checkpoint import load_private, save_private
+from storefed.shared.config import RunConfig
+from storefed.shared.data import Catalog, MarketSplit, load_market
+from storefed.shared.itemsim import ItemSimilarity, calibrate_weight
+from storefed.shared.model import (
     MarketModel,
     ModelConfig,
     encoder_state,
     load_parts,
     private_state,
 )
-from shared.mtl import (
+from storefed.shared.mtl import (
     SingleTaskModel,
     category_histories,
     center_item_bias,
     single_task_update,
     train_single_task,
 )
-from shared.train import (
+from storefed.shared.train import (
     TrainSettings,
     evaluate,
     resolve_device,
@@ -42,7 +41,7 @@ from shared.train import (
     summarize_scores,
     train_local,
 )
-from shared.wire import make_update
+from storefed.shared.wire import make_update
 
 log = logging.getLogger("storefed")
 

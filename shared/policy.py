@@ -55,10 +55,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.dp import epsilon_spent
-from shared.errors import ConfigError
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.dp import epsilon_spent
+from storefed.shared.errors import ConfigError
 
 POLICY_FILE = "policy.toml"
 LEDGER_FILE = "privacy-ledger.json"

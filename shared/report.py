@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import atomic_write_bytes
+from storefed.shared.checkpoint import atomic_write_bytes
 
 CAT_PREFIX = "cat/"
 METRIC_NAMES = ("ndcg@10", "hr@10", "examples")

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from shared.checkpoint import atomic_torch_save, read_checkpoint
-from shared.errors import CheckpointError
-from shared.model import MarketModel, ModelConfig, encoder_state, private_state
+from storefed.shared.checkpoint import atomic_torch_save, read_checkpoint
+from storefed.shared.errors import CheckpointError
+from storefed.shared.model import MarketModel, ModelConfig, encoder_state, private_state
 
 if TYPE_CHECKING:
-    from shared.node import MarketNode
+    from storefed.shared.node import MarketNode
 
 SERVING_FORMAT = "storefed-serving/1"
 SERVING_FILE = "serving.pt"

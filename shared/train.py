@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from shared.metrics import ndcg_hr_at_k, summarize
-from shared.model import MarketModel
+from storefed.shared.metrics import ndcg_hr_at_k, summarize
+from storefed.shared.model import MarketModel
 
 
 def resolve_device(name: str) -> torch.device:

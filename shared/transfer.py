@@ -45,15 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from shared.checkpoint import EncoderCheckpoint, load_encoder, save_encoder, save_private
-from shared.config import LOSSES, RunConfig
-from shared.data import Catalog, MarketSplit
-from shared.errors import CheckpointError, ConfigError
-from shared.itemsim import calibrate_weight
-from shared.metrics import ndcg_hr_at_k, paired_bootstrap
-from shared.model import (
+from storefed.shared.checkpoint import EncoderCheckpoint, load_encoder, save_encoder, save_private
+from storefed.shared.config import LOSSES, RunConfig
+from storefed.shared.data import Catalog, MarketSplit
+from storefed.shared.errors import CheckpointError, ConfigError
+from storefed.shared.itemsim import calibrate_weight
+from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
+from storefed.shared.model import (
     MarketModel,
     ModelConfig,
     encoder_state,
@@ -61,7 +59,7 @@ from shared.model import (
     private_state,
     set_encoder_trainable,
 )
-from shared.node import (
+from storefed.shared.node import (
     KnnScores,
     attach_knn,
     build_model,
@@ -72,8 +70,8 @@ from shared.node import (
     neural_scores,
     split_scores,
 )
-from shared.progress import bar
-from shared.train import (
+from storefed.shared.progress import bar
+from storefed.shared.train import (
     HISTORY_MODES,
     TrainSettings,
     adam,
@@ -82,6 +80,7 @@ from shared.train import (
     input_histories,
     ranking_loss,
 )
+from torch import nn
 
 ITEM_KEY = "encoder.item_emb.weight"
 VARIANTS = ("plain", "adversarial")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared.config import RunConfig, parse_overrides
-from simulations.command import add_run_config_option
+from storefed.shared.config import RunConfig, parse_overrides
+from storefed.simulations.command import add_run_config_option
 
 
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from simulations.command import Run, run_command
+from storefed.simulations.command import Run, run_command
 
 
 @dataclass(frozen=True)
@@ -33,28 +33,28 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "simulate": Command("simulations.simulate", "federated simulation on Flower's simulation "
-                        "engine (one virtual SuperNode per market)"),
-    "check-config": Command("simulations.check_config", "check run-config overrides (keys, "
-                            "types) before `storefed simulate` or `flwr run`"),
-    "join": Command("simulations.join", "a new market joins from the global encoder"),
-    "recommend": Command("simulations.recommend", "top-k items for a user from a market's "
+    "simulate": Command("storefed.simulations.simulate", "federated simulation on Flower's "
+                        "simulation engine (one virtual SuperNode per market)"),
+    "check-config": Command("storefed.simulations.check_config", "check run-config overrides "
+                            "(keys, types) before `storefed simulate` or `flwr run`"),
+    "join": Command("storefed.simulations.join", "a new market joins from the global encoder"),
+    "recommend": Command("storefed.simulations.recommend", "top-k items for a user from a market's "
                          "saved state"),
-    "serve": Command("simulations.serve", "one market's recommendations over HTTP/JSON, "
+    "serve": Command("storefed.simulations.serve", "one market's recommendations over HTTP/JSON, "
                      "refreshed every round"),
-    "deploy": Command("simulations.deploy_cli", "real Flower deployment: certificates, "
+    "deploy": Command("storefed.simulations.deploy_cli", "real Flower deployment: certificates, "
                       "SuperLink + gateway, SuperNodes, runs"),
-    "benchmark": Command("simulations.experiments.benchmark", "all methods on the same "
+    "benchmark": Command("storefed.simulations.experiments.benchmark", "all methods on the same "
                          "splits, negatives and seeds", lab=True),
-    "benchmark-mtl": Command("simulations.experiments.mtl_bench", "single-task vs "
+    "benchmark-mtl": Command("storefed.simulations.experiments.mtl_bench", "single-task vs "
                              "shared-bottom vs mmoe per category", lab=True),
-    "benchmark-secagg": Command("simulations.experiments.secagg_bench", "SecAgg+ (and DP) "
+    "benchmark-secagg": Command("storefed.simulations.experiments.secagg_bench", "SecAgg+ (and DP) "
                                 "cost against plain aggregation", lab=True),
-    "loadtest": Command("simulations.experiments.loadtest", "simulations over many synthetic "
-                        "storefronts", lab=True),
-    "bench-serve": Command("simulations.experiments.bench_serve", "load benchmark of a "
+    "loadtest": Command("storefed.simulations.experiments.loadtest", "simulations over many "
+                        "synthetic storefronts", lab=True),
+    "bench-serve": Command("storefed.simulations.experiments.bench_serve", "load benchmark of a "
                            "market's recommendation service", lab=True),
-    "deploy bench": Command("simulations.experiments.deploy_bench", "seconds per round: "
+    "deploy bench": Command("storefed.simulations.experiments.deploy_bench", "seconds per round: "
                             "deployment vs simulation", lab=True),
 }
 

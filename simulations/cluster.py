@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.data import available_markets
-from shared.errors import ConfigError
-from shared.policy import write_policy
-from simulations.command import add_run_config_option
-from simulations.deploy import (
+from storefed.shared.data import available_markets
+from storefed.shared.errors import ConfigError
+from storefed.shared.policy import write_policy
+from storefed.simulations.command import add_run_config_option
+from storefed.simulations.deploy import (
     CONNECTION,
     DeployError,
     flower_env,
@@ -44,8 +44,8 @@ from simulations.deploy import (
     wait_run,
     write_connection,
 )
-from simulations.fab import write_app
-from simulations.simulate import lab_policy
+from storefed.simulations.fab import write_app
+from storefed.simulations.simulate import lab_policy
 
 Proc = subprocess.Popen
 
@@ -235,7 +235,7 @@ class LocalCluster:
                    fleet_poll: float = 0.5, policy: Path | None = None) -> Proc:
         """``storefed deploy supernode`` for one market (SuperNode + warm executor);
         ``policy``: the market's privacy-policy file (default: the private defaults)."""
-        cmd = [sys.executable, "-m", "simulations.cli", "deploy", "supernode",
+        cmd = [sys.executable, "-m", "storefed.simulations.cli", "deploy", "supernode",
                "--superlink", self.address, "--ca", str(self.certs / "ca.crt"),
                "--key", str(key), "--market", market, "--state-dir", str(state_dir),
                "--runtime-port", str(free_port()), "--threads", str(threads),

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from shared.errors import StorefedError
+from storefed.shared.errors import StorefedError
 
 Run = Callable[[argparse.Namespace], int]
 

@@ -39,11 +39,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.errors import ConfigError, StorefedError
-from shared.policy import NODE_CONFIG_KEY
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.errors import ConfigError, StorefedError
+from storefed.shared.policy import NODE_CONFIG_KEY
 
 CONNECTION = "storefed"
 
@@ -256,7 +255,7 @@ def superlink_command(certs: str | Path, host: str = "127.0.0.1", port: int = 90
     for f in ("ca.crt", "server.crt", "server.key"):
         if not (c / f).is_file():
             raise DeployError(f"{c / f} is missing: run `storefed deploy certs --out {c}` first")
-    exe = ([sys.executable, "-m", "simulations.deploy_exec", "superlink"] if plain_logs
+    exe = ([sys.executable, "-m", "storefed.simulations.deploy_exec", "superlink"] if plain_logs
            else [str(Path(sys.executable).parent / "flower-superlink")])
     cmd = [*exe, "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
            "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
@@ -295,7 +294,7 @@ def supernode_command(superlink: str, ca: str | Path | None, key: str | Path | N
     """``flower-supernode`` over TLS (``ca`` verifies the SuperLink), authenticated with ``key``,
     ``--isolation process``: ClientApps run in the warm executor next to it. ``fleet_poll`` < 3
     runs it through ``simulations.deploy_exec`` with a shorter idle poll of the SuperLink."""
-    exe = ([sys.executable, "-m", "simulations.deploy_exec", "supernode", str(fleet_poll)]
+    exe = ([sys.executable, "-m", "storefed.simulations.deploy_exec", "supernode", str(fleet_poll)]
            if fleet_poll < 3
            else [str(Path(sys.executable).parent / "flower-supernode")])
     cmd = [*exe, "--superlink", superlink,

@@ -21,13 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig, parse_overrides
-from shared.errors import ConfigError
-from shared.identity import IDENTITY_FILE, TRUSTED_FILE, load_or_create, public_hex
-from shared.policy import NODE_CONFIG_KEY, load_policy
-from simulations.cluster import LocalCluster, add_cluster_options, choose_markets, demo_policy
-from simulations.command import add_run_config_option
-from simulations.deploy import (
+from storefed.shared.config import RunConfig, parse_overrides
+from storefed.shared.errors import ConfigError
+from storefed.shared.identity import IDENTITY_FILE, TRUSTED_FILE, load_or_create, public_hex
+from storefed.shared.policy import NODE_CONFIG_KEY, load_policy
+from storefed.simulations.cluster import (
+    LocalCluster,
+    add_cluster_options,
+    choose_markets,
+    demo_policy,
+)
+from storefed.simulations.command import add_run_config_option
+from storefed.simulations.deploy import (
     CONNECTION,
     DeployError,
     check_certificates,
@@ -47,8 +52,8 @@ from simulations.deploy import (
     wait_run,
     write_connection,
 )
-from simulations.fab import app_sha256, installed_app_sha256, write_app
-from simulations.simulate import print_summary
+from storefed.simulations.fab import app_sha256, installed_app_sha256, write_app
+from storefed.simulations.simulate import print_summary
 
 
 def run_supernode(args: argparse.Namespace) -> int:
@@ -62,14 +67,14 @@ def run_supernode(args: argparse.Namespace) -> int:
         print("WARNING: --insecure: this node talks to the SuperLink WITHOUT TLS; its updates "
               "and its authentication are exposed to anyone on the network", file=sys.stderr,
               flush=True)
-    from simulations.deploy_exec import WarmExecutor  # noqa: PLC0415 - imports flwr
+    from storefed.simulations.deploy_exec import WarmExecutor  # noqa: PLC0415 - imports flwr
 
     if args.threads > 0:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(args.threads)
-    import client.client_app  # noqa: F401, PLC0415 - warm the app (torch, storefed) up front
-    from simulations.deploy_exec import plain_logs  # noqa: PLC0415
+    import storefed.client.client_app  # noqa: F401, PLC0415 - warm the app (torch, storefed) up front
+    from storefed.simulations.deploy_exec import plain_logs  # noqa: PLC0415
 
     plain_logs()
 
@@ -362,7 +367,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _front_door(args: argparse.Namespace) -> int:
-    from simulations.gateway import (  # noqa: PLC0415 - uvicorn/starlette only here
+    from storefed.simulations.gateway import (  # noqa: PLC0415 - uvicorn/starlette only here
         gateway_listeners,
         operator_forward_listener,
         serve,

@@ -51,9 +51,8 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
-from shared.policy import load_policy
-from simulations.fab import installed_app_sha256
+from storefed.shared.policy import load_policy
+from storefed.simulations.fab import installed_app_sha256
 
 log = logging.getLogger("storefed")
 
@@ -339,8 +338,8 @@ def superlink_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # python -m simulations.deploy_exec supernode FLEET_POLL <flower-supernode args...>
-    # python -m simulations.deploy_exec superlink <flower-superlink args...>
+    # python -m storefed.simulations.deploy_exec supernode FLEET_POLL <flower-supernode args...>
+    # python -m storefed.simulations.deploy_exec superlink <flower-superlink args...>
     if sys.argv[1:2] == ["superlink"]:
         sys.exit(superlink_main(sys.argv[2:]))
     sys.exit(supernode_main(sys.argv[3:], float(sys.argv[2])))

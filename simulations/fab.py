@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shared.config import RunConfig
+from storefed.shared.config import RunConfig
 
 APP_PACKAGES = ("shared", "server", "client")
 
@@ -43,7 +43,7 @@ APP_PACKAGES = ("shared", "server", "client")
 def write_app(directory: str | Path, defaults: RunConfig | None = None) -> Path:
     """A Flower app directory for ``flwr run``: a pyproject.toml with storefed's components and
     run config, plus the shared/server/client packages (the FAB carries the code)."""
-    import shared  # noqa: PLC0415
+    import storefed.shared as shared  # noqa: PLC0415
 
     d = Path(directory)
     if d.exists():
@@ -59,7 +59,8 @@ def write_app(directory: str | Path, defaults: RunConfig | None = None) -> Path:
              'build-backend = "setuptools.build_meta"', '', '[project]', 'name = "storefed"',
              'version = "0.1.0"', 'dependencies = []', '', '[tool.flwr.app]',
              'publisher = "storefed"', '', '[tool.flwr.app.components]',
-             'serverapp = "server.server_app:app"', 'clientapp = "client.client_app:app"', '',
+             'serverapp = "storefed.server.server_app:app"',
+             'clientapp = "storefed.client.client_app:app"', '',
              '[tool.flwr.app.config]']
     for k, v in cfg.items():
         lines.append(f"{k} = {json.dumps(v)}")

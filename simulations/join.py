@@ -16,14 +16,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import atomic_write_bytes, load_encoder
-from shared.config import LOSSES
-from shared.data import DATASETS, available_markets, load_market
-from shared.errors import DataError
-from shared.identity import load_or_create, public_hex
-from shared.policy import NODE_CONFIG_KEY, load_policy, write_policy
-from shared.train import HISTORY_MODES, resolve_device
-from shared.transfer import (
+from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
+from storefed.shared.config import LOSSES
+from storefed.shared.data import DATASETS, available_markets, load_market
+from storefed.shared.errors import DataError
+from storefed.shared.identity import load_or_create, public_hex
+from storefed.shared.policy import NODE_CONFIG_KEY, load_policy, write_policy
+from storefed.shared.train import HISTORY_MODES, resolve_device
+from storefed.shared.transfer import (
     FRESH_INITS,
     HEAD_INITS,
     SCRATCH_AUTO_LOSSES,

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shared.checkpoint import load_encoder, load_private
-from shared.data import DATASETS, Catalog, MarketSplit, load_market, pad_histories
-from shared.errors import CheckpointError, DataError
-from shared.model import MarketModel, load_parts
-from shared.node import attach_knn
-from shared.transfer import checkpoint_catalog
+from storefed.shared.checkpoint import load_encoder, load_private
+from storefed.shared.data import DATASETS, Catalog, MarketSplit, load_market, pad_histories
+from storefed.shared.errors import CheckpointError, DataError
+from storefed.shared.model import MarketModel, load_parts
+from storefed.shared.node import attach_knn
+from storefed.shared.transfer import checkpoint_catalog
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shared.data import DATASETS
+from storefed.shared.data import DATASETS
 
 
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.serve import serve  # noqa: PLC0415 - torch only when the command runs
+    from storefed.client.serve import serve  # noqa: PLC0415 - torch only when the command runs
 
     return serve(args.state_dir, args.market, args.dataset, args.data_dir, host=args.host,
                  port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,

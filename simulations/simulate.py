@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from flwr.clientapp.typing import Mod
-
-from client.client_app import make_app as make_client_app
-from server.rounds import prepare_run
-from server.server_app import make_app as make_server_app
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig, parse_overrides
-from shared.data import DATASETS, available_markets, load_market
-from shared.errors import ConfigError, DataError
-from shared.identity import enroll
-from shared.policy import NODE_CONFIG_KEY, PrivacyPolicy, load_policy, write_policy
-from simulations.command import add_run_config_option
+from storefed.client.client_app import make_app as make_client_app
+from storefed.server.rounds import prepare_run
+from storefed.server.server_app import make_app as make_server_app
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig, parse_overrides
+from storefed.shared.data import DATASETS, available_markets, load_market
+from storefed.shared.errors import ConfigError, DataError
+from storefed.shared.identity import enroll
+from storefed.shared.policy import NODE_CONFIG_KEY, PrivacyPolicy, load_policy, write_policy
+from storefed.simulations.command import add_run_config_option
 
 log = logging.getLogger("storefed")
 
@@ -160,7 +159,7 @@ class RoundProgress:
             return 0
 
     def _watch(self) -> None:
-        from shared.progress import bar  # noqa: PLC0415
+        from storefed.shared.progress import bar  # noqa: PLC0415
 
         start = self._done()  # rounds already there (--resume)
         pbar = bar(self.rounds, "rounds", unit="round")
@@ -297,7 +296,7 @@ def round_curve(doc: dict[str, Any], key: str = "ndcg@10") -> list[tuple[int, fl
 def report_run(doc: dict[str, Any], cfg: RunConfig, out: Path) -> None:
     """After a run: its best round, a popularity reference on the same split (cheap: counts
     only), and the learning curve as ``OUT/learning_curve.png``."""
-    from shared.baselines import run_popularity  # noqa: PLC0415
+    from storefed.shared.baselines import run_popularity  # noqa: PLC0415
 
     curve = round_curve(doc)
     if not curve:

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from shared.errors import ConfigError
-from shared.policy import PrivacyPolicy, write_policy
-from simulations.deploy_exec import UntrustedRunError, vet_run
-from simulations.fab import app_sha256, fab_bytes, installed_app_sha256, write_app
+from storefed.shared.errors import ConfigError
+from storefed.shared.policy import PrivacyPolicy, write_policy
+from storefed.simulations.deploy_exec import UntrustedRunError, vet_run
+from storefed.simulations.fab import app_sha256, fab_bytes, installed_app_sha256, write_app
 
 EVIL = '''import os
 from pathlib import Path
@@ -37,7 +36,7 @@ def _evil_app(root: Path) -> Path:
     d = write_app(root / "evil-app")
     (d / "evil.py").write_text(EVIL)
     toml = d / "pyproject.toml"
-    toml.write_text(toml.read_text().replace('clientapp = "client.client_app:app"',
+    toml.write_text(toml.read_text().replace('clientapp = "storefed.client.client_app:app"',
                                              'clientapp = "evil:app"'))
     return d
 
@@ -112,7 +111,7 @@ def test_the_policy_in_the_state_directory_counts(tmp_path):
 # ------------------------------------------------------------------------- what a FAB runs
 _LOAD = """
 import sys
-from simulations.deploy_exec import UntrustedRunError, WarmExecutor
+from storefed.simulations.deploy_exec import UntrustedRunError, WarmExecutor
 fab = open(sys.argv[1], "rb").read()
 import hashlib
 sha = hashlib.sha256(fab).hexdigest()
@@ -162,8 +161,8 @@ def test_untrusted_runs_are_refused_by_real_supernodes_and_the_round_goes_on(tmp
     """SuperLink (TLS + node auth) and four `storefed deploy supernode` regions, SecAgg+ on.
     m2 trusts only another bundle; m3 allows no `lr` override. Both refuse the run with a log
     line naming the rule; the round goes on with m0 and m1 (their lab policy: 2 markets)."""
-    from simulations.cluster import LocalCluster
-    from simulations.simulate import lab_policy
+    from storefed.simulations.cluster import LocalCluster
+    from storefed.simulations.simulate import lab_policy
 
     markets = ["m0", "m1", "m2", "m3"]
     lab = lab_policy(True, 2)

@@ -6,18 +6,24 @@ function-level import is still a cycle. Layers point down only: ``simulations.cl
 command registry) names every command; ``simulations.experiments`` (the lab) may use everything
 else; the product commands in ``simulations`` use ``server``, ``client`` and
 ``shared``; ``server`` and ``client`` use ``shared`` and never each other; ``shared`` uses only
-itself.
+itself. The folders install as the ``storefed.*`` package (module names here carry it), and
+nothing else.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import re
+import subprocess
+import venv
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("shared", "server", "client", "simulations")
+NAMESPACE = "storefed"
 
 
 def _modules() -> dict[str, Path]:
@@ -27,7 +33,7 @@ def _modules() -> dict[str, Path]:
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            out[".".join(parts)] = path
+            out[".".join([NAMESPACE, *parts])] = path
     return out
 
 
@@ -67,8 +73,8 @@ def _imports(module: str) -> set[str]:
             target = _resolve(n)
             if target is not None and target != module:
                 found.add(target)
-    if module == "simulations.cli":  # the command registry loads its modules by name
-        from simulations.cli import COMMANDS
+    if module == "storefed.simulations.cli":  # the command registry loads its modules by name
+        from storefed.simulations.cli import COMMANDS
 
         found |= {c.module for c in COMMANDS.values()}
     return found
@@ -77,16 +83,54 @@ def _imports(module: str) -> set[str]:
 GRAPH = {m: _imports(m) for m in MODULES}
 
 
+def _package(module: str) -> str:
+    """``storefed.server.secagg`` -> ``server``."""
+    return module.split(".")[1]
+
+
 def _layer(module: str) -> int:
-    if module == "simulations.cli":  # the dispatcher above both the product and the lab
+    if module == "storefed.simulations.cli":  # the dispatcher above both the product and the lab
         return 4
-    if module.startswith("simulations.experiments"):
+    if module.startswith("storefed.simulations.experiments"):
         return 3
-    if module.startswith("simulations"):
+    if _package(module) == "simulations":
         return 2
-    if module.startswith(("server", "client")):
+    if _package(module) in ("server", "client"):
         return 1
     return 0
+
+
+def test_the_graph_is_the_projects():
+    """Every import of the project resolves to a project module (a walker that resolved none
+    would pass every check below)."""
+    assert all(m.startswith(NAMESPACE + ".") for m in MODULES)
+    assert sum(len(d) for d in GRAPH.values()) > 200
+    assert "storefed.shared.config" in GRAPH["storefed.server.rounds"]
+
+
+def test_nothing_imports_the_folders_by_their_bare_names():
+    """In the checkout ``import shared`` still works (the folder is on ``sys.path``), but an
+    installed storefed has no such module: every import, in the project and its tests, goes
+    through ``storefed.``; so do modules named in strings (``importlib``, ``python -m``)."""
+    bare = ("shared", "server", "client", "simulations")
+    wrong = []
+    files = [*MODULES.values(), *sorted((ROOT / "tests").glob("*.py"))]
+    for path in files:
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     and not node.level else [])
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [m for m in re.findall(r"(?:\bfrom|\bimport|-m)\s+(\w+\.[\w.]+)",
+                                               node.value)
+                         if f"{NAMESPACE}.{m}" in MODULES]
+                whole = re.fullmatch(r"(\w+\.[\w.]+)(:\w+)?", node.value)
+                if whole and f"{NAMESPACE}.{whole[1]}" in MODULES:
+                    names.append(whole[1])
+            wrong += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                      if n.split(".")[0] in bare]
+    assert not wrong, "bare imports (use storefed.*): " + ", ".join(sorted(set(wrong)))
 
 
 def test_no_import_cycle():
@@ -117,15 +161,15 @@ def test_no_import_cycle():
 def test_imports_point_down():
     wrong = sorted(f"{m} -> {n}" for m, deps in GRAPH.items() for n in deps
                    if _layer(n) > _layer(m)
-                   or (m.split(".")[0] in ("server", "client")
-                       and n.split(".")[0] in ("server", "client")
-                       and n.split(".")[0] != m.split(".")[0]))
+                   or (_package(m) in ("server", "client")
+                       and _package(n) in ("server", "client")
+                       and _package(n) != _package(m)))
     assert not wrong, "imports running back up: " + ", ".join(wrong)
 
 
 def test_product_never_imports_the_lab():
-    lab = {m for m in MODULES if m.startswith("simulations.experiments")}
-    product = [m for m in MODULES if m not in lab and m != "simulations.cli"]
+    lab = {m for m in MODULES if m.startswith("storefed.simulations.experiments")}
+    product = [m for m in MODULES if m not in lab and m != "storefed.simulations.cli"]
     wrong = sorted(f"{m} -> {n}" for m in product for n in GRAPH[m] if n in lab)
     assert lab, "no lab package found: the check would pass vacuously"
     assert not wrong, "product modules importing the lab: " + ", ".join(wrong)
@@ -150,8 +194,44 @@ def test_flower_apps_are_thin(app, limit):
 
 def test_the_check_sees_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
     """The walker must count function-level imports, or it could pass a hidden cycle."""
-    src = "def f():\n    from client.client_app import app  # noqa\n"
+    src = "def f():\n    from storefed.client.client_app import app  # noqa\n"
     path = tmp_path / "probe.py"
     path.write_text(src)
-    monkeypatch.setitem(MODULES, "shared.probe", path)
-    assert "client.client_app" in _imports("shared.probe")
+    monkeypatch.setitem(MODULES, "storefed.shared.probe", path)
+    assert "storefed.client.client_app" in _imports("storefed.shared.probe")
+
+
+@pytest.mark.slow
+def test_installed_modules_live_under_storefed_only(tmp_path):
+    """``pip install -e .`` into a fresh virtualenv: from outside the checkout, the design
+    card's folder names (generic names anything else could claim) do not import, and
+    ``storefed.*`` does, from this checkout."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
+                         capture_output=True, text=True, env=clean, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    probe = (
+        "import importlib, json\n"
+        "out = {}\n"
+        f"for name in {list(PACKAGES)!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name); out[name] = 'imported'\n"
+        "    except ImportError:\n"
+        "        out[name] = 'missing'\n"
+        f"for name in {[f'{NAMESPACE}.{p}' for p in PACKAGES]!r}:\n"
+        "    out[name] = importlib.import_module(name).__file__\n"
+        "print(json.dumps(out))\n")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    res = subprocess.run([str(py), "-c", probe], cwd=outside, capture_output=True, text=True,
+                         env=clean, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json  # noqa: PLC0415
+
+    got = json.loads(res.stdout)
+    assert all(got[p] == "missing" for p in PACKAGES), got
+    for p in PACKAGES:
+        assert Path(got[f"{NAMESPACE}.{p}"]).resolve() == (ROOT / p / "__init__.py").resolve()

@@ -9,19 +9,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from shared.baselines import (
+from storefed.shared.baselines import (
     fit_itemknn,
     popularity_scores,
     run_itemknn_pooled,
     score_metrics,
     train_bpr_mf,
 )
-from shared.config import RunConfig
-from shared.data import EvalSet, MarketSplit
-from shared.train import input_histories
-from simulations.cli import main
-from simulations.experiments import benchmark
+from storefed.shared.config import RunConfig
+from storefed.shared.data import EvalSet, MarketSplit
+from storefed.shared.train import input_histories
+from storefed.simulations.cli import main
+from storefed.simulations.experiments import benchmark
 
 PAD = 6  # 6 items (0..5), padding index 6
 

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
-
-from shared.checkpoint import read_checkpoint
-from shared.config import RunConfig, parse_overrides
-from shared.errors import CheckpointError, ConfigError
+from storefed.shared.checkpoint import read_checkpoint
+from storefed.shared.config import RunConfig, parse_overrides
+from storefed.shared.errors import CheckpointError, ConfigError
 
 
 def test_run_config_pairs_file_and_alias(tmp_path):
@@ -32,7 +31,7 @@ def test_run_config_pairs_file_and_alias(tmp_path):
 def test_simulate_accepts_run_config_and_config_alias():
     import argparse
 
-    from simulations.simulate import add_run_options
+    from storefed.simulations.simulate import add_run_options
 
     p = argparse.ArgumentParser()
     add_run_options(p)

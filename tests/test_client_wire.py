@@ -4,13 +4,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-
-from client.client_app import make_app
-from shared.config import RunConfig
-from shared.data import load_market
-from shared.node import initial_encoder
-from shared.policy import PrivacyPolicy, write_policy
-from shared.wire import LAYOUT_KEY, PACKED_KEY, WEIGHT_PREFIX, from_record
+from storefed.client.client_app import make_app
+from storefed.shared.config import RunConfig
+from storefed.shared.data import load_market
+from storefed.shared.node import initial_encoder
+from storefed.shared.policy import PrivacyPolicy, write_policy
+from storefed.shared.wire import LAYOUT_KEY, PACKED_KEY, WEIGHT_PREFIX, from_record
 
 OVERRIDES = {"embedding-dim": 8, "local-epochs": 1, "markets": "m0,m1", "device": "cpu"}
 
@@ -76,7 +75,7 @@ def test_heads_persist_across_restarts(tmp_path):
     reply, ctx, _ = run_client(tmp_path, MessageType.TRAIN)
     heads_mem = ctx.state["private"].to_torch_state_dict()
     # a restarted node has an empty context.state: it must restore heads from disk
-    from shared.node import MarketNode
+    from storefed.shared.node import MarketNode
 
     cfg = RunConfig.from_mapping({**OVERRIDES, "state-dir": str(tmp_path)})
     node = MarketNode(cfg, "m0", tmp_path)

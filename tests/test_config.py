@@ -2,9 +2,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from shared.config import RunConfig
-from shared.errors import ConfigError
+from storefed.shared.config import RunConfig
+from storefed.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

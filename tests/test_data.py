@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from shared import data as D
-from shared.errors import DataError, StorefedError
+from storefed.shared import data as D
+from storefed.shared.errors import DataError, StorefedError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 

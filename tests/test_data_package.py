@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from shared import data as D
-from shared.data import registry, split
-from shared.errors import DataError
+from storefed.shared import data as D
+from storefed.shared.data import registry, split
+from storefed.shared.errors import DataError
 
 PKG_DIR = Path(D.__file__).parent
 MODULES = sorted(m.name for m in pkgutil.iter_modules([str(PKG_DIR)]))
@@ -23,7 +22,7 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules([str(PKG_DIR)]))
 def test_every_reader_module_is_registered_once_and_datasets_is_the_registry():
     exported = {}
     for name in MODULES:
-        reader = getattr(importlib.import_module(f"shared.data.{name}"), "READER", None)
+        reader = getattr(importlib.import_module(f"storefed.shared.data.{name}"), "READER", None)
         if reader is not None:
             exported[reader.name] = reader
     assert exported == registry.READERS
@@ -67,7 +66,7 @@ def test_synthetic_sizes_come_from_the_one_spec():
 def _lru_caches() -> list[functools._lru_cache_wrapper]:
     found = []
     for name, mod in list(sys.modules.items()):
-        if name == "shared.data" or name.startswith("shared.data."):
+        if name == "storefed.shared.data" or name.startswith("storefed.shared.data."):
             found += [f for f in vars(mod).values() if callable(getattr(f, "cache_clear", None))]
     return found
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from shared.data import DATASETS, available_markets, load_market
-from shared.errors import DataError
+from storefed.shared.data import DATASETS, available_markets, load_market
+from storefed.shared.errors import DataError
 
 
 def _write(d, text, mapping=None):

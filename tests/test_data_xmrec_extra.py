@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from shared import data as D
-from shared.errors import DataError
+from storefed.shared import data as D
+from storefed.shared.errors import DataError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "xmrec_wsdm22_cup"
 OFF = D.ReaderOptions(xmrec_extra_train=False)

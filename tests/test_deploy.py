@@ -25,13 +25,12 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
-
-from shared.checkpoint import load_encoder
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from shared.policy import write_policy
-from simulations.cluster import LocalCluster
-from simulations.deploy import (
+from storefed.shared.checkpoint import load_encoder
+from storefed.shared.config import RunConfig
+from storefed.shared.errors import ConfigError
+from storefed.shared.policy import write_policy
+from storefed.simulations.cluster import LocalCluster
+from storefed.simulations.deploy import (
     DeployError,
     generate_ca,
     generate_node_keys,
@@ -40,8 +39,8 @@ from simulations.deploy import (
     run_config_string,
     write_connection,
 )
-from simulations.fab import write_app
-from simulations.simulate import lab_policy
+from storefed.simulations.fab import write_app
+from storefed.simulations.simulate import lab_policy
 
 MARKETS = ["m0", "m1", "m2"]
 SMALL = {"dataset": "synthetic", "markets": ",".join(MARKETS), "embedding-dim": 16,
@@ -114,14 +113,15 @@ def test_app_directory_carries_code_and_defaults(tmp_path):
     app = write_app(tmp_path / "app")
     doc = tomllib.loads((app / "pyproject.toml").read_text())
     assert doc["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+        "serverapp": "storefed.server.server_app:app",
+        "clientapp": "storefed.client.client_app:app"}
     assert doc["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
     for f in ("server/server_app.py", "client/client_app.py", "shared/node.py"):
         assert (app / f).is_file()
 
 
 def test_cli_certs_keys_and_bad_input(tmp_path, capsys):
-    from simulations.cli import main
+    from storefed.simulations.cli import main
 
     assert main(["deploy", "certs", "--out", str(tmp_path), "--host", "link.test"]) == 0
     ca_before = (tmp_path / "ca.crt").read_bytes()
@@ -179,7 +179,7 @@ def test_tls_auth_refusals_and_server_crash_resume(cluster):
     per-market metrics while an unregistered node and a node trusting another CA are refused;
     then the server side is SIGKILLed after round 2 and a restarted SuperLink + resubmitted run
     (resume=true) finishes rounds 3-4 from round 2's checkpoint with the nodes' heads."""
-    from simulations.deploy import submit_run
+    from storefed.simulations.deploy import submit_run
 
     root = cluster.root
     rogue_key, _ = cluster.node_keys("rogue", register=False)  # never registered
@@ -255,7 +255,7 @@ def test_tls_auth_refusals_and_server_crash_resume(cluster):
 
 
 def test_supernode_refuses_to_start_without_ca(tmp_path, capsys):
-    from simulations.cli import main
+    from storefed.simulations.cli import main
 
     rc = main(["deploy", "supernode", "--superlink", "127.0.0.1:9", "--market", "de",
                "--state-dir", str(tmp_path)])
@@ -265,7 +265,7 @@ def test_supernode_refuses_to_start_without_ca(tmp_path, capsys):
 
 
 def test_ca_key_can_be_encrypted_with_a_passphrase(tmp_path, capsys):
-    from simulations.cli import main
+    from storefed.simulations.cli import main
 
     secret = tmp_path / "passphrase"
     secret.write_text("correct horse battery staple\n")
@@ -292,8 +292,8 @@ def test_ca_key_can_be_encrypted_with_a_passphrase(tmp_path, capsys):
 def test_deploy_check_reports_expiry_ahead_of_time(tmp_path, capsys):
     import datetime as dt
 
-    from simulations.cli import main
-    from simulations.deploy import check_certificates
+    from storefed.simulations.cli import main
+    from storefed.simulations.deploy import check_certificates
 
     ca_crt, ca_key = generate_ca(tmp_path)
     crt, _ = generate_server_cert(tmp_path, ca_crt, ca_key, days=10)
@@ -317,7 +317,7 @@ def test_deploy_check_reports_expiry_ahead_of_time(tmp_path, capsys):
 def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
     import datetime as dt
 
-    from simulations.deploy import check_certificates
+    from storefed.simulations.deploy import check_certificates
 
     c = LocalCluster(tmp_path)
     try:
@@ -346,8 +346,8 @@ def test_a_supernode_refuses_an_expired_server_certificate(tmp_path):
 
 @pytest.mark.slow
 def test_a_revoked_region_is_shut_out_while_connected(tmp_path):
-    from simulations.deploy import unregister_node
-    from simulations.simulate import lab_policy
+    from storefed.simulations.deploy import unregister_node
+    from storefed.simulations.simulate import lab_policy
 
     c = LocalCluster(tmp_path, policy=write_policy(tmp_path / "policy", lab_policy(True, 2)))
     try:

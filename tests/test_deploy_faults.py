@@ -42,16 +42,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
+from storefed.server.exchange import send_and_receive
+from storefed.server.rounds import go_on_with_online_nodes, prepare_run
+from storefed.shared.checkpoint import load_encoder, load_private
+from storefed.shared.config import RunConfig
+from storefed.shared.node import MarketNode
+from storefed.shared.policy import write_policy
+from storefed.simulations.cluster import LocalCluster
+from storefed.simulations.deploy import DeployError, rounds_written, submit_run, wait_run
+from storefed.simulations.simulate import lab_policy
 
-from server.exchange import send_and_receive
-from server.rounds import go_on_with_online_nodes, prepare_run
-from shared.checkpoint import load_encoder, load_private
-from shared.config import RunConfig
-from shared.node import MarketNode
-from shared.policy import write_policy
-from simulations.cluster import LocalCluster
-from simulations.deploy import DeployError, rounds_written, submit_run, wait_run
-from simulations.simulate import lab_policy
 from tests.test_deploy import SMALL, _fail_with_logs, _private_round
 
 MARKETS = ["m0", "m1", "m2"]
@@ -134,8 +134,7 @@ class _Executor:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tokens: list[str],
                  app_seconds: float = 0.0) -> None:
-        import simulations.deploy_exec as X
-
+        import storefed.simulations.deploy_exec as X
         self.release, self.stop = threading.Event(), threading.Event()
         self.done: dict[str, threading.Event] = {t: threading.Event() for t in tokens}
         self.in_app, self.most_in_app = 0, 0

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from shared.baselines import (
+from storefed.shared.baselines import (
     ease_scores,
     ease_weights,
     fit_itemknn,
     run_ease_pooled,
     run_popularity,
 )
-from shared.data import load_dataset
+from storefed.shared.data import load_dataset
 
 
 def test_ease_weights_solve_the_constrained_ridge_problem():

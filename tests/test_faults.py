@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from shared.checkpoint import load_encoder, load_private
-from shared.data import load_catalog
-from shared.wire import apply_summed_update, sum_updates
+from storefed.shared.checkpoint import load_encoder, load_private
+from storefed.shared.data import load_catalog
+from storefed.shared.wire import apply_summed_update, sum_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_TIMEOUT = 12.0  # seconds, applied in round 3 (see DRIVER)
@@ -35,9 +34,9 @@ DRIVER = textwrap.dedent("""
     import numpy as np
     import torch
 
-    from shared.config import RunConfig
-    from shared.wire import from_record, to_record
-    from simulations.simulate import lab_policy, run_federated
+    from storefed.shared.config import RunConfig
+    from storefed.shared.wire import from_record, to_record
+    from storefed.simulations.simulate import lab_policy, run_federated
 
     OUT, TRACE = Path(sys.argv[1]), Path(sys.argv[1]) / "trace"
     TIMEOUT, HANG = float(sys.argv[2]), float(sys.argv[3])
@@ -83,7 +82,7 @@ DRIVER = textwrap.dedent("""
 
     # Round 1 also waits for Ray and its actors to start, which takes unbounded time on a busy
     # machine; the configured round timeout is therefore applied from round 3 (the hang) on.
-    import server.rounds as rounds
+    import storefed.server.rounds as rounds
     _send_and_receive = rounds.send_and_receive
 
     def send_and_receive(grid, messages, timeout=None):
@@ -158,8 +157,9 @@ def _storefed(out: Path, *extra: str) -> subprocess.Popen:
     policy = out.parent / "two-market-policy.toml"  # two markets: sums of two allowed
     policy.write_text("min-markets = 2\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--markets", "m0,m1", "--rounds",
-         "3", "--out", str(out), "--config", "embedding-dim=8", "--config", "local-epochs=2",
+        [sys.executable, "-m", "storefed.simulations.cli", "simulate", "--markets", "m0,m1",
+         "--rounds", "3", "--out", str(out), "--config", "embedding-dim=8",
+         "--config", "local-epochs=2",
          "--config", "eval-negatives=20", "--device", "cpu", "--market-policy", str(policy),
          *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

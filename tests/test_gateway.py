@@ -17,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from shared.policy import write_policy
-from simulations.cluster import LocalCluster, free_port, wait_port
-from simulations.deploy import (
+from storefed.shared.policy import write_policy
+from storefed.simulations.cluster import LocalCluster, free_port, wait_port
+from storefed.simulations.deploy import (
     CONNECTION,
     DeployError,
     flwr_cli,
@@ -30,8 +29,8 @@ from simulations.deploy import (
     submit_run,
     write_connection,
 )
-from simulations.gateway import CONTROL_PREFIX, FLEET_PREFIX, forwarding_app
-from simulations.simulate import lab_policy
+from storefed.simulations.gateway import CONTROL_PREFIX, FLEET_PREFIX, forwarding_app
+from storefed.simulations.simulate import lab_policy
 
 MARKETS = ["m0", "m1", "m2"]
 RUN = {"dataset": "synthetic", "markets": ",".join(MARKETS), "embedding-dim": 16,
@@ -39,7 +38,7 @@ RUN = {"dataset": "synthetic", "markets": ",".join(MARKETS), "embedding-dim": 16
 
 
 def _cli(c: LocalCluster, *args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "deploy", *args]
+    return [sys.executable, "-m", "storefed.simulations.cli", "deploy", *args]
 
 
 def _outsider(c: LocalCluster, address: str) -> dict[str, str]:
@@ -48,7 +47,7 @@ def _outsider(c: LocalCluster, address: str) -> dict[str, str]:
     home = c.root / f"outsider-{address.replace(':', '-')}"
     home.mkdir(exist_ok=True)
     write_connection(home, address, c.certs / "ca.crt")
-    from simulations.deploy import flower_env
+    from storefed.simulations.deploy import flower_env
 
     return flower_env(home)
 
@@ -56,8 +55,7 @@ def _outsider(c: LocalCluster, address: str) -> dict[str, str]:
 def test_the_forwarding_app_serves_one_prefix_only():
     """In process: a path outside the prefix never reaches the upstream."""
     from starlette.testclient import TestClient
-
-    from simulations.gateway import Upstream
+    from storefed.simulations.gateway import Upstream
 
     app = forwarding_app(Upstream("http://127.0.0.1:9", None), FLEET_PREFIX, "public")
     with TestClient(app) as client:
@@ -159,7 +157,7 @@ def test_an_exposed_superlink_takes_runs_from_anyone_who_reaches_it(tmp_path):
 
 
 def test_operator_forward_listens_on_loopback_only(tmp_path):
-    from simulations.gateway import operator_forward_listener
+    from storefed.simulations.gateway import operator_forward_listener
 
     with pytest.raises(ValueError, match="loopback"):
         operator_forward_listener("h:1", Path("ca"), Path("c"), Path("k"), ("0.0.0.0", 9093))

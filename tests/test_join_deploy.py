@@ -28,15 +28,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from storefed.shared.checkpoint import load_encoder, load_private
+from storefed.shared.config import RunConfig
+from storefed.shared.node import MarketNode
+from storefed.shared.policy import write_policy
+from storefed.simulations.cli import main as storefed
+from storefed.simulations.cluster import LocalCluster
+from storefed.simulations.deploy import DeployError, rounds_written, submit_run, wait_run
+from storefed.simulations.simulate import lab_policy
 
-from shared.checkpoint import load_encoder, load_private
-from shared.config import RunConfig
-from shared.node import MarketNode
-from shared.policy import write_policy
-from simulations.cli import main as storefed
-from simulations.cluster import LocalCluster
-from simulations.deploy import DeployError, rounds_written, submit_run, wait_run
-from simulations.simulate import lab_policy
 from tests.test_deploy import SMALL, _fail_with_logs, _rounds_seen
 
 SOURCES = ["m0", "m1"]

@@ -3,8 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from shared.metrics import ndcg_hr_at_k, summarize
+from storefed.shared.metrics import ndcg_hr_at_k, summarize
 
 
 def test_hand_computed_values():

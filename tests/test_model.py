@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
-from shared.model import (
+from storefed.shared.model import (
     CategoryHeads,
     Encoder,
     MarketModel,
@@ -14,7 +13,7 @@ from shared.model import (
     private_state,
     set_encoder_trainable,
 )
-from shared.train import TrainSettings, train_local
+from storefed.shared.train import TrainSettings, train_local
 
 CFG = ModelConfig(n_items=30, n_categories=3, dim=8, n_experts=2)
 ITEM_CAT = torch.arange(30) % 3
@@ -129,7 +128,7 @@ def test_only_heads_are_updated_when_encoder_frozen():
 
 # --------------------------------------------------------------------- newer model parts
 def _split(users, items, n_items=30):
-    from shared.data import EvalSet, MarketSplit
+    from storefed.shared.data import EvalSet, MarketSplit
 
     empty = EvalSet(users=np.zeros(0, np.int64), candidates=np.zeros((0, 2), np.int64),
                     histories=np.zeros((0, 3), np.int64))
@@ -141,8 +140,8 @@ def _split(users, items, n_items=30):
 
 
 def test_item_similarity_is_private_eval_only_and_keeps_the_metric_protocol():
-    from shared.itemsim import ItemSimilarity, calibrate_weight
-    from shared.metrics import ndcg_hr_at_k
+    from storefed.shared.itemsim import ItemSimilarity, calibrate_weight
+    from storefed.shared.metrics import ndcg_hr_at_k
 
     # users: {1,2,3}, {1,2}, {2,4}: cooc(1,2)=2, deg(1)=2, deg(2)=3 -> cos = 2/sqrt(6)
     sim = ItemSimilarity.from_split(_split([0, 0, 0, 1, 1, 2, 2], [1, 2, 3, 1, 2, 2, 4]), 30)
@@ -208,7 +207,7 @@ def test_history_block_starts_as_identity_and_then_mixes_items():
 
 
 def test_history_dropout_only_blanks_entries():
-    from shared.train import drop_history
+    from storefed.shared.train import drop_history
 
     gen = torch.Generator().manual_seed(0)
     hist = torch.randint(0, 30, (64, 10))
@@ -221,9 +220,9 @@ def test_history_dropout_only_blanks_entries():
 def test_node_evaluation_with_cached_knn_equals_scoring_through_the_model():
     """MarketNode.evaluate adds the item-kNN term from scores cached once per split; the result
     is what scoring every candidate through the model (forward adds the same term) gives."""
-    from shared.config import RunConfig
-    from shared.node import MarketNode
-    from shared.train import evaluate, score_candidates
+    from storefed.shared.config import RunConfig
+    from storefed.shared.node import MarketNode
+    from storefed.shared.train import evaluate, score_candidates
 
     node = MarketNode(RunConfig(dataset="synthetic", markets="m0", embedding_dim=16,
                                 device="cpu", local_epochs=1), "m0")

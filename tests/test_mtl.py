@@ -9,14 +9,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-
-from client.client_app import make_app
-from server.strategy import EncoderFedAvg, check_update
-from shared.config import RunConfig
-from shared.data import build_catalog, load_catalog, split_market
-from shared.metrics import ndcg_hr_at_k
-from shared.model import MarketModel, ModelConfig, encoder_state, private_state
-from shared.mtl import (
+from storefed.client.client_app import make_app
+from storefed.server.strategy import EncoderFedAvg, check_update
+from storefed.shared.config import RunConfig
+from storefed.shared.data import build_catalog, load_catalog, split_market
+from storefed.shared.metrics import ndcg_hr_at_k
+from storefed.shared.model import MarketModel, ModelConfig, encoder_state, private_state
+from storefed.shared.mtl import (
     SingleTaskModel,
     category_histories,
     center_item_bias,
@@ -24,11 +23,16 @@ from shared.mtl import (
     train_single_task,
     within_category_scores,
 )
-from shared.node import MarketNode, build_model, initial_encoder, item_counts
-from shared.report import write_metrics
-from shared.train import TrainSettings, train_local
-from shared.wire import WEIGHT_PREFIX, apply_summed_update, expected_update_shapes, sum_updates
-from simulations.experiments.mtl_bench import compare, pooled_categories
+from storefed.shared.node import MarketNode, build_model, initial_encoder, item_counts
+from storefed.shared.report import write_metrics
+from storefed.shared.train import TrainSettings, train_local
+from storefed.shared.wire import (
+    WEIGHT_PREFIX,
+    apply_summed_update,
+    expected_update_shapes,
+    sum_updates,
+)
+from storefed.simulations.experiments.mtl_bench import compare, pooled_categories
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import storefed.client.secagg as client_secagg
+import storefed.server.secagg as server_secagg
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -24,15 +26,12 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
-
-import client.secagg as client_secagg
-import server.secagg as server_secagg
-from client.client_app import make_app
-from shared.config import RunConfig
-from shared.data import load_catalog
-from shared.errors import ConfigError
-from shared.node import MarketNode, initial_encoder
-from shared.policy import (
+from storefed.client.client_app import make_app
+from storefed.shared.config import RunConfig
+from storefed.shared.data import load_catalog
+from storefed.shared.errors import ConfigError
+from storefed.shared.node import MarketNode, initial_encoder
+from storefed.shared.policy import (
     LEDGER_FILE,
     PolicyRefusedError,
     PrivacyLedger,
@@ -40,8 +39,9 @@ from shared.policy import (
     load_policy,
     write_policy,
 )
-from shared.secagg import MESSAGE_TYPE, RECORD, check_coefficients
-from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
+from storefed.shared.secagg import MESSAGE_TYPE, RECORD, check_coefficients
+from storefed.shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
+
 from tests.test_secagg import FakeGrid
 
 MARKETS = ("aa", "bb", "cc")
@@ -417,8 +417,8 @@ def _lie_share_threshold(t: int):
 
 
 def test_deploy_identity_prints_a_trusted_markets_line(tmp_path, capsys):
-    from shared.identity import load_or_create, load_trusted, public_hex
-    from simulations.cli import main
+    from storefed.shared.identity import load_or_create, load_trusted, public_hex
+    from storefed.simulations.cli import main
 
     assert main(["deploy", "identity", "--state-dir", str(tmp_path), "--market", "de"]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]

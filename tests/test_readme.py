@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from simulations.cli import COMMANDS
+from storefed.simulations.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -219,7 +218,7 @@ def test_benchmark_shows_progress_with_eta(tmp_path):
 def test_help_is_fast_to_import_and_shows_defaults():
     """`storefed --help` imports no command module (so no torch); a command's --help shows
     its defaults; --version answers."""
-    code = ("import sys; from simulations.cli import main\n"
+    code = ("import sys; from storefed.simulations.cli import main\n"
             "try: main(['--help'])\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules and 'flwr' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)

@@ -30,15 +30,14 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from server.strategy import EncoderFedAvg
-from shared import checkpoint as C
-from shared import data as D
-from shared.config import RunConfig
-from shared.errors import CheckpointError, DataError, StorefedError
-from shared.node import MarketNode, initial_encoder, model_config
-from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX, make_update
-from simulations.cli import main as storefed_main
+from storefed.server.strategy import EncoderFedAvg
+from storefed.shared import checkpoint as C
+from storefed.shared import data as D
+from storefed.shared.config import RunConfig
+from storefed.shared.errors import CheckpointError, DataError, StorefedError
+from storefed.shared.node import MarketNode, initial_encoder, model_config
+from storefed.shared.wire import ROWWISE_KEY, WEIGHT_PREFIX, make_update
+from storefed.simulations.cli import main as storefed_main
 
 ROOT = Path(__file__).resolve().parents[1]
 XM_HEADER = "userId itemId rate date\n"
@@ -189,7 +188,7 @@ def test_bad_input_clear_error_and_output_untouched(tmp_path, capsys, setup, nee
 def test_cli_process_exits_2_with_one_paragraph(tmp_path):
     d = xmarket_dir(tmp_path / "data")
     (d / "de_5core.txt").write_text(XM_HEADER + "u1 A 5.0 2020-01-02\nu1 B five 2020-01-03\n")
-    res = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--dataset",
+    res = subprocess.run([sys.executable, "-m", "storefed.simulations.cli", "simulate", "--dataset",
                           "xmarket", "--data-dir", str(d), "--out", str(tmp_path / "o"), *SMALL],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
@@ -277,7 +276,7 @@ def test_atomic_write_failure_mid_write_keeps_previous(tmp_path, monkeypatch):
 
 KILL_MID_WRITE = textwrap.dedent("""
     import os, sys, time
-    from shared import checkpoint as C
+    from storefed.shared import checkpoint as C
     from tests.test_reliability import save_synthetic_encoder
 
     real_fdopen = os.fdopen
@@ -494,8 +493,7 @@ def test_market_crashing_mid_round_comes_back_with_its_heads(tmp_path, monkeypat
     node.persist(1)
     heads_after_1 = node.private()
 
-    import shared.node as N
-
+    import storefed.shared.node as N
     def crash(*args, **kwargs):  # the process dies in the middle of local training
         model = args[0]
         with torch.no_grad():
@@ -533,7 +531,7 @@ def test_corrupted_private_state_is_a_checkpoint_error(tmp_path):
 
 
 def test_loadtest_writes_readable_storefronts(tmp_path):
-    from simulations.experiments.loadtest import write_storefronts
+    from storefed.simulations.experiments.loadtest import write_storefronts
 
     names = write_storefronts(tmp_path, 12, n_items=80, users=5, interactions=4,
                               n_categories=3, seed=1)

@@ -17,22 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import storefed.client.secagg as client_secagg
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
-
-import client.secagg as client_secagg
-from client.client_app import make_app
-from server.secagg import run_server_secagg
-from shared.config import RunConfig
-from shared.data import load_catalog
-from shared.dp import closed_form_epsilon, epsilon_spent, privatize
-from shared.errors import ConfigError
-from shared.node import initial_encoder
-from shared.secagg import (
+from storefed.client.client_app import make_app
+from storefed.server.secagg import run_server_secagg
+from storefed.shared.config import RunConfig
+from storefed.shared.data import load_catalog
+from storefed.shared.dp import closed_form_epsilon, epsilon_spent, privatize
+from storefed.shared.errors import ConfigError
+from storefed.shared.node import initial_encoder
+from storefed.shared.secagg import (
     MESSAGE_TYPE,
     RECORD,
     RECORD_NEXT,
@@ -45,7 +44,7 @@ from shared.secagg import (
     quant_step,
     with_stats,
 )
-from shared.wire import WEIGHT_PREFIX, apply_summed_update, state_from_record, sum_updates
+from storefed.shared.wire import WEIGHT_PREFIX, apply_summed_update, state_from_record, sum_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"embedding-dim": 8, "local-epochs": 1, "device": "cpu", "num-rounds": 1,
@@ -369,7 +368,7 @@ def test_dp_mode_reports_epsilon_and_averages_clipped_updates(tmp_path, recorded
 @pytest.mark.slow
 def test_storefed_simulate_secagg_end_to_end(tmp_path):
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--secagg",
+    res = subprocess.run([sys.executable, "-m", "storefed.simulations.cli", "simulate", "--secagg",
                           "--rounds", "2", "--markets", "m0,m1,m2", "--out", str(out),
                           "--config", "embedding-dim=8", "--config", "local-epochs=1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -466,7 +465,7 @@ def test_pipelined_rounds(tmp_path, recorded, fail):
 
 # ---------------------------------------------------------------------------- default + wiring
 def test_secagg_is_the_default_and_needs_two_markets_per_round(tmp_path):
-    from server.rounds import prepare_run
+    from storefed.server.rounds import prepare_run
 
     assert RunConfig().secagg is True  # pyproject == dataclass is checked in test_config
     out = {"out-dir": str(tmp_path / "o"), "embedding-dim": 8}
@@ -482,9 +481,9 @@ def test_secagg_is_the_default_and_needs_two_markets_per_round(tmp_path):
 def test_cli_secagg_flags_and_deploy_run_default(tmp_path, monkeypatch):
     import tomllib
 
-    import simulations.deploy_cli as deploy
-    from simulations.cli import _parser
-    from simulations.simulate import config_from_args
+    import storefed.simulations.deploy_cli as deploy
+    from storefed.simulations.cli import _parser
+    from storefed.simulations.simulate import config_from_args
 
     for flags, want in (([], True), (["--no-secagg"], False), (["--secagg"], True)):
         args = _parser("simulate")[0].parse_args(["simulate", "--markets", "m0,m1", *flags])
@@ -501,7 +500,7 @@ def test_cli_secagg_flags_and_deploy_run_default(tmp_path, monkeypatch):
 
     monkeypatch.setattr(deploy, "submit_run", fake_submit)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    from simulations.cli import main
+    from storefed.simulations.cli import main
 
     base = ["deploy", "run", "--markets", "m0,m1", "--out", str(tmp_path / "o"), "--no-wait"]
     assert main(base) == 0 and main([*base, "--no-secagg"]) == 0
@@ -561,7 +560,7 @@ def test_secagg_exchanges_use_the_fast_poll_on_the_deployment_grid(tmp_path, rec
 
 
 def test_benchmark_secagg_interleaves_arms_and_profiles_the_protocol(tmp_path):
-    from simulations.experiments.secagg_bench import run_bench
+    from storefed.simulations.experiments.secagg_bench import run_bench
 
     cfg = RunConfig.from_mapping({**BASE, "markets": "m0,m1", "num-rounds": 2})
     report = run_bench(cfg, [2], tmp_path, [], 0.5, engine="inprocess", repeats=2)

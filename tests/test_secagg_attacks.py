@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import storefed.client.secagg as client_secagg
+import storefed.server.secagg as server_secagg
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -17,14 +19,11 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import client.secagg as client_secagg
-import server.secagg as server_secagg
-from client.client_app import make_app
-from shared.config import RunConfig
-from shared.data import load_catalog
-from shared.node import MarketNode, initial_encoder
-from shared.secagg import (
+from storefed.client.client_app import make_app
+from storefed.shared.config import RunConfig
+from storefed.shared.data import load_catalog
+from storefed.shared.node import MarketNode, initial_encoder
+from storefed.shared.secagg import (
     CONSISTENCY,
     MASKED,
     MASKED_KEY,
@@ -38,7 +37,8 @@ from shared.secagg import (
     prg_mask,
     shared_key,
 )
-from shared.wire import to_record
+from storefed.shared.wire import to_record
+
 from tests.test_secagg import FakeGrid
 
 BASE = {"embedding-dim": 4, "local-epochs": 1, "device": "cpu", "num-rounds": 1,
@@ -311,7 +311,7 @@ def _poison(index: int, what: str, amount: int, consistent: bool = True):
             delta[part] = np.uint64(amount)
             vec[:-1] += delta
             if consistent:
-                from shared.secagg import checksum  # noqa: PLC0415
+                from storefed.shared.secagg import checksum  # noqa: PLC0415
 
                 vec[-1] += checksum(delta)
             reply.content.array_records["arrays"] = ArrayRecord({MASKED_KEY: Array(vec)})
@@ -359,7 +359,7 @@ def test_substituted_round_keys_are_refused(tmp_path, spies):
     Shamir shares for m1 under a key the server knows, and the server reads them."""
     cfg, grid, glob = _setup(tmp_path, 4)
     try:  # enrollment: every market's identity key, trusted by the others
-        from shared.identity import enroll  # noqa: PLC0415
+        from storefed.shared.identity import enroll  # noqa: PLC0415
     except ImportError:  # code without identities: nothing to enroll
         enroll = None
     if enroll is not None:
@@ -388,7 +388,7 @@ def test_substituted_round_keys_are_refused(tmp_path, spies):
 
 
 def test_enrolled_markets_sign_and_check_round_keys(tmp_path, spies, caplog):
-    from shared.identity import enroll, load_or_create, public_hex, write_trusted
+    from storefed.shared.identity import enroll, load_or_create, public_hex, write_trusted
 
     markets = [f"m{i}" for i in range(4)]
     cfg, grid, glob = _setup(tmp_path, 4, **{"num-rounds": 2})
@@ -410,7 +410,7 @@ def test_enrolled_markets_sign_and_check_round_keys(tmp_path, spies, caplog):
 def test_consistency_check_before_any_share_is_revealed(tmp_path, spies, caplog):
     """Enrolled markets reveal shares only for the survivor set they signed, and only once
     a threshold of their neighbours signed the same set."""
-    from shared.identity import enroll
+    from storefed.shared.identity import enroll
 
     cfg, grid, glob = _setup(tmp_path, 4)
     enroll(tmp_path / "state", [f"m{i}" for i in range(4)])
@@ -457,7 +457,7 @@ def test_a_survivor_set_signed_with_the_upload_is_the_only_one(tmp_path, spies, 
     of its own). A server that then asks a market to sign another set for the same attempt
     (to tell its neighbours different stories about who survived) is refused, and the
     market reveals shares only for the set it signed."""
-    from shared.identity import enroll
+    from storefed.shared.identity import enroll
 
     cfg, grid, glob = _setup(tmp_path, 4)
     enroll(tmp_path / "state", [f"m{i}" for i in range(4)])

@@ -24,13 +24,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.model import encoder_state
-from shared.node import MarketNode, initial_encoder, split_scores
-from shared.serving_state import load_serving, serving_path, write_node_serving
-from simulations.experiments.bench_serve import ServiceProcess
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.model import encoder_state
+from storefed.shared.node import MarketNode, initial_encoder, split_scores
+from storefed.shared.serving_state import load_serving, serving_path, write_node_serving
+from storefed.simulations.experiments.bench_serve import ServiceProcess
 
 MARKET = "m0"
 CFG = {"dataset": "synthetic", "embedding-dim": 16, "local-epochs": 1, "torch-threads": 1}
@@ -407,7 +406,7 @@ def test_a_corrupt_serving_file_keeps_the_last_model(served):
 
 # --------------------------------------------------------------------------- exposure
 def test_token_and_tls(served, tmp_path):
-    from simulations.deploy import generate_ca, generate_server_cert
+    from storefed.simulations.deploy import generate_ca, generate_server_cert
 
     svc0, rounds, _ = served
     state = tmp_path / "state"
@@ -445,7 +444,7 @@ def test_token_and_tls(served, tmp_path):
 
 
 def test_refuses_a_non_loopback_host_without_token_or_tls(tmp_path, capsys):
-    from simulations.cli import main
+    from storefed.simulations.cli import main
 
     (tmp_path / MARKET).mkdir()
     base = ["serve", "--state-dir", str(tmp_path), "--market", MARKET, "--port", "9"]
@@ -465,7 +464,7 @@ def test_served_round_moves_during_a_tls_federation(tmp_path):
     """Three markets (the private defaults' minimum sum) on a real SuperLink with TLS and
     SuperNode authentication run 2 SecAgg+ rounds; market m0's service answers a steady stream
     of requests the whole time: its round goes 1 -> 2 and no request fails."""
-    from simulations.cluster import LocalCluster
+    from storefed.simulations.cluster import LocalCluster
 
     markets = ["m0", "m1", "m2"]
     state = tmp_path / "state"
@@ -523,7 +522,7 @@ def test_served_round_moves_during_a_tls_federation(tmp_path):
         # what is served is what the node wrote after round 2, the round the server finished
         snap = load_serving(serving_path(state, "m0"), "m0")
         assert snap.round == 2
-        from shared.checkpoint import load_encoder
+        from storefed.shared.checkpoint import load_encoder
 
         final = load_encoder(tmp_path / "out" / "encoder.pt")
         assert final.round == 2

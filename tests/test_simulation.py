@@ -6,15 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from shared.checkpoint import load_encoder
+from storefed.shared.checkpoint import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 XMARKET = ROOT.parent / "shared" / "data" / "xmarket_forec_electronics"
 
 
 def storefed(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "storefed.simulations.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from server.rounds import reptile_step
-from shared.checkpoint import load_encoder, save_encoder
-from shared.config import RunConfig
-from shared.data import Catalog, load_market
-from shared.errors import CheckpointError, DataError
-from shared.metrics import ndcg_hr_at_k
-from shared.model import encoder_state
-from shared.node import MarketNode, initial_encoder, model_config
-from shared.policy import load_policy
-from shared.transfer import (
+from storefed.server.rounds import reptile_step
+from storefed.shared.checkpoint import load_encoder, save_encoder
+from storefed.shared.config import RunConfig
+from storefed.shared.data import Catalog, load_market
+from storefed.shared.errors import CheckpointError, DataError
+from storefed.shared.metrics import ndcg_hr_at_k
+from storefed.shared.model import encoder_state
+from storefed.shared.node import MarketNode, initial_encoder, model_config
+from storefed.shared.policy import load_policy
+from storefed.shared.transfer import (
     Adversary,
     DomainDiscriminator,
     JoinOutcome,
@@ -36,10 +35,10 @@ from shared.transfer import (
     steps_to_target,
     untrained_rows,
 )
-from shared.wire import apply_summed_update, sum_updates
-from simulations import join as join_cmd
-from simulations import recommend as rec_cmd
-from simulations.experiments.join_experiment import summarize
+from storefed.shared.wire import apply_summed_update, sum_updates
+from storefed.simulations import join as join_cmd
+from storefed.simulations import recommend as rec_cmd
+from storefed.simulations.experiments.join_experiment import summarize
 
 CPU = torch.device("cpu")
 SOURCES = ("m0", "m1", "m2")
@@ -220,8 +219,7 @@ def test_scratch_loss_auto_keeps_the_loss_better_on_valid(encoder_path, monkeypa
     """scratch-loss auto trains the scratch model once per candidate loss and reports the one
     whose kept model scores higher on valid, whichever order they are tried in; a fixed
     scratch-loss trains that one only."""
-    import shared.transfer as tr
-
+    import storefed.shared.transfer as tr
     catalog, split = _market()
     base = dict(head_steps=0, encoder_steps=2, scratch_steps=6, eval_every=2, batch_size=64)
     picks = []
@@ -245,7 +243,7 @@ def test_scratch_loss_auto_keeps_the_loss_better_on_valid(encoder_path, monkeypa
 
 
 def test_join_settings_reject_unknown_losses():
-    from shared.errors import ConfigError
+    from storefed.shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="loss"):
         JoinSettings(loss="hinge")
@@ -257,7 +255,7 @@ def test_join_settings_reject_unknown_losses():
 def test_fine_tuning_batches_follow_the_federations_history_recipe(encoder_path):
     """run_curve builds batches with train_local's helpers: the default input history is the
     run config's (causal), and it changes what the model is trained on."""
-    from shared.errors import ConfigError
+    from storefed.shared.errors import ConfigError
 
     assert JoinSettings().history == RunConfig().train_history == "causal"
     with pytest.raises(ConfigError, match="history"):
@@ -450,8 +448,8 @@ def test_join_adds_the_markets_item_knn_picked_on_valid(encoder_path):
 def test_recommend_scores_with_the_saved_knn_weight(joined):
     """recommend rebuilds the market's item-kNN from its own data and mixes it in with the
     weight saved in the heads, exactly like the node's evaluation; weight 0 leaves it off."""
-    from shared.data import pad_histories
-    from shared.itemsim import ItemSimilarity
+    from storefed.shared.data import pad_histories
+    from storefed.shared.itemsim import ItemSimilarity
 
     catalog, split = _market()
     user = split.user_ids[int(split.test.users[0])]
@@ -480,8 +478,8 @@ def test_calibrated_heads_score_as_picked_and_never_below_the_unscaled_heads(enc
     into the heads: the model then scores valid exactly at the value it reports, which is at
     least the unscaled heads' value (scale 1, 1 is in the grid), and a scale that was picked
     is what the heads now hold."""
-    from shared.node import KnnScores, attach_knn, calibrate_knn, evaluate_split
-    from shared.transfer import DOT_SCALE_GRID, POP_SCALE_GRID, calibrate_heads
+    from storefed.shared.node import KnnScores, attach_knn, calibrate_knn, evaluate_split
+    from storefed.shared.transfer import DOT_SCALE_GRID, POP_SCALE_GRID, calibrate_heads
 
     catalog, split = _market()
     state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
@@ -540,7 +538,7 @@ def test_paired_difference_of_the_kept_models_matches_the_curves(encoder_path):
 
 
 def test_paired_bootstrap():
-    from shared.metrics import paired_bootstrap
+    from storefed.shared.metrics import paired_bootstrap
 
     rng = np.random.default_rng(0)
     b = rng.random(500)
@@ -592,7 +590,7 @@ def _fake_run(root: Path, seed: int, transfer: list[float], scratch: list[float]
 
 
 def test_join_seeds_pools_runs_into_counts_mean_curves_and_a_per_user_interval(tmp_path):
-    from simulations.experiments import join_seeds
+    from storefed.simulations.experiments import join_seeds
 
     users = ["u1", "u2", "u3", "u4"]
     a = _fake_run(tmp_path, 0, [0.50, 0.50, 0.51, 0.51], [0.40, 0.45, 0.49, 0.52],
@@ -620,7 +618,7 @@ def test_join_seeds_pools_runs_into_counts_mean_curves_and_a_per_user_interval(t
 
 
 def test_join_seeds_counts_the_steps_target_against_every_scratch_loss_tried(tmp_path):
-    from simulations.experiments import join_seeds
+    from storefed.simulations.experiments import join_seeds
 
     pu = {"users": ["u1"], "transfer": [0.5], "scratch": [0.4]}
     # both runs meet the target against the kept scratch (0.45, reached at step 0 vs 30); run b
@@ -639,7 +637,7 @@ def test_join_seeds_counts_the_steps_target_against_every_scratch_loss_tried(tmp
 
 
 def test_join_seeds_refuses_runs_it_cannot_pool(tmp_path, capsys):
-    from simulations.experiments import join_seeds
+    from storefed.simulations.experiments import join_seeds
 
     good = {"users": ["u1", "u2"], "transfer": [1.0, 0.0], "scratch": [0.0, 0.0]}
     a = _fake_run(tmp_path, 0, [0.5, 0.5], [0.4, 0.5], good)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from simulations.simulate import report_run, round_curve
+from storefed.simulations.simulate import report_run, round_curve
+
 from tests.test_secagg import run
 
 
@@ -30,10 +31,9 @@ def _doc(test: list[float], valid: list[float | None]) -> dict:
 
 
 def test_the_best_round_is_the_best_on_validation_not_on_test(tmp_path, capsys, monkeypatch):
-    import simulations.simulate as sim
-
+    import storefed.simulations.simulate as sim
     monkeypatch.setattr(sim, "load_market", lambda *a, **k: (_Cat(), None))
-    monkeypatch.setattr("shared.baselines.run_popularity",
+    monkeypatch.setattr("storefed.shared.baselines.run_popularity",
                         lambda splits, n, which: {"m0": {"ndcg@10": 0.1}})
     doc = _doc(test=[0.30, 0.50, 0.40], valid=[0.35, 0.20, 0.45])
     assert round_curve(doc, "valid_ndcg@10") == [(1, 0.35), (2, 0.20), (3, 0.45)]

@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-
-from server.strategy import check_update
-from shared.wire import (
+from storefed.server.strategy import check_update
+from storefed.shared.wire import (
     LAYOUT_KEY,
     PACKED_KEY,
     WEIGHT_PREFIX,

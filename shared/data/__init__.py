@@ -13,25 +13,25 @@ The package, by layer (imports point down only; no module uses another's private
 * ``split``     - the public catalog and the chronological leave-one-out split.
 * ``load``      - markets, catalog, dataset and market loading, memoised; :func:`clear_caches`.
 
-This module only re-exports the public names importers use (``from shared.data import ...``).
+This module only re-exports the public names importers use (``from storefed.shared.data import ...``).
 """
 
 from __future__ import annotations
 
-from shared.data.amazon import read_amazon_pairs
-from shared.data.load import (
+from storefed.shared.data.amazon import read_amazon_pairs
+from storefed.shared.data.load import (
     available_markets,
     clear_caches,
     load_catalog,
     load_dataset,
     load_market,
 )
-from shared.data.movielens import read_movielens
-from shared.data.registry import DATASETS, READERS
-from shared.data.split import build_catalog, pad_histories, split_market
-from shared.data.synthetic import SPEC as SYNTHETIC_SPEC
-from shared.data.synthetic import SyntheticSpec, generate_synthetic
-from shared.data.types import (
+from storefed.shared.data.movielens import read_movielens
+from storefed.shared.data.registry import DATASETS, READERS
+from storefed.shared.data.split import build_catalog, pad_histories, split_market
+from storefed.shared.data.synthetic import SPEC as SYNTHETIC_SPEC
+from storefed.shared.data.synthetic import SyntheticSpec, generate_synthetic
+from storefed.shared.data.types import (
     CANONICAL_COLUMNS,
     Catalog,
     Dataset,
@@ -42,9 +42,9 @@ from shared.data.types import (
     ReaderOptions,
     ReadResult,
 )
-from shared.data.xmarket import read_xmarket
-from shared.data.xmrec import extra_rows as xmrec_extra_rows
-from shared.data.xmrec import read_xmrec, read_xmrec_extra
+from storefed.shared.data.xmarket import read_xmarket
+from storefed.shared.data.xmrec import extra_rows as xmrec_extra_rows
+from storefed.shared.data.xmrec import read_xmrec, read_xmrec_extra
 
 __all__ = [
     "CANONICAL_COLUMNS",

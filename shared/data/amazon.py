@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from shared.data.textio import (
+from storefed.shared.data.textio import (
     as_list,
     canonical,
     check_markets,
@@ -29,7 +28,7 @@ from shared.data.textio import (
     resolve,
     table_reader,
 )
-from shared.errors import DataError
+from storefed.shared.errors import DataError
 
 SHARDS = 4  # markets per pair: user id modulo SHARDS
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
-
-from shared.data.registry import reader
-from shared.data.split import build_catalog, split_market
-from shared.data.textio import as_list
-from shared.data.types import (
+from storefed.shared.data.registry import reader
+from storefed.shared.data.split import build_catalog, split_market
+from storefed.shared.data.textio import as_list
+from storefed.shared.data.types import (
     Catalog,
     Dataset,
     MarketExtras,
@@ -33,9 +32,9 @@ from shared.data.types import (
     ReaderOptions,
     ReadResult,
 )
-from shared.errors import DataError
+from storefed.shared.errors import DataError
 
-_PACKAGE = __name__.rpartition(".")[0]  # "shared.data"
+_PACKAGE = __name__.rpartition(".")[0]  # "storefed.shared.data"
 
 
 def check_dataset(dataset: str) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from shared.data.textio import (
+from storefed.shared.data.textio import (
     as_list,
     canonical,
     check_markets,
@@ -26,7 +25,7 @@ from shared.data.textio import (
     require_file,
     table_reader,
 )
-from shared.errors import DataError
+from storefed.shared.errors import DataError
 
 MIN_CATEGORY_ITEMS = 50  # a genre first-flagged on fewer movies is merged into "other"
 

@@ -8,14 +8,14 @@ here; :data:`DATASETS` (the CLI's choices, in this order) is derived from it, ne
 
 from __future__ import annotations
 
-from shared.data.amazon import READER as AMAZON_PAIRS
-from shared.data.movielens import READER as MOVIELENS
-from shared.data.synthetic import READER as SYNTHETIC
-from shared.data.table import READER as TABLE
-from shared.data.types import Reader
-from shared.data.xmarket import READER as XMARKET
-from shared.data.xmrec import READER as XMREC
-from shared.errors import DataError
+from storefed.shared.data.amazon import READER as AMAZON_PAIRS
+from storefed.shared.data.movielens import READER as MOVIELENS
+from storefed.shared.data.synthetic import READER as SYNTHETIC
+from storefed.shared.data.table import READER as TABLE
+from storefed.shared.data.types import Reader
+from storefed.shared.data.xmarket import READER as XMARKET
+from storefed.shared.data.xmrec import READER as XMREC
+from storefed.shared.errors import DataError
 
 READERS: dict[str, Reader] = {
     r.name: r for r in (SYNTHETIC, TABLE, XMARKET, XMREC, MOVIELENS, AMAZON_PAIRS)

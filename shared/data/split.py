@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
-from shared.data.types import Catalog, EvalSet, MarketSplit
-from shared.errors import DataError
+from storefed.shared.data.types import Catalog, EvalSet, MarketSplit
+from storefed.shared.errors import DataError
 
 
 def build_catalog(df: pd.DataFrame) -> Catalog:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from shared.data.textio import as_list, canonical, check_markets
-from shared.data.types import Reader, ReaderOptions, ReadResult
-from shared.errors import DataError
+from storefed.shared.data.textio import as_list, canonical, check_markets
+from storefed.shared.data.types import Reader, ReaderOptions, ReadResult
+from storefed.shared.errors import DataError
 
 
 @dataclass(frozen=True)

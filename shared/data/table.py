@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from shared.data.textio import (
+from storefed.shared.data.textio import (
     as_list,
     canonical,
     check_markets,
@@ -34,7 +33,7 @@ from shared.data.textio import (
     require_file,
     table_reader,
 )
-from shared.errors import DataError
+from storefed.shared.errors import DataError
 
 FILE = "interactions.csv"
 MAPPING = "columns.toml"

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from shared.data.types import Reader, ReaderOptions, ReadResult
-from shared.errors import DataError
+from storefed.shared.data.types import Reader, ReaderOptions, ReadResult
+from storefed.shared.errors import DataError
 
 _INT_RE = re.compile(r"-?[0-9]{1,18}")
 

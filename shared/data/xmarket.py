@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-
-from shared.data.textio import (
+from storefed.shared.data.textio import (
     as_list,
     canonical,
     check_markets,
@@ -29,7 +28,7 @@ from shared.data.textio import (
     require_dir,
     table_reader,
 )
-from shared.errors import DataError
+from storefed.shared.errors import DataError
 
 _XMARKET_COLUMNS = "userId itemId rate date"
 _XMARKET_CORE_RE = re.compile(r"^([^_]+)_5core\.txt$")

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from shared.data.textio import (
+from storefed.shared.data.textio import (
     as_list,
     canonical,
     check_markets,
@@ -43,8 +42,8 @@ from shared.data.textio import (
     require_file,
     resolve,
 )
-from shared.data.types import MarketExtras, Reader, ReaderOptions, ReadResult
-from shared.errors import DataError
+from storefed.shared.data.types import MarketExtras, Reader, ReaderOptions, ReadResult
+from storefed.shared.errors import DataError
 
 
 def _xmrec_markets(d: Path) -> list[str]:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from shared.data import DATASETS
-from shared.errors import ConfigError, StorefedError
+from storefed.shared.data import DATASETS
+from storefed.shared.errors import ConfigError, StorefedError
 
 log = logging.getLogger("storefed")
 
@@ -44,7 +44,7 @@ class ServiceError(StorefedError):
 
 
 def _free_port() -> int:
-    from simulations.cluster import free_port  # noqa: PLC0415
+    from storefed.simulations.cluster import free_port  # noqa: PLC0415
 
     return free_port()
 
@@ -57,7 +57,7 @@ class ServiceProcess:
                  data_dir: str | None = None, port: int | None = None,
                  extra: list[str] | None = None, log_path: str | Path | None = None) -> None:
         self.port = port or _free_port()
-        self.cmd = [sys.executable, "-m", "simulations.cli", "serve", "--state-dir",
+        self.cmd = [sys.executable, "-m", "storefed.simulations.cli", "serve", "--state-dir",
                     str(state_dir), "--market", market, "--port", str(self.port)]
         if dataset:
             self.cmd += ["--dataset", dataset]
@@ -91,8 +91,8 @@ class ServiceProcess:
             else ""
 
     def wait_listening(self, timeout: float = 120.0) -> None:
-        from simulations.cluster import wait_port  # noqa: PLC0415
-        from simulations.deploy import DeployError  # noqa: PLC0415
+        from storefed.simulations.cluster import wait_port  # noqa: PLC0415
+        from storefed.simulations.deploy import DeployError  # noqa: PLC0415
 
         assert self.proc is not None, "start() first"
         try:
@@ -118,7 +118,7 @@ class ServiceProcess:
 
     def stop(self) -> int | None:
         """Stop the process (by PID and its group); returns its exit code."""
-        from simulations.deploy import stop_process  # noqa: PLC0415
+        from storefed.simulations.deploy import stop_process  # noqa: PLC0415
 
         if self.proc is None:
             return None
@@ -275,10 +275,10 @@ def prepare_serving(state_dir: Path, market: str, dataset: str, data_dir: str | 
                     rounds: int = 1) -> Path:
     """A serving file for ``market`` from ``rounds`` local training rounds of one node (no
     federation: what the load costs does not depend on how well the model was trained)."""
-    from shared.config import RunConfig  # noqa: PLC0415
-    from shared.model import encoder_state  # noqa: PLC0415
-    from shared.node import MarketNode, initial_encoder  # noqa: PLC0415
-    from shared.serving_state import write_node_serving  # noqa: PLC0415
+    from storefed.shared.config import RunConfig  # noqa: PLC0415
+    from storefed.shared.model import encoder_state  # noqa: PLC0415
+    from storefed.shared.node import MarketNode, initial_encoder  # noqa: PLC0415
+    from storefed.shared.serving_state import write_node_serving  # noqa: PLC0415
 
     cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "dataset": dataset,
                                   "data-dir": data_dir or ""}, source="bench-serve")
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
             result = benchmark(svc.url, rates, args.duration, args.connections, args.k,
                                args.slo_ms, server_pid=svc.proc.pid)
             result["service_command"] = " ".join(svc.cmd[2:])
-    from shared.checkpoint import atomic_write_bytes  # noqa: PLC0415 - torch: only here
+    from storefed.shared.checkpoint import atomic_write_bytes  # noqa: PLC0415 - torch: only here
 
     out = Path(args.out)
     atomic_write_bytes(out, json.dumps(result, indent=2).encode())

@@ -34,22 +34,21 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shared.baselines import (
+from storefed.shared.baselines import (
     run_bpr_mf_local,
     run_ease_pooled,
     run_itemknn_pooled,
     run_popularity,
 )
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.data import load_dataset
-from shared.errors import ConfigError
-from shared.node import build_model, init_heads_from_data, train_settings
-from shared.progress import bar
-from shared.train import adam, batch_logits, input_histories, ranking_loss, train_local
-from simulations.experiments.local import run_central, run_inprocess, run_local
-from simulations.simulate import add_run_options, config_from_args
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.data import load_dataset
+from storefed.shared.errors import ConfigError
+from storefed.shared.node import build_model, init_heads_from_data, train_settings
+from storefed.shared.progress import bar
+from storefed.shared.train import adam, batch_logits, input_histories, ranking_loss, train_local
+from storefed.simulations.experiments.local import run_central, run_inprocess, run_local
+from storefed.simulations.simulate import add_run_options, config_from_args
 
 log = logging.getLogger("storefed")
 
@@ -102,7 +101,7 @@ def _fedavg_full(cfg: RunConfig, out: Path) -> MethodResult:
 
 
 def _flower(cfg: RunConfig, out: Path) -> MethodResult:
-    from simulations.simulate import lab_policy, run_federated  # noqa: PLC0415 - Flower
+    from storefed.simulations.simulate import lab_policy, run_federated  # noqa: PLC0415 - Flower
 
     # the lab holds every simulated market: plain FedAvg (the `storefed` row) is the
     # not-private reference, so its markets get a policy that lets plain updates out
@@ -119,9 +118,9 @@ def _flower(cfg: RunConfig, out: Path) -> MethodResult:
 def _encoder_bytes(cfg: RunConfig) -> float:
     """Bytes of one client's update per round: plain FedAvg sends every encoder tensor
     (float32) and its weights; SecAgg+ one int64 per slot of its masked vector."""
-    from shared.data import load_catalog  # noqa: PLC0415
-    from shared.node import initial_encoder  # noqa: PLC0415
-    from shared.secagg import VectorLayout  # noqa: PLC0415
+    from storefed.shared.data import load_catalog  # noqa: PLC0415
+    from storefed.shared.node import initial_encoder  # noqa: PLC0415
+    from storefed.shared.secagg import VectorLayout  # noqa: PLC0415
 
     enc = initial_encoder(cfg, load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed))
     if cfg.secagg:
@@ -251,7 +250,7 @@ def bare_loop_throughput(cfg: RunConfig, market: str, epochs: int = 1,
     One untimed epoch of each first (allocator, lazy imports), then ``repeats`` alternating
     timed runs of each; the ratio is of the fastest of each (noise on a shared machine only
     slows a run down)."""
-    from shared.node import MarketNode  # noqa: PLC0415
+    from storefed.shared.node import MarketNode  # noqa: PLC0415
 
     node = MarketNode(cfg, market, None)
     s = node.split
@@ -313,7 +312,7 @@ def measure_overhead(cfg: RunConfig, out: Path, repeats: int = 2) -> dict[str, A
     kNN scores first, as Flower's fresh actor processes load theirs. Timing noise only adds, so
     the ratio is of each arm's fastest run; every sample is kept. The steady-round ratio and
     Flower's fixed cost (Ray start, actor start-up, shutdown) come from the fastest runs."""
-    from shared.node import clear_caches  # noqa: PLC0415
+    from storefed.shared.node import clear_caches  # noqa: PLC0415
 
     inproc: list[tuple[float, list[float]]] = []
     flower: list[tuple[float, list[float]]] = []
@@ -350,7 +349,7 @@ def measure_overhead(cfg: RunConfig, out: Path, repeats: int = 2) -> dict[str, A
         result["flower_fixed_seconds"] = best_fl[0] - float(np.median(later_fl)) * len(best_fl[1])
     sizes = {}
     for m in cfg.market_list:
-        from shared.data import load_market  # noqa: PLC0415
+        from storefed.shared.data import load_market  # noqa: PLC0415
 
         _, split = load_market(cfg.dataset, cfg.data_dir or None, m, seed=cfg.seed,
                                n_neg=cfg.eval_negatives, max_history=cfg.max_history)

@@ -15,11 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig, parse_overrides
-from shared.errors import ConfigError
-from simulations.cluster import LocalCluster, add_cluster_options, choose_markets, demo_policy
-from simulations.deploy import DeployError, run_log
-from simulations.simulate import run_federated
+from storefed.shared.config import RunConfig, parse_overrides
+from storefed.shared.errors import ConfigError
+from storefed.simulations.cluster import (
+    LocalCluster,
+    add_cluster_options,
+    choose_markets,
+    demo_policy,
+)
+from storefed.simulations.deploy import DeployError, run_log
+from storefed.simulations.simulate import run_federated
 
 
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:

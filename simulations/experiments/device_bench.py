@@ -5,7 +5,7 @@ run, once per device, timed in one process.
 It needs only torch and numpy (no Flower, no Ray), so it runs on an accelerator machine that has
 neither::
 
-    python -m simulations.experiments.device_bench --dataset xmarket \\
+    python -m storefed.simulations.experiments.device_bench --dataset xmarket \\
         --data-dir ../shared/data/xmarket_forec_electronics --devices cpu,cuda --out DIR
 
 Prints a table and writes ``DIR/device_bench.json``:
@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from shared.config import RunConfig, parse_overrides
-from shared.data import available_markets
-from simulations.command import add_run_config_option
-from simulations.experiments.local import run_central, run_inprocess
+from storefed.shared.config import RunConfig, parse_overrides
+from storefed.shared.data import available_markets
+from storefed.simulations.command import add_run_config_option
+from storefed.simulations.experiments.local import run_central, run_inprocess
 
 
 def _arm(fn: Any, cfg: RunConfig) -> dict[str, Any]:

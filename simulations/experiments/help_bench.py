@@ -1,8 +1,8 @@
 """How long ``storefed --help`` takes (it must stay under 1 s: the registry imports no command).
 
-A measurement, not a timed test: ``python -m simulations.experiments.help_bench [--repeats N]
-[--out FILE]`` runs ``storefed --help`` (the installed console script beside this Python) N times
-in fresh processes and writes the wall seconds (each, median, max) as JSON.
+A measurement, not a timed test: ``python -m storefed.simulations.experiments.help_bench
+[--repeats N] [--out FILE]`` runs ``storefed --help`` (the installed console script beside this
+Python) N times in fresh processes and writes the wall seconds (each, median, max) as JSON.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 def measure(repeats: int) -> list[float]:
     """Wall seconds of ``storefed --help`` in ``repeats`` fresh processes."""
     exe = Path(sys.executable).with_name("storefed")
-    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "simulations.cli",
-                                                     "--help"]
+    cmd = [str(exe), "--help"] if exe.exists() else [
+        sys.executable, "-m", "storefed.simulations.cli", "--help"]
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -30,7 +30,7 @@ def measure(repeats: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.experiments.help_bench",
+    p = argparse.ArgumentParser(prog="python -m storefed.simulations.experiments.help_bench",
                                 description="Time `storefed --help`.")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="runs/help-bench.json")

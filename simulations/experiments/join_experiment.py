@@ -1,6 +1,6 @@
 """Join experiment: federate some source markets, then let held-back markets join.
 
-    python -m simulations.experiments.join_experiment --dataset xmarket \
+    python -m storefed.simulations.experiments.join_experiment --dataset xmarket \
         --data-dir DATA \
         --sources ca,de,fr,mx,uk --join in,jp --out runs/join-xmarket
 
@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from shared.checkpoint import atomic_write_bytes
-from shared.config import LOSSES, RunConfig
-from shared.data import DATASETS, available_markets, load_market
-from shared.errors import ConfigError
-from shared.train import resolve_device
-from shared.transfer import (
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import LOSSES, RunConfig
+from storefed.shared.data import DATASETS, available_markets, load_market
+from storefed.shared.errors import ConfigError
+from storefed.shared.train import resolve_device
+from storefed.shared.transfer import (
     JoinOutcome,
     JoinSettings,
     join_market,
@@ -40,15 +39,15 @@ from shared.transfer import (
     steps_target_met,
     steps_to_target,
 )
-from simulations.command import run_command
-from simulations.join import add_recipe_args
+from storefed.simulations.command import run_command
+from storefed.simulations.join import add_recipe_args
 
 log = logging.getLogger("storefed")
 
 
 def federate(args: argparse.Namespace, out: Path, server_lr: float = 1.0) -> Path:
     """Run the source federation; returns its encoder checkpoint."""
-    from simulations.simulate import lab_policy, run_federated  # noqa: PLC0415 - Flower, Ray
+    from storefed.simulations.simulate import lab_policy, run_federated  # noqa: PLC0415 - Flower, Ray
 
     cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, markets=args.sources,
                     num_rounds=args.rounds, local_epochs=args.local_epochs, seed=args.seed,
@@ -189,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.experiments.join_experiment",
+    p = argparse.ArgumentParser(prog="python -m storefed.simulations.experiments.join_experiment",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--dataset", choices=DATASETS, default="xmarket")
     p.add_argument("--data-dir", default=os.environ.get("STOREFED_DATA_DIR", ""),

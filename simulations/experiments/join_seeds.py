@@ -1,6 +1,6 @@
 """Pool join experiments run with different seeds into one verdict per joining market.
 
-    python -m simulations.experiments.join_seeds runs/join-xmarket-calt-seed{0..9} \
+    python -m storefed.simulations.experiments.join_seeds runs/join-xmarket-calt-seed{0..9} \
         --out runs/join-xmarket-calt-seeds.json
 
 Each argument is an ``OUT`` of ``simulations.experiments.join_experiment`` (its
@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from shared.checkpoint import atomic_write_bytes
-from shared.errors import DataError
-from shared.metrics import paired_bootstrap
-from shared.transfer import steps_target_met, steps_to_target
-from simulations.command import run_command
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.errors import DataError
+from storefed.shared.metrics import paired_bootstrap
+from storefed.shared.transfer import steps_target_met, steps_to_target
+from storefed.simulations.command import run_command
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -180,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.experiments.join_seeds",
+    p = argparse.ArgumentParser(prog="python -m storefed.simulations.experiments.join_seeds",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("runs", nargs="+", help="join_experiment --out directories (one per seed)")
     p.add_argument("--markets", default="", help="comma list (default: the first run's)")

@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.data import generate_synthetic
-from shared.errors import ConfigError
-from simulations.command import add_run_config_option
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.data import generate_synthetic
+from storefed.shared.errors import ConfigError
+from storefed.simulations.command import add_run_config_option
 
 log = logging.getLogger("storefed")
 
@@ -141,7 +140,7 @@ class TreeMemorySampler:
 
 def load_run(n: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Generate ``n`` storefronts, simulate ``args.rounds`` rounds, return the figures."""
-    from simulations.simulate import parse_overrides, run_federated  # noqa: PLC0415
+    from storefed.simulations.simulate import parse_overrides, run_federated  # noqa: PLC0415
 
     t0 = time.perf_counter()
     data_dir = out / f"data-{n}"

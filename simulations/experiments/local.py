@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shared.config import RunConfig
-from shared.model import encoder_state, load_parts
-from shared.node import MarketNode, initial_encoder, train_settings
-from shared.train import train_joint
-from shared.wire import apply_summed_update, make_update, sum_updates
+from storefed.shared.config import RunConfig
+from storefed.shared.model import encoder_state, load_parts
+from storefed.shared.node import MarketNode, initial_encoder, train_settings
+from storefed.shared.train import train_joint
+from storefed.shared.wire import apply_summed_update, make_update, sum_updates
 
 
 def make_nodes(cfg: RunConfig) -> list[MarketNode]:

@@ -30,17 +30,16 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shared.checkpoint import atomic_write_bytes, load_encoder
-from shared.config import MTL_MODES, RunConfig
-from shared.data import load_catalog
-from shared.errors import ConfigError
-from shared.model import load_parts
-from shared.mtl import within_category_metrics
-from shared.node import MarketNode, initial_encoder
-from shared.report import flatten_eval, unflatten_eval, write_metrics
-from shared.wire import ROWWISE_KEY, apply_summed_update, sum_updates
-from simulations.simulate import add_run_options, config_from_args
+from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
+from storefed.shared.config import MTL_MODES, RunConfig
+from storefed.shared.data import load_catalog
+from storefed.shared.errors import ConfigError
+from storefed.shared.model import load_parts
+from storefed.shared.mtl import within_category_metrics
+from storefed.shared.node import MarketNode, initial_encoder
+from storefed.shared.report import flatten_eval, unflatten_eval, write_metrics
+from storefed.shared.wire import ROWWISE_KEY, apply_summed_update, sum_updates
+from storefed.simulations.simulate import add_run_options, config_from_args
 
 log = logging.getLogger("storefed")
 METHODS = ("single-task", "shared-bottom", "mmoe")
@@ -87,7 +86,7 @@ def run_inprocess(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, MarketNode]
 
 def run_flower(cfg: RunConfig, verbose: bool) -> tuple[dict[str, Any], dict[str, MarketNode]]:
     """``storefed simulate``'s path; final models rebuilt from OUT/encoder.pt + saved heads."""
-    from simulations.simulate import run_federated  # noqa: PLC0415 - pulls in flwr/ray
+    from storefed.simulations.simulate import run_federated  # noqa: PLC0415 - pulls in flwr/ray
 
     doc = run_federated(cfg, verbose=verbose)
     glob = load_encoder(Path(cfg.out_dir) / "encoder.pt").state

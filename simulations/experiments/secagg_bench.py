@@ -36,13 +36,17 @@ from typing import Any, TypeVar
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.data import available_markets
-from shared.errors import ConfigError
-from shared.policy import NODE_CONFIG_KEY, write_policy
-from simulations.simulate import add_run_options, config_from_args, lab_policy, run_federated
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.data import available_markets
+from storefed.shared.errors import ConfigError
+from storefed.shared.policy import NODE_CONFIG_KEY, write_policy
+from storefed.simulations.simulate import (
+    add_run_options,
+    config_from_args,
+    lab_policy,
+    run_federated,
+)
 
 T = TypeVar("T")
 ENGINES = ("simulation", "inprocess")
@@ -130,23 +134,23 @@ class LocalGrid(Grid):
 # (module, attribute, bucket): the SecAgg+ work, timed exclusively (a bucket's time excludes
 # the time of the profiled calls it makes)
 PROFILED = (
-    ("client.secagg", "", "generate_keys", "key agreement"),
-    ("client.secagg", "", "shared_key", "key agreement"),
-    ("server.secagg", "", "shared_key", "key agreement"),
-    ("client.secagg", "", "create_shares", "share generation"),
-    ("client.secagg", "", "encrypt", "share generation"),
-    ("client.secagg", "", "_share_keys", "share generation"),
-    ("client.secagg", "", "decrypt", "share decryption"),
-    ("client.secagg", "", "encode", "encoding"),
-    ("server.secagg", "", "decode", "encoding"),
-    ("client.secagg", "", "prg_mask", "masking"),
-    ("client.secagg", "", "_masked", "masking"),
-    ("server.secagg", "", "combine_shares", "unmasking"),
-    ("server.secagg", "", "prg_mask", "unmasking"),
-    ("client.secagg", "", "_save", "protocol state"),
-    ("client.secagg", "", "_load", "protocol state"),
-    ("shared.node", "MarketNode", "train_round", "local training"),
-    ("shared.node", "MarketNode", "evaluate", "evaluation"),
+    ("storefed.client.secagg", "", "generate_keys", "key agreement"),
+    ("storefed.client.secagg", "", "shared_key", "key agreement"),
+    ("storefed.server.secagg", "", "shared_key", "key agreement"),
+    ("storefed.client.secagg", "", "create_shares", "share generation"),
+    ("storefed.client.secagg", "", "encrypt", "share generation"),
+    ("storefed.client.secagg", "", "_share_keys", "share generation"),
+    ("storefed.client.secagg", "", "decrypt", "share decryption"),
+    ("storefed.client.secagg", "", "encode", "encoding"),
+    ("storefed.server.secagg", "", "decode", "encoding"),
+    ("storefed.client.secagg", "", "prg_mask", "masking"),
+    ("storefed.client.secagg", "", "_masked", "masking"),
+    ("storefed.server.secagg", "", "combine_shares", "unmasking"),
+    ("storefed.server.secagg", "", "prg_mask", "unmasking"),
+    ("storefed.client.secagg", "", "_save", "protocol state"),
+    ("storefed.client.secagg", "", "_load", "protocol state"),
+    ("storefed.shared.node", "MarketNode", "train_round", "local training"),
+    ("storefed.shared.node", "MarketNode", "evaluate", "evaluation"),
 )
 
 
@@ -195,9 +199,9 @@ def cpu_run(cfg: RunConfig, out: Path, profile: Profile | None = None,
     """Run ``cfg`` in this process through ``LocalGrid``; (CPU seconds per steady round, doc).
     The doc gets ``cpu_round_seconds`` and ``wall_round_seconds`` (per round, from the ends
     of the evaluate exchanges) and, with ``profile``, the SecAgg+ profile."""
-    from client.client_app import make_app  # noqa: PLC0415
-    from server.rounds import PlainAggregation, run_rounds  # noqa: PLC0415
-    from server.secagg import SecAggAggregation  # noqa: PLC0415
+    from storefed.client.client_app import make_app  # noqa: PLC0415
+    from storefed.server.rounds import PlainAggregation, run_rounds  # noqa: PLC0415
+    from storefed.server.secagg import SecAggAggregation  # noqa: PLC0415
 
     cfg = cfg.replace(out_dir=str(out), state_dir=str(out / "state"), torch_threads=1)
     overrides = cfg.to_mapping()

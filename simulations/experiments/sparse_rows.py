@@ -20,7 +20,7 @@ the validation and the test split per seed:
                         interactions with the item (the rest keep their global value)
 * ``uniform-catalog``   scalar-catalog with weight 1 per market (as under DP)
 
-``python -m simulations.experiments.sparse_rows --dataset xmarket --data-dir DIR --seeds 3
+``python -m storefed.simulations.experiments.sparse_rows --dataset xmarket --data-dir DIR --seeds 3
 --out OUT``
 writes ``OUT/sparse_rows.json`` and prints one line per candidate.
 """
@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-import shared.node as node_module
-import simulations.experiments.local as local
-from shared.checkpoint import atomic_write_bytes
-from shared.config import RunConfig
-from shared.data import available_markets
-from shared.wire import ROWWISE_KEY, WEIGHT_PREFIX, sum_updates
+import storefed.shared.node as node_module
+import storefed.simulations.experiments.local as local
+from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.config import RunConfig
+from storefed.shared.data import available_markets
+from storefed.shared.wire import ROWWISE_KEY, WEIGHT_PREFIX, sum_updates
 
 CANDIDATES: dict[str, dict[str, Any]] = {
     "rowwise": {"aggregation": "rowwise", "negative_pool": "market"},

@@ -7,15 +7,15 @@ split of s3 (each user's last ``train_5core`` row against 99 sampled negatives):
 used for choosing. The official ``valid_run`` figure (storefed's test split for xmrec) is
 printed for comparison with the issue's and the challenge's numbers, never used to choose.
 
-Run: ``python -m simulations.experiments.xmrec_extra_knn --data-dir XMREC``.
+Run: ``python -m storefed.simulations.experiments.xmrec_extra_knn --data-dir XMREC``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from shared.baselines import run_itemknn_pooled
-from shared.data import ReaderOptions, load_catalog, load_market
+from storefed.shared.baselines import run_itemknn_pooled
+from storefed.shared.data import ReaderOptions, load_catalog, load_market
 
 MARKETS = ("s1", "s2", "s3")
 
