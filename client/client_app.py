@@ -11,6 +11,7 @@ from typing import Any, cast
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+
 from storefed.client.node import MetricDict, market_policy, open_node, train_reply
 from storefed.client.secagg import Identity, SecAggRefusedError, handle_secagg, piggyback
 from storefed.shared.policy import PolicyRefusedError

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
 from storefed.shared.config import RunConfig
 from storefed.shared.data import available_markets
 from storefed.shared.errors import ConfigError

@@ -40,6 +40,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
+
 from storefed.client.node import PRIVATE_KEY, open_node
 from storefed.shared.dp import delta_norm, privatize
 from storefed.shared.errors import ConfigError

@@ -54,6 +54,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, Response
+
 from storefed.shared.data import Catalog, MarketSplit, load_market, pad_histories
 from storefed.shared.errors import CheckpointError, ConfigError, StorefedError
 from storefed.shared.itemsim import ItemSimilarity

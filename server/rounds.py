@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+
 from storefed.server.exchange import send_and_receive
 from storefed.server.strategy import EncoderFedAvg
 from storefed.shared.checkpoint import check_state, load_encoder, save_encoder

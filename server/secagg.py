@@ -58,6 +58,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
+
 from storefed.server.exchange import send_and_receive
 from storefed.server.rounds import RoundStep, ServerRun, run_rounds
 from storefed.shared.config import RunConfig

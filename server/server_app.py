@@ -11,6 +11,7 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
 from storefed.server.rounds import PlainAggregation, run_rounds
 from storefed.server.secagg import SecAggAggregation
 from storefed.shared.config import RunConfig

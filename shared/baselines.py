@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from storefed.shared.data import EvalSet, MarketSplit
 from storefed.shared.metrics import ndcg_hr_at_k, summarize
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from storefed.shared.errors import CheckpointError
-from storefed.shared.model import ModelConfig
+from storefed.shared.model import ITEM_EMB_KEY, ModelConfig
 
 FORMAT = "storefed-encoder/1"
 PRIVATE_FORMAT = "storefed-private/1"
@@ -104,7 +105,7 @@ def load_encoder(path: str | Path) -> EncoderCheckpoint:
     try:
         model = ModelConfig(**obj["model"])
         state = obj["state"]
-        emb = state["encoder.item_emb.weight"]
+        emb = state[ITEM_EMB_KEY]
         if tuple(emb.shape) != (model.n_items + 1, model.dim):
             raise CheckpointError(f"encoder checkpoint {path}: item table {tuple(emb.shape)} "
                                   f"does not match n_items={model.n_items}, dim={model.dim}")

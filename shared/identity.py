@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.errors import ConfigError
 

@@ -25,10 +25,11 @@ import functools
 
 import numpy as np
 import torch
+from torch import nn
+
 from storefed.shared.baselines import fit_itemknn
 from storefed.shared.data import MarketSplit
 from storefed.shared.metrics import ndcg_hr_at_k
-from torch import nn
 
 
 class ItemSimilarity(nn.Module):

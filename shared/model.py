@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ENCODER_PREFIX = "encoder."
+#: the encoder's item-embedding table (I x D): the one tensor with a row per catalog item
+ITEM_EMB_KEY = ENCODER_PREFIX + "item_emb.weight"
 
 
 @dataclass(frozen=True)

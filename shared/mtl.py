@@ -31,6 +31,7 @@ from typing import cast
 
 import numpy as np
 import torch
+
 from storefed.shared.data import MarketSplit, pad_histories
 from storefed.shared.metrics import ndcg_hr_at_k, summarize
 from storefed.shared.model import Encoder, MarketModel, ModelConfig

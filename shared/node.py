@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from storefed.shared import data, itemsim
 from storefed.shared.checkpoint import load_private, save_private
 from storefed.shared.config import RunConfig

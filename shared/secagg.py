@@ -82,6 +82,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from storefed.shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
 
 MESSAGE_TYPE = "train.secagg"

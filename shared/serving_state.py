@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from storefed.shared.checkpoint import atomic_torch_save, read_checkpoint
 from storefed.shared.errors import CheckpointError
 from storefed.shared.model import MarketModel, ModelConfig, encoder_state, private_state

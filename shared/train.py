@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from storefed.shared.metrics import ndcg_hr_at_k, summarize
 from storefed.shared.model import MarketModel
 

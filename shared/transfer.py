@@ -28,6 +28,9 @@ Read top to bottom:
   (``paired_bootstrap``) in the details; ``simulations/experiments/join_seeds.py`` pools
   those over seeds.
 
+The comparison's parts (the scratch baseline, the adversarial variant, the steps-to-target
+bookkeeping, per-user nDCG) live in ``shared/transfer_study.py``; this module is the join.
+
 The Reptile-style meta-learned initialisation is a property of how the encoder was produced
 (the federation's server step, run-config key ``server-lr``), so ``join`` accepts any encoder;
 ``simulations/experiments/join_experiment.py`` compares encoders produced with and without it.
@@ -44,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
 from storefed.shared.checkpoint import EncoderCheckpoint, load_encoder, save_encoder, save_private
 from storefed.shared.config import LOSSES, RunConfig
 from storefed.shared.data import Catalog, MarketSplit
@@ -52,6 +55,7 @@ from storefed.shared.errors import CheckpointError, ConfigError
 from storefed.shared.itemsim import calibrate_weight
 from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
 from storefed.shared.model import (
+    ITEM_EMB_KEY,
     MarketModel,
     ModelConfig,
     encoder_state,
@@ -68,7 +72,6 @@ from storefed.shared.node import (
     init_heads_from_data,
     model_config,
     neural_scores,
-    split_scores,
 )
 from storefed.shared.progress import bar
 from storefed.shared.train import (
@@ -80,9 +83,15 @@ from storefed.shared.train import (
     input_histories,
     ranking_loss,
 )
-from torch import nn
+from storefed.shared.transfer_study import (
+    Adversary,
+    DomainDiscriminator,
+    scratch_model,
+    steps_to_target,
+    user_ndcg,
+)
 
-ITEM_KEY = "encoder.item_emb.weight"
+ITEM_KEY = ITEM_EMB_KEY
 VARIANTS = ("plain", "adversarial")
 FRESH_INITS = ("category-mean", "random")
 SELECTIONS = ("valid", "none")
@@ -298,15 +307,6 @@ def join_model(encoder: dict[str, torch.Tensor], mcfg: ModelConfig, catalog: Cat
     return model
 
 
-def scratch_model(mcfg: ModelConfig, catalog: Catalog, split: MarketSplit,
-                  seed: int) -> MarketModel:
-    """The baseline: a freshly initialised model with the same popularity-initialised heads."""
-    torch.manual_seed(seed)
-    model = MarketModel(mcfg, torch.as_tensor(np.asarray(catalog.item_category)))
-    init_heads_from_data(model, split)
-    return model
-
-
 def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device,
                     knn: KnnScores | None = None) -> dict[str, float]:
     """Scale fresh heads on the market's validation split, without an optimiser step.
@@ -344,65 +344,6 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
         if model.item_sim is not None:
             heads.knn_weight.fill_(w)
     return {"dot_scale": a, "pop_scale": b, "knn_weight": w, "valid_ndcg@10": best[0]}
-
-
-def user_ndcg(model: MarketModel, split: MarketSplit, which: str, device: torch.device,
-              knn: KnnScores | None = None) -> np.ndarray:
-    """Per-user nDCG@10 (U,) of ``model`` on the market's valid or test set, scored as
-    ``evaluate_split`` scores it."""
-    return ndcg_hr_at_k(split_scores(model, split, which, device, knn), 10)[0].numpy()
-
-
-# --------------------------------------------------------------------------- adversarial parts
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN401
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN401
-        return -ctx.scale * grad, None
-
-
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by ``-scale`` backward."""
-    out: torch.Tensor = _GradReverse.apply(x, scale)
-    return out
-
-
-class DomainDiscriminator(nn.Module):
-    """Source-vs-target classifier on pooled user vectors (logit > 0: source)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
-
-
-@dataclass
-class Adversary:
-    """Domain-adversarial term: pseudo-source users from federation-trained items."""
-
-    disc: DomainDiscriminator
-    source_items: torch.Tensor  # item indices whose rows the federation trained
-    weight: float
-
-    def loss(self, model: MarketModel, target_hist: torch.Tensor,
-             gen: torch.Generator) -> torch.Tensor:
-        pad = model.encoder.pad
-        lengths = (target_hist != pad).sum(dim=1).clamp(min=1)
-        b, width = target_hist.shape
-        pick = torch.randint(len(self.source_items), (b, width), generator=gen)
-        src = self.source_items[pick].to(target_hist.device)
-        cols = torch.arange(width, device=target_hist.device).unsqueeze(0)
-        src = torch.where(cols < lengths.unsqueeze(1), src, pad)
-        feats = torch.cat([model.encoder.pool(src), model.encoder.pool(target_hist)])
-        labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(feats.device)
-        logits = self.disc(grad_reverse(feats, 1.0))
-        return self.weight * F.binary_cross_entropy_with_logits(logits, labels)
 
 
 # --------------------------------------------------------------------------- training curves
@@ -508,22 +449,6 @@ def run_curve(model: MarketModel, split: MarketSplit, phases: list[Phase],
     if kept:
         model.load_state_dict(kept["state"])
     return curve
-
-
-def steps_target_met(reach: dict[str, int | None]) -> bool:
-    """The issue's steps target on ``{"transfer": a, "scratch": b}`` steps to scratch's best:
-    ``a <= b / 3``, with ``a`` reached at all (so ``0 vs 0`` meets it: scratch's best was its
-    untrained step 0 and transfer was there at once)."""
-    t, s = reach["transfer"], reach["scratch"]
-    return t is not None and s is not None and 3 * t <= s
-
-
-def steps_to_target(curve: list[list[float]], target: float) -> int | None:
-    """First step count whose metric reaches ``target`` (None if never)."""
-    for steps, value in curve:
-        if value >= target - 1e-12:
-            return int(steps)
-    return None
 
 
 def transfer_phases(settings: JoinSettings) -> list[Phase]:

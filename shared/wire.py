@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from storefed.shared.model import ITEM_EMB_KEY
+
 if TYPE_CHECKING:  # Flower is imported where records are built: the maths runs without it
     from flwr.app import ArrayRecord
 
 WEIGHT_PREFIX = "weight/"
-ROWWISE_KEY = "encoder.item_emb.weight"
+ROWWISE_KEY = ITEM_EMB_KEY  # row-wise weights: one per item row
 PACKED_KEY = "packed"
 LAYOUT_KEY = "packed.layout"
 _WIRE_DTYPES = frozenset({"float16", "float32", "float64", "int32", "int64", "uint8", "bool"})

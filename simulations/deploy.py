@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig
 from storefed.shared.errors import ConfigError, StorefedError

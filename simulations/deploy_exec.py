@@ -51,6 +51,7 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
 from storefed.shared.policy import load_policy
 from storefed.simulations.fab import installed_app_sha256
 

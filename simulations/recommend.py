@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from storefed.shared.checkpoint import load_encoder, load_private
 from storefed.shared.data import DATASETS, Catalog, MarketSplit, load_market, pad_histories
 from storefed.shared.errors import CheckpointError, DataError

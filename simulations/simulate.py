@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.clientapp.typing import Mod
+
 from storefed.client.client_app import make_app as make_client_app
 from storefed.server.rounds import prepare_run
 from storefed.server.server_app import make_app as make_server_app

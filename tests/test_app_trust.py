@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from storefed.shared.errors import ConfigError
 from storefed.shared.policy import PrivacyPolicy, write_policy
 from storefed.simulations.deploy_exec import UntrustedRunError, vet_run

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from storefed.shared.baselines import (
     fit_itemknn,
     popularity_scores,

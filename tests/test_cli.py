@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+
 from storefed.shared.checkpoint import read_checkpoint
 from storefed.shared.config import RunConfig, parse_overrides
 from storefed.shared.errors import CheckpointError, ConfigError

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
 from storefed.client.client_app import make_app
 from storefed.shared.config import RunConfig
 from storefed.shared.data import load_market

@@ -2,6 +2,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from storefed.shared.config import RunConfig
 from storefed.shared.errors import ConfigError
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from storefed.shared import data as D
 from storefed.shared.errors import DataError, StorefedError
 

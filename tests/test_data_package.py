@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from storefed.shared import data as D
 from storefed.shared.data import registry, split
 from storefed.shared.errors import DataError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from storefed.shared.data import DATASETS, available_markets, load_market
 from storefed.shared.errors import DataError
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from storefed.shared import data as D
 from storefed.shared.errors import DataError
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
+
 from storefed.shared.checkpoint import load_encoder
 from storefed.shared.config import RunConfig
 from storefed.shared.errors import ConfigError

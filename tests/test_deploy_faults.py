@@ -42,6 +42,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
+
 from storefed.server.exchange import send_and_receive
 from storefed.server.rounds import go_on_with_online_nodes, prepare_run
 from storefed.shared.checkpoint import load_encoder, load_private
@@ -51,7 +52,6 @@ from storefed.shared.policy import write_policy
 from storefed.simulations.cluster import LocalCluster
 from storefed.simulations.deploy import DeployError, rounds_written, submit_run, wait_run
 from storefed.simulations.simulate import lab_policy
-
 from tests.test_deploy import SMALL, _fail_with_logs, _private_round
 
 MARKETS = ["m0", "m1", "m2"]

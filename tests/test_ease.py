@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from storefed.shared.baselines import (
     ease_scores,
     ease_weights,

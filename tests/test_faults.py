@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from storefed.shared.checkpoint import load_encoder, load_private
 from storefed.shared.data import load_catalog
 from storefed.shared.wire import apply_summed_update, sum_updates

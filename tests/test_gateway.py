@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from storefed.shared.policy import write_policy
 from storefed.simulations.cluster import LocalCluster, free_port, wait_port
 from storefed.simulations.deploy import (
@@ -55,6 +56,7 @@ def _outsider(c: LocalCluster, address: str) -> dict[str, str]:
 def test_the_forwarding_app_serves_one_prefix_only():
     """In process: a path outside the prefix never reaches the upstream."""
     from starlette.testclient import TestClient
+
     from storefed.simulations.gateway import Upstream
 
     app = forwarding_app(Upstream("http://127.0.0.1:9", None), FLEET_PREFIX, "public")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from storefed.shared.checkpoint import load_encoder, load_private
 from storefed.shared.config import RunConfig
 from storefed.shared.node import MarketNode
@@ -36,7 +37,6 @@ from storefed.simulations.cli import main as storefed
 from storefed.simulations.cluster import LocalCluster
 from storefed.simulations.deploy import DeployError, rounds_written, submit_run, wait_run
 from storefed.simulations.simulate import lab_policy
-
 from tests.test_deploy import SMALL, _fail_with_logs, _rounds_seen
 
 SOURCES = ["m0", "m1"]

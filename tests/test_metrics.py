@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from storefed.shared.metrics import ndcg_hr_at_k, summarize
 
 

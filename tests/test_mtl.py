@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
 from storefed.client.client_app import make_app
 from storefed.server.strategy import EncoderFedAvg, check_update
 from storefed.shared.config import RunConfig

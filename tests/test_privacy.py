@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import storefed.client.secagg as client_secagg
-import storefed.server.secagg as server_secagg
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -26,6 +24,9 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
+
+import storefed.client.secagg as client_secagg
+import storefed.server.secagg as server_secagg
 from storefed.client.client_app import make_app
 from storefed.shared.config import RunConfig
 from storefed.shared.data import load_catalog
@@ -41,7 +42,6 @@ from storefed.shared.policy import (
 )
 from storefed.shared.secagg import MESSAGE_TYPE, RECORD, check_coefficients
 from storefed.shared.wire import ROWWISE_KEY, WEIGHT_PREFIX
-
 from tests.test_secagg import FakeGrid
 
 MARKETS = ("aa", "bb", "cc")

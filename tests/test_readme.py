@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from storefed.simulations.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]

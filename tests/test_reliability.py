@@ -30,6 +30,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from storefed.server.strategy import EncoderFedAvg
 from storefed.shared import checkpoint as C
 from storefed.shared import data as D

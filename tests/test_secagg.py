@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import storefed.client.secagg as client_secagg
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
+
+import storefed.client.secagg as client_secagg
 from storefed.client.client_app import make_app
 from storefed.server.secagg import run_server_secagg
 from storefed.shared.config import RunConfig

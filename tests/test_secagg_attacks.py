@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import storefed.client.secagg as client_secagg
-import storefed.server.secagg as server_secagg
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -19,6 +17,9 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import storefed.client.secagg as client_secagg
+import storefed.server.secagg as server_secagg
 from storefed.client.client_app import make_app
 from storefed.shared.config import RunConfig
 from storefed.shared.data import load_catalog
@@ -38,7 +39,6 @@ from storefed.shared.secagg import (
     shared_key,
 )
 from storefed.shared.wire import to_record
-
 from tests.test_secagg import FakeGrid
 
 BASE = {"embedding-dim": 4, "local-epochs": 1, "device": "cpu", "num-rounds": 1,

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig
 from storefed.shared.model import encoder_state

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from storefed.shared.checkpoint import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from storefed.server.rounds import reptile_step
 from storefed.shared.checkpoint import load_encoder, save_encoder
 from storefed.shared.config import RunConfig
@@ -20,20 +21,22 @@ from storefed.shared.model import encoder_state
 from storefed.shared.node import MarketNode, initial_encoder, model_config
 from storefed.shared.policy import load_policy
 from storefed.shared.transfer import (
-    Adversary,
-    DomainDiscriminator,
     JoinOutcome,
     JoinSettings,
     Phase,
-    grad_reverse,
     join_market,
     join_model,
     load_join_encoder,
     map_encoder,
     run_curve,
     split_evaluator,
-    steps_to_target,
     untrained_rows,
+)
+from storefed.shared.transfer_study import (
+    Adversary,
+    DomainDiscriminator,
+    grad_reverse,
+    steps_to_target,
 )
 from storefed.shared.wire import apply_summed_update, sum_updates
 from storefed.simulations import join as join_cmd

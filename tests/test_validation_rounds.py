@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 from storefed.simulations.simulate import report_run, round_curve
-
 from tests.test_secagg import run
 
 

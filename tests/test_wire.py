@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+
 from storefed.server.strategy import check_update
 from storefed.shared.wire import (
     LAYOUT_KEY,

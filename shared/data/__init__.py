@@ -13,7 +13,8 @@ The package, by layer (imports point down only; no module uses another's private
 * ``split``     - the public catalog and the chronological leave-one-out split.
 * ``load``      - markets, catalog, dataset and market loading, memoised; :func:`clear_caches`.
 
-This module only re-exports the public names importers use (``from storefed.shared.data import ...``).
+This module only re-exports the public names importers use
+(``from storefed.shared.data import ...``).
 """
 
 from __future__ import annotations

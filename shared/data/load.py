@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
+
 from storefed.shared.data.registry import reader
 from storefed.shared.data.split import build_catalog, split_market
 from storefed.shared.data.textio import as_list

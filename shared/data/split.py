@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
 from storefed.shared.data.types import Catalog, EvalSet, MarketSplit
 from storefed.shared.errors import DataError
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from storefed.shared.data.textio import as_list, canonical, check_markets
 from storefed.shared.data.types import Reader, ReaderOptions, ReadResult
 from storefed.shared.errors import DataError

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from storefed.shared.data.types import Reader, ReaderOptions, ReadResult
 from storefed.shared.errors import DataError
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
 from storefed.shared.data.textio import (
     as_list,
     canonical,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from storefed.shared.data.textio import (
     as_list,
     canonical,

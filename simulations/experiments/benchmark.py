@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from storefed.shared.baselines import (
     run_bpr_mf_local,
     run_ease_pooled,
@@ -44,6 +45,7 @@ from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig
 from storefed.shared.data import load_dataset
 from storefed.shared.errors import ConfigError
+from storefed.shared.model import ITEM_EMB_KEY
 from storefed.shared.node import build_model, init_heads_from_data, train_settings
 from storefed.shared.progress import bar
 from storefed.shared.train import adam, batch_logits, input_histories, ranking_loss, train_local
@@ -129,7 +131,7 @@ def _encoder_bytes(cfg: RunConfig) -> float:
     for k, v in enc.items():
         total += v.numel() * 4
         rows = v.shape[0] if (cfg.aggregation == "rowwise"
-                              and k == "encoder.item_emb.weight") else 1
+                              and k == ITEM_EMB_KEY) else 1
         total += rows * 4
     return float(total)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from storefed.shared.config import RunConfig, parse_overrides
 from storefed.shared.data import available_markets
 from storefed.simulations.command import add_run_config_option

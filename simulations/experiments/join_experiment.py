@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import LOSSES, RunConfig
 from storefed.shared.data import DATASETS, available_markets, load_market
@@ -36,9 +37,8 @@ from storefed.shared.transfer import (
     JoinSettings,
     join_market,
     save_joined,
-    steps_target_met,
-    steps_to_target,
 )
+from storefed.shared.transfer_study import steps_target_met, steps_to_target
 from storefed.simulations.command import run_command
 from storefed.simulations.join import add_recipe_args
 

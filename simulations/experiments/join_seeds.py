@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.errors import DataError
 from storefed.shared.metrics import paired_bootstrap
-from storefed.shared.transfer import steps_target_met, steps_to_target
+from storefed.shared.transfer_study import steps_target_met, steps_to_target
 from storefed.simulations.command import run_command
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig
 from storefed.shared.data import generate_synthetic

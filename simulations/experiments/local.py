@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from storefed.shared.config import RunConfig
 from storefed.shared.model import encoder_state, load_parts
 from storefed.shared.node import MarketNode, initial_encoder, train_settings

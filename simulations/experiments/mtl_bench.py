@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
 from storefed.shared.config import MTL_MODES, RunConfig
 from storefed.shared.data import load_catalog

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig
 from storefed.shared.data import available_markets

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import storefed.shared.node as node_module
 import storefed.simulations.experiments.local as local
 from storefed.shared.checkpoint import atomic_write_bytes
