@@ -407,16 +407,21 @@ def test_enrolled_markets_sign_and_check_round_keys(tmp_path, spies, caplog):
     assert "round keys of market 'm3' are not signed" in caplog.text
 
 
-def test_consistency_check_before_any_share_is_revealed(tmp_path, spies, caplog):
-    """Enrolled markets reveal shares only for the survivor set they signed, and only once
-    a threshold of their neighbours signed the same set."""
+def _enrolled_round(tmp_path):
+    """Four enrolled markets, round 1 set up to the masked upload (keys and shares out)."""
     from storefed.shared.identity import enroll
 
     cfg, grid, glob = _setup(tmp_path, 4)
     enroll(tmp_path / "state", [f"m{i}" for i in range(4)])
     nodes = list(grid.ids)
     sa = server_secagg.SecAggRound(grid, cfg, 1, glob, nodes)
-    ring = sa._ring(0, set(nodes))
+    return cfg, grid, glob, nodes, sa, sa._ring(0, set(nodes))
+
+
+def test_consistency_check_before_any_share_is_revealed(tmp_path, spies, caplog):
+    """Enrolled markets reveal shares only for the survivor set they signed, and only once
+    a threshold of their neighbours signed the same set."""
+    cfg, grid, glob, nodes, sa, ring = _enrolled_round(tmp_path)
     assert ring.authenticated == set(nodes)
     layout = sa.layout
     sa._send(MASKED, {n: RecordDict({
@@ -457,13 +462,7 @@ def test_a_survivor_set_signed_with_the_upload_is_the_only_one(tmp_path, spies, 
     of its own). A server that then asks a market to sign another set for the same attempt
     (to tell its neighbours different stories about who survived) is refused, and the
     market reveals shares only for the set it signed."""
-    from storefed.shared.identity import enroll
-
-    cfg, grid, glob = _setup(tmp_path, 4)
-    enroll(tmp_path / "state", [f"m{i}" for i in range(4)])
-    nodes = list(grid.ids)
-    sa = server_secagg.SecAggRound(grid, cfg, 1, glob, nodes)
-    ring = sa._ring(0, set(nodes))
+    cfg, grid, glob, nodes, sa, ring = _enrolled_round(tmp_path)
     records = sa._masked_records(ring, set(nodes), survivors=True)
     rep = sa._send(MASKED, {n: RecordDict({"arrays": to_record(glob),
                                            "config": ConfigRecord({"server-round": 1}),
