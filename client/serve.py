@@ -55,7 +55,13 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, Response
 
-from storefed.shared.data import Catalog, MarketSplit, load_market, pad_histories
+from storefed.shared.data import (
+    Catalog,
+    MarketSplit,
+    ReaderOptions,
+    load_market,
+    pad_histories,
+)
 from storefed.shared.errors import CheckpointError, ConfigError, StorefedError
 from storefed.shared.itemsim import ItemSimilarity
 from storefed.shared.model import MarketModel, load_parts
@@ -108,12 +114,13 @@ _DATA: dict[tuple[Any, ...], MarketData] = {}
 
 
 def market_data(dataset: str, data_dir: str, market: str, seed: int, n_neg: int,
-                max_history: int) -> MarketData:
+                max_history: int, options: ReaderOptions | None = None) -> MarketData:
     """Load (once per argument set) the market's catalog, split and item-kNN."""
-    key = (dataset, data_dir, market, seed, n_neg, max_history)
+    opts = options or ReaderOptions()
+    key = (dataset, data_dir, market, seed, n_neg, max_history, opts)
     if key not in _DATA:
         catalog, split = load_market(dataset, data_dir or None, market, seed=seed, n_neg=n_neg,
-                                     max_history=max_history)
+                                     max_history=max_history, options=opts)
         known: list[list[int]] = [[] for _ in split.user_ids]
         for u, i in zip(split.train_users.tolist(), split.train_items.tolist(), strict=True):
             known[u].append(i)
@@ -200,7 +207,8 @@ def build_served(snap: ServingSnapshot, dataset: str | None, data_dir: str | Non
         raise ConfigError("no --dataset given and the serving file's config names none")
     max_history = int(cfg.get("max-history", 50))
     data = market_data(ds, dd, snap.market, int(cfg.get("seed", 0)),
-                       int(cfg.get("eval-negatives", 99)), max_history)
+                       int(cfg.get("eval-negatives", 99)), max_history,
+                       ReaderOptions.from_run_config(cfg))
     if data.catalog.fingerprint() != snap.catalog_fingerprint:
         raise CheckpointError(f"the serving file of market {snap.market} round {snap.round} "
                               f"was written for another catalog than {ds} {dd!r}")

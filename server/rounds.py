@@ -27,7 +27,7 @@ from storefed.server.exchange import send_and_receive
 from storefed.server.strategy import EncoderFedAvg
 from storefed.shared.checkpoint import check_state, load_encoder, save_encoder
 from storefed.shared.config import RunConfig
-from storefed.shared.data import Catalog, load_catalog
+from storefed.shared.data import Catalog, ReaderOptions, load_catalog
 from storefed.shared.errors import CheckpointError, ConfigError
 from storefed.shared.model import ModelConfig
 from storefed.shared.node import initial_encoder, model_config
@@ -54,7 +54,8 @@ class ServerRun:
 
 def prepare_run(cfg: RunConfig) -> ServerRun:
     """Catalog, model shapes, the strategy with the initial (or resumed) global encoder."""
-    catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
+    catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed,
+                           options=ReaderOptions.from_run_config(cfg.to_mapping()))
     mcfg = model_config(cfg, catalog)
     out = Path(cfg.out_dir)
     ckpt_path, metrics_path = out / "encoder.pt", out / "metrics.json"

@@ -87,6 +87,9 @@ class RunConfig:
     # self-attention blocks over the history inside the shared encoder (0 = pooled sum only)
     history_layers: int = 0
     history_dropout: float = 0.4  # training: drop each input history item with this probability
+    # XMRec markets also train on train.tsv beside train_5core.tsv (shared/data/xmrec.py); the
+    # server and every market must agree (the catalog's fingerprint checks it)
+    xmrec_extra_train: bool = True
 
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)

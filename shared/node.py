@@ -18,7 +18,7 @@ import torch
 from storefed.shared import data, itemsim
 from storefed.shared.checkpoint import load_private, save_private
 from storefed.shared.config import RunConfig
-from storefed.shared.data import Catalog, MarketSplit, load_market
+from storefed.shared.data import Catalog, MarketSplit, ReaderOptions, load_market
 from storefed.shared.itemsim import ItemSimilarity, calibrate_weight
 from storefed.shared.model import (
     MarketModel,
@@ -191,7 +191,8 @@ class MarketNode:
         self.market = market
         self.catalog, self.split = load_market(cfg.dataset, cfg.data_dir or None, market,
                                                seed=cfg.seed, n_neg=cfg.eval_negatives,
-                                               max_history=cfg.max_history)
+                                               max_history=cfg.max_history,
+                                               options=ReaderOptions.from_run_config(cfg.to_mapping()))
         self.device = resolve_device(cfg.device)
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)

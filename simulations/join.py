@@ -18,7 +18,7 @@ from typing import Any
 
 from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
 from storefed.shared.config import LOSSES
-from storefed.shared.data import DATASETS, available_markets, load_market
+from storefed.shared.data import DATASETS, ReaderOptions, available_markets, load_market
 from storefed.shared.errors import DataError
 from storefed.shared.identity import load_or_create, public_hex
 from storefed.shared.policy import NODE_CONFIG_KEY, load_policy, write_policy
@@ -130,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
         select=args.select, head_init=args.head_init,
         item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
+    # the catalog as the federation read it (e.g. XMRec with or without train.tsv)
+    options = ReaderOptions.from_run_config(fed_cfg)
     catalog, split = load_market(args.dataset, args.data_dir or None, args.market,
-                                 seed=args.seed, max_history=max_history)
+                                 seed=args.seed, max_history=max_history, options=options)
     device = resolve_device(args.device)
     log.info("market %s: zero-shot evaluation, then %d fine-tuning steps%s", args.market,
              settings.head_steps + settings.encoder_steps,
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = {"dataset": args.dataset, "data-dir": args.data_dir, "markets": args.market,
               "seed": args.seed, "max-history": max_history, "item-knn": settings.item_knn,
-              "embedding-dim": outcome.model.cfg.dim}
+              "embedding-dim": outcome.model.cfg.dim,
+              "xmrec-extra-train": options.xmrec_extra_train}
     paths = save_joined(out, outcome, catalog, config)
     outcome.details["saved"] = paths
     # the market's side of enrollment: its policy and its identity key live with its heads

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from storefed.shared.checkpoint import load_encoder, load_private
-from storefed.shared.data import DATASETS, Catalog, MarketSplit, load_market, pad_histories
+from storefed.shared.data import (
+    DATASETS,
+    Catalog,
+    MarketSplit,
+    ReaderOptions,
+    load_market,
+    pad_histories,
+)
 from storefed.shared.errors import CheckpointError, DataError
 from storefed.shared.model import MarketModel, load_parts
 from storefed.shared.node import attach_knn
@@ -151,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"{args.state}: no dataset in the checkpoint's config; pass "
                             "--dataset/--data-dir (or --all-items for a cold user)")
         catalog, split = load_market(dataset, data_dir or None, args.market,
-                                     seed=int(cfg.get("seed", 0)), max_history=max_history)
+                                     seed=int(cfg.get("seed", 0)), max_history=max_history,
+                                     options=ReaderOptions.from_run_config(cfg))
         if catalog.fingerprint() != state.catalog.fingerprint():
             raise CheckpointError(f"{args.state}/encoder.pt was saved for another catalog "
                                   f"than {dataset} {data_dir}")

@@ -19,7 +19,7 @@ from storefed.server.rounds import prepare_run
 from storefed.server.server_app import make_app as make_server_app
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig, parse_overrides
-from storefed.shared.data import DATASETS, available_markets, load_market
+from storefed.shared.data import DATASETS, ReaderOptions, available_markets, load_market
 from storefed.shared.errors import ConfigError, DataError
 from storefed.shared.identity import enroll
 from storefed.shared.policy import NODE_CONFIG_KEY, PrivacyPolicy, load_policy, write_policy
@@ -218,7 +218,8 @@ def preflight(cfg: RunConfig) -> None:
     prepare_run(cfg)
     for market in cfg.market_list:
         load_market(cfg.dataset, cfg.data_dir or None, market, seed=cfg.seed,
-                    n_neg=cfg.eval_negatives, max_history=cfg.max_history)
+                    n_neg=cfg.eval_negatives, max_history=cfg.max_history,
+                    options=ReaderOptions.from_run_config(cfg.to_mapping()))
 
 
 def _cuda_available() -> bool:
@@ -314,7 +315,8 @@ def report_run(doc: dict[str, Any], cfg: RunConfig, out: Path) -> None:
     splits, n_items = {}, 0
     for m in cfg.market_list:
         catalog, split = load_market(cfg.dataset, cfg.data_dir or None, m, seed=cfg.seed,
-                                     n_neg=cfg.eval_negatives, max_history=cfg.max_history)
+                                     n_neg=cfg.eval_negatives, max_history=cfg.max_history,
+                                     options=ReaderOptions.from_run_config(cfg.to_mapping()))
         splits[m], n_items = split, catalog.n_items
     pop = run_popularity(splits, n_items, "test")
     pop_avg = sum(float(str(v["ndcg@10"])) for v in pop.values()) / len(pop)

@@ -127,3 +127,25 @@ def test_real_s3_no_held_out_pair_trains_and_the_benchmark_is_unchanged(s3):
     ids = np.asarray(catalog.item_ids, dtype=object)
     ids0 = np.asarray(catalog0.item_ids, dtype=object)
     np.testing.assert_array_equal(ids[split.test.candidates], ids0[split0.test.candidates])
+
+
+@pytest.mark.parametrize("extra", [True, False])
+def test_the_run_config_key_reaches_the_server_and_every_market(tmp_path, extra):
+    """``xmrec-extra-train`` in the run config: the server's catalog and each market's node
+    read the same rows (their catalogs agree), with train.tsv or without it."""
+    from storefed.server.rounds import prepare_run
+    from storefed.shared.config import RunConfig
+    from storefed.shared.node import MarketNode
+
+    root = make_market(tmp_path / "xmrec")
+    D.clear_caches(D)
+    cfg = RunConfig.from_mapping({"dataset": "xmrec", "data-dir": str(root), "markets": "s9",
+                                  "xmrec-extra-train": extra, "eval-negatives": 2,
+                                  "secagg": False, "out-dir": str(tmp_path / "out")})
+    server = prepare_run(cfg).catalog
+    node = MarketNode(cfg, "s9", tmp_path / "state")
+    assert ("P99" in server.item_ids) is extra
+    assert node.catalog.fingerprint() == server.fingerprint()
+    assert ("c" in node.split.user_ids) is extra
+    with pytest.raises(Exception, match="xmrec-extra-train"):
+        RunConfig.from_mapping({"xmrec-extra-train": "yes"})

@@ -22,10 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -170,6 +170,12 @@ class ReaderOptions:
     """
 
     xmrec_extra_train: bool = True
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> ReaderOptions:
+        """The options a run config (``RunConfig.to_mapping()``, or the ``config`` a checkpoint
+        keeps) asks for; a key it lacks keeps the default."""
+        return cls(xmrec_extra_train=bool(config.get("xmrec-extra-train", True)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -43,7 +43,7 @@ from storefed.shared.baselines import (
 )
 from storefed.shared.checkpoint import atomic_write_bytes
 from storefed.shared.config import RunConfig
-from storefed.shared.data import load_dataset
+from storefed.shared.data import ReaderOptions, load_dataset
 from storefed.shared.errors import ConfigError
 from storefed.shared.model import ITEM_EMB_KEY
 from storefed.shared.node import build_model, init_heads_from_data, train_settings
@@ -124,7 +124,8 @@ def _encoder_bytes(cfg: RunConfig) -> float:
     from storefed.shared.node import initial_encoder  # noqa: PLC0415
     from storefed.shared.secagg import VectorLayout  # noqa: PLC0415
 
-    enc = initial_encoder(cfg, load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed))
+    enc = initial_encoder(cfg, load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed,
+                                            options=ReaderOptions.from_run_config(cfg.to_mapping())))
     if cfg.secagg:
         return float(VectorLayout.for_encoder(enc).size * 8)
     total = 0
@@ -150,7 +151,8 @@ def _baseline(fn: Callable[..., dict[str, dict[str, object]]],
               **kwargs: Any) -> Method:
     def run(cfg: RunConfig, out: Path) -> MethodResult:
         ds = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.market_list, seed=cfg.seed,
-                          n_neg=cfg.eval_negatives, max_history=cfg.max_history)
+                          n_neg=cfg.eval_negatives, max_history=cfg.max_history,
+                          options=ReaderOptions.from_run_config(cfg.to_mapping()))
         t0 = time.perf_counter()
         args = {"seed": cfg.seed} if "seed" in kwargs else {}
         markets = fn(ds.markets, ds.catalog.n_items, **args)
@@ -354,7 +356,8 @@ def measure_overhead(cfg: RunConfig, out: Path, repeats: int = 2) -> dict[str, A
         from storefed.shared.data import load_market  # noqa: PLC0415
 
         _, split = load_market(cfg.dataset, cfg.data_dir or None, m, seed=cfg.seed,
-                               n_neg=cfg.eval_negatives, max_history=cfg.max_history)
+                               n_neg=cfg.eval_negatives, max_history=cfg.max_history,
+                               options=ReaderOptions.from_run_config(cfg.to_mapping()))
         sizes[m] = split.n_train
     result["throughput"] = bare_loop_throughput(cfg, max(sizes, key=lambda k: sizes[k]))
     return result

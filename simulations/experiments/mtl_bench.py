@@ -33,7 +33,7 @@ import torch
 
 from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
 from storefed.shared.config import MTL_MODES, RunConfig
-from storefed.shared.data import load_catalog
+from storefed.shared.data import ReaderOptions, load_catalog
 from storefed.shared.errors import ConfigError
 from storefed.shared.model import load_parts
 from storefed.shared.mtl import within_category_metrics
@@ -54,7 +54,8 @@ PROTOCOL = ("federated: every market trains each round (fraction-train 1); chron
 def run_inprocess(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, MarketNode]]:
     """Federated rounds without a transport: the server's sum/apply on ``MarketNode``s.
     Writes ``OUT/metrics.json`` like the ServerApp; returns (metrics doc, nodes)."""
-    catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
+    catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed,
+                           options=ReaderOptions.from_run_config(cfg.to_mapping()))
     glob = initial_encoder(cfg, catalog)
     nodes = {m: MarketNode(cfg, m) for m in cfg.market_list}
     rounds: list[dict[str, Any]] = []
@@ -193,7 +194,8 @@ def summarize_method(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bytes_per_client_round(cfg: RunConfig) -> int:
     """Download (global encoder, float32) + upload (weighted deltas + their weights)."""
-    catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed)
+    catalog = load_catalog(cfg.dataset, cfg.data_dir or None, seed=cfg.seed,
+                           options=ReaderOptions.from_run_config(cfg.to_mapping()))
     state = initial_encoder(cfg, catalog)
     down = sum(v.numel() * 4 for v in state.values())
     weights = sum((v.shape[0] if (k == ROWWISE_KEY and cfg.aggregation == "rowwise") else 1) * 4
