@@ -178,37 +178,30 @@ class SecAggRound:
     # ------------------------------------------------------------------ driver
     def run(self) -> RoundResult:
         participants = set(self.nodes)
-        first = 0
         ring = self.prepared
-        if ring is not None and ring.rnd == self.rnd and ring.uploaded is not None:
-            first = 1  # the pipelined attempt does not count against secagg-retries
-            try:
-                summed, train = self._finish_pipelined(ring, participants)
-                self.attempts.append({"attempt": 0, "aggregated": sorted(train),
-                                      "pipelined": True})
-                return self._result(summed, train)
-            except AttemptFailedError as exc:
-                log.warning("round %d: pipelined secagg attempt failed (%s); running the full "
-                            "protocol with %d nodes", self.rnd, exc, len(exc.survivors))
-                self.attempts.append({"attempt": 0, "failed": str(exc), "pipelined": True})
-                participants = exc.survivors
-                self.next_ring = None
-        for attempt in range(first, self.cfg.secagg_retries + 1 + first):
-            if len(participants) < 2:
+        pipelined = ring is not None and ring.rnd == self.rnd and ring.uploaded is not None
+        # the pipelined attempt (0, if any) does not count against secagg-retries
+        for attempt in range(self.cfg.secagg_retries + 1 + int(pipelined)):
+            piped = pipelined and attempt == 0
+            if not piped and len(participants) < 2:
                 self.attempts.append({"attempt": attempt, "failed": "fewer than 2 nodes left"})
                 break
             try:
-                ring = self._ring(attempt, participants)
-                summed, train = self._finish(ring, participants)
+                if piped:
+                    assert ring is not None
+                    summed, train = self._finish_pipelined(ring, participants)
+                else:
+                    summed, train = self._finish(self._ring(attempt, participants), participants)
             except AttemptFailedError as exc:
-                log.warning("round %d: secagg attempt %d failed (%s); %d nodes left", self.rnd,
-                            attempt, exc, len(exc.survivors))
-                self.attempts.append({"attempt": attempt, "failed": str(exc)})
+                log.warning("round %d: secagg attempt %d%s failed (%s); %d nodes left", self.rnd,
+                            attempt, " (pipelined)" if piped else "", exc, len(exc.survivors))
+                self.attempts.append({"attempt": attempt, "failed": str(exc),
+                                      **({"pipelined": True} if piped else {})})
                 participants = exc.survivors
                 self.next_ring = None
                 continue
             self.attempts.append({"attempt": attempt, "aggregated": sorted(train),
-                                  "pipelined": False})
+                                  "pipelined": piped})
             return self._result(summed, train)
         log.warning("round %d: secure aggregation failed; global encoder unchanged", self.rnd)
         return RoundResult(None, {}, self._report(0), len(self.nodes), 0)
@@ -389,8 +382,7 @@ class SecAggRound:
                 continue
             total += vec
             u3.add(n)
-            sig = m.content.config_records[RECORD].get("sig")
-            if isinstance(sig, bytes):
+            if (sig := _signature(m)) is not None:
                 signed[n] = sig
         dead = ring.u2 - u3
         self._check_holders(u3, ring.graph, u3, ring.t, "masked upload")
@@ -403,11 +395,7 @@ class SecAggRound:
         rep = self._send(CONSISTENCY, {n: RecordDict({RECORD: ConfigRecord({
             "round": ring.rnd, "attempt": ring.attempt, "stage": CONSISTENCY,
             "survivors": survivors})}) for n in u3}, self.cfg.secagg_timeout)
-        signed: dict[int, bytes] = {}
-        for n, m in rep.items():
-            sig = m.content.config_records[RECORD].get("sig")
-            if isinstance(sig, bytes):
-                signed[n] = sig
+        signed = {n: sig for n, m in rep.items() if (sig := _signature(m)) is not None}
         return ({"survivors": survivors, "signers": list(signed), "sigs": list(signed.values())}
                 if signed else {})
 
@@ -593,6 +581,12 @@ class SecAggRound:
         if weak:
             raise AttemptFailedError(f"{len(weak)} node(s) with fewer than {t} live neighbours "
                                 f"after {stage}", holders)
+
+
+def _signature(reply: Message) -> bytes | None:
+    """The survivor-set signature a reply carries (consistency check), if any."""
+    sig = reply.content.config_records[RECORD].get("sig")
+    return sig if isinstance(sig, bytes) else None
 
 
 def check_sum(summed: dict[str, np.ndarray], n_summed: int, cfg: RunConfig) -> str | None:
