@@ -11,8 +11,8 @@ theirs. Neural methods share one model family and budget (``num_rounds x local_e
 * ``storefed``     the product: Flower simulation, encoder-only federation, private heads;
 * ``storefed-secagg`` the same under SecAgg+ (reported "unavailable" if that path fails);
 * ``popularity``, ``itemknn-pooled``, ``bpr-mf-local``: classical floors (shared/baselines.py);
-  ``ease-pooled``: EASE over every market's data pooled, a centralised reference, on request
-  (``--methods``).
+  ``ease-pooled`` (EASE) and ``lightgcn-pooled`` (LightGCN, shared/lightgcn.py): over every
+  market's data pooled, centralised references, on request (``--methods``).
 
 Writes ``OUT/benchmark.json`` (shape in ``build_document``), a table on stdout (with the
 published per-market nDCG@10 of the ECIR 2023 efficient-xmrec study for XMarket) and
@@ -39,6 +39,7 @@ from storefed.shared.baselines import (
     run_bpr_mf_local,
     run_ease_pooled,
     run_itemknn_pooled,
+    run_lightgcn_pooled,
     run_popularity,
 )
 from storefed.shared.checkpoint import atomic_write_bytes
@@ -165,6 +166,7 @@ METHODS["popularity"] = _baseline(run_popularity)
 METHODS["itemknn-pooled"] = _baseline(run_itemknn_pooled)
 METHODS["ease-pooled"] = _baseline(run_ease_pooled)  # centralised reference (pools all data)
 METHODS["bpr-mf-local"] = _baseline(run_bpr_mf_local, seed=True)
+METHODS["lightgcn-pooled"] = _baseline(run_lightgcn_pooled, seed=True)  # centralised reference
 
 DEFAULT_METHODS = ("popularity", "itemknn-pooled", "bpr-mf-local", "local", "central",
                    "fedavg-full", "storefed", "storefed-secagg")
