@@ -104,6 +104,18 @@ def test_the_split_refuses_extra_rows_that_repeat_a_held_out_pair(tmp_path):
         D.split_market(train, catalog, n_neg=2, heldout=qrels["s9"], extra_train=leaking)
 
 
+def test_extra_rows_add_training_data_not_candidates(tmp_path):
+    """Sampled negatives come from the items of the market's own rows: ``P99``, which only
+    train.tsv holds, is never a candidate (b never touched it, so it could be drawn for b if
+    the pool took the extra rows in)."""
+    root = make_market(tmp_path)
+    for seed in range(20):
+        catalog, split = D.load_market("xmrec", root, "s9", n_neg=2, seed=seed)
+        for which in ("valid", "test"):
+            negs = {catalog.item_ids[i] for i in split.eval_set(which).candidates[:, 1:].ravel()}
+            assert "P99" not in negs, (seed, which, negs)
+
+
 @pytest.fixture(scope="module")
 def s3() -> Path:
     if not (REAL / "s3" / "train.tsv.gz").is_file():
@@ -127,6 +139,11 @@ def test_real_s3_no_held_out_pair_trains_and_the_benchmark_is_unchanged(s3):
     ids = np.asarray(catalog.item_ids, dtype=object)
     ids0 = np.asarray(catalog0.item_ids, dtype=object)
     np.testing.assert_array_equal(ids[split.test.candidates], ids0[split0.test.candidates])
+    # the validation negatives come from the same pool as without the extra rows (the 5-core
+    # and qrel items, the pool the official run draws from), not from train.tsv's other items
+    pool0 = set(ids0[split0.items].tolist())
+    negs = set(ids[split.valid.candidates[:, 1:]].ravel().tolist())
+    assert negs <= pool0 and len(set(ids[split.items].tolist()) - pool0) > 1000
 
 
 @pytest.mark.parametrize("extra", [True, False])

@@ -289,6 +289,7 @@ def _refuse_leaks(
 
 def _negatives(
     rows: _UserRows,
+    is_extra: np.ndarray,
     eval_users: np.ndarray,
     test_pos: np.ndarray,
     catalog: Catalog,
@@ -299,9 +300,17 @@ def _negatives(
     official_run: dict[str, list[str]] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(valid, test) negatives, each (len(eval_users), n_neg) int64 global item indices: sampled
-    for valid, official for the test users ``official_run`` lists, sampled for the others."""
-    market_items = np.unique(rows.it)
-    local = np.searchsorted(market_items, rows.it)
+    for valid, official for the test users ``official_run`` lists, sampled for the others.
+
+    The pool is the items of the market's own rows, never items only extra training rows hold
+    (``is_extra``): extra rows add training data, not candidates, so the benchmark's negatives
+    are what they are without them (XMRec's official runs draw theirs from the 5-core items
+    too). A user's extra rows still count as touched where their item is in the pool."""
+    market_items = np.unique(rows.it[~is_extra])
+    keep = np.isin(rows.it, market_items)  # every row when there are no extra rows
+    counts = np.bincount(rows.u[keep], minlength=len(rows.counts)).astype(np.int64)
+    starts = np.cumsum(counts) - counts
+    local = np.searchsorted(market_items, rows.it[keep])
     rng = np.random.default_rng([seed, zlib.crc32(market.encode())])
 
     def sample(users: np.ndarray) -> np.ndarray:
@@ -309,8 +318,8 @@ def _negatives(
             rng,
             market_items,
             local,
-            rows.starts,
-            rows.counts,
+            starts,
+            counts,
             users,
             n_neg,
             market,
@@ -352,8 +361,8 @@ def split_market(
     is the heldout row and valid is the last remaining row. ``official_run`` (user -> candidate
     ids containing the positive, 1 + n_neg of them) replaces sampled test negatives for the
     users it lists; the positive is moved to column 0, the other candidates keep their order.
-    Negatives are drawn uniformly without replacement from the market's items the user never
-    touched (with replacement if fewer than n_neg are left), with
+    Negatives are drawn uniformly without replacement from the market's items (those of
+    ``df_market``'s rows, not of ``extra_train``) the user never touched (with replacement if fewer than n_neg are left), with
     ``np.random.default_rng([seed, zlib.crc32(market.encode())])``; valid first, then test.
     ``extra_train`` (columns user, item) are training-only rows, first in each user's sequence:
     never held out, and a user with only such rows is never evaluated.
@@ -378,6 +387,7 @@ def split_market(
     _refuse_leaks(rows, is_extra, np.tile(eval_users, 2), np.r_[valid_pos, test_pos], market)
     valid_neg, test_neg = _negatives(
         rows,
+        is_extra,
         eval_users,
         test_pos,
         catalog,
