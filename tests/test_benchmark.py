@@ -134,3 +134,19 @@ def test_benchmark_seeds_give_mean_and_std(tmp_path):
     assert any(v["ndcg@10_std"] > 0 for v in doc["methods"]["popularity"]["markets"].values())
     with pytest.raises(Exception, match="unknown benchmark method"):
         benchmark.run_benchmark(cfg, tmp_path, 1, ["nope"], overhead_repeats=0)
+
+
+def test_the_aggregate_keeps_what_each_seed_tuned():
+    """A reference's tuning (picked on validation) is part of its result: per seed and market in
+    the aggregate, and absent for methods that tune nothing."""
+    def run(nd: float, lam: float | None) -> dict:
+        entry = {"ndcg@10": nd, "hr@10": nd}
+        if lam is not None:
+            entry["ease_lambda"] = lam
+        return {"markets": {"a": dict(entry)}, "seconds_per_round": 0.0,
+                "bytes_per_client_round": 0.0}
+
+    agg = benchmark.aggregate_method([run(0.5, 50.0), run(0.7, 200.0)])
+    assert agg["tuning"] == [{"a": {"ease_lambda": 50.0}}, {"a": {"ease_lambda": 200.0}}]
+    assert math.isclose(agg["markets"]["a"]["ndcg@10"], 0.6)
+    assert "tuning" not in benchmark.aggregate_method([run(0.5, None)])

@@ -180,6 +180,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=0)) if len(arr) > 1 else 0.0
 
 
+TUNING_KEYS = ("tuned", "ease_lambda")
+
+
 def aggregate_method(runs: list[MethodResult]) -> dict[str, Any]:
     """Per market mean/std over seeds, the average over markets, time and bytes."""
     markets: dict[str, dict[str, float]] = {}
@@ -189,7 +192,13 @@ def aggregate_method(runs: list[MethodResult]) -> dict[str, Any]:
         (nd_m, nd_s), (hr_m, hr_s) = _mean_std(nd), _mean_std(hr)
         markets[m] = {"ndcg@10": nd_m, "ndcg@10_std": nd_s, "hr@10": hr_m, "hr@10_std": hr_s}
     k = max(len(markets), 1)
+    # what a tuned method picked on validation, per seed and market (EASE's lambda, LightGCN's
+    # and BPR-MF's settings): the references' tuning belongs beside their figures
+    tuning = [{m: {key: v[key] for key in TUNING_KEYS if key in v}
+               for m, v in r["markets"].items() if any(key in v for key in TUNING_KEYS)}
+              for r in runs]
     return {
+        **({"tuning": tuning} if any(tuning) else {}),
         "markets": markets,
         "average": {"ndcg@10": sum(v["ndcg@10"] for v in markets.values()) / k,
                     "hr@10": sum(v["hr@10"] for v in markets.values()) / k},
