@@ -12,7 +12,9 @@ nDCG@10, 95% bootstrap interval over users):
   item embeddings between the user's history and the candidate (item-item knowledge the joined
   encoder already carries, nothing new travels);
 * ``own-a0.65`` / ``pooled-a0.65``: asymmetric cosine ``c_ij / (d_i^0.65 d_j^0.35)`` (``i`` a
-  history item) instead of ``sqrt(d_i d_j)``.
+  history item) instead of ``sqrt(d_i d_j)``;
+* with several runs, their joined models' neural scores averaged (an ensemble), scored on the
+  first run's split.
 
 Run after ``join_experiment`` (its ``OUT/<market>`` holds the joined model):
 ``python -m storefed.simulations.experiments.join_itemitem --dataset xmrec --data-dir XMREC
@@ -37,6 +39,9 @@ from storefed.shared.node import neural_scores
 from storefed.simulations.recommend import load_state
 
 GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+# the embedding term is rescaled to the neural score's spread on valid, so its weights are
+# fractions of the neural score
+EMB_GRID: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "pooled": ("pooled",), "own+emb": ("own", "emb"), "pooled+emb": ("pooled", "emb"),
     "own-a0.65": ("own-a0.65",), "pooled-a0.65": ("pooled-a0.65",)}
@@ -75,6 +80,9 @@ def terms(run: Path, market: str, splits: dict[str, MarketSplit], sources: list[
             "emb": torch.einsum("uld,ucd,ul->uc", emb[h], emb[c], mask).double().numpy(),
             "own-a0.65": asymmetric_scores(own, ev, 0.65),
             "pooled-a0.65": asymmetric_scores(pooled, ev, 0.65)}
+    scale = out["valid"]["neural"].std() / max(float(out["valid"]["emb"].std()), 1e-12)
+    for which in out:
+        out[which]["emb"] = out[which]["emb"] * scale
     return out
 
 
@@ -88,7 +96,7 @@ def fused(scores: dict[str, dict[str, np.ndarray]], names: tuple[str, ...]
             np.zeros_like(scores[which]["neural"]))
 
     best: tuple[float, tuple[float, ...]] = (-1.0, ())
-    for ws in itertools.product(GRID, repeat=len(names)):
+    for ws in itertools.product(*(EMB_GRID if n == "emb" else GRID for n in names)):
         nd = float(ndcg_hr_at_k(torch.as_tensor(mix("valid", ws)), 10)[0].mean())
         if nd > best[0] + 1e-12:
             best = (nd, ws)
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     sources = args.sources.split(",")
-    doc: dict[str, dict[str, object]] = {}
+    doc: dict[str, object] = {}
     runs = [Path(r) for r in args.runs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     if len(seeds) != len(runs):
@@ -131,8 +139,30 @@ def main(argv: list[str] | None = None) -> None:
                   f"test - own {diff['mean']:+.4f} [{diff['ci95_low']:+.4f}, "
                   f"{diff['ci95_high']:+.4f}]")
         doc[run.name] = row
+    if len(runs) > 1:
+        doc["ensemble"] = ensemble(runs, seeds[0], args)
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+def ensemble(runs: list[Path], seed: int, args: argparse.Namespace) -> dict[str, object]:
+    """The runs' joined models averaged (neural scores), plus the own item-kNN term, on the
+    first run's split: what training several joined models and averaging them would give."""
+    sources = args.sources.split(",")
+    splits = {m: load_market(args.dataset, args.data_dir, m, seed=seed)[1]
+              for m in [*sources, args.join]}
+    n_items = load_market(args.dataset, args.data_dir, args.join, seed=seed)[0].n_items
+    per_run = [terms(run, args.join, splits, sources, n_items) for run in runs]
+    scores = {w: {"neural": np.mean([t[w]["neural"] for t in per_run], axis=0),
+                  "own": per_run[0][w]["own"]} for w in ("valid", "test")}
+    single = [fused(t, ("own",))[2] for t in per_run]
+    ws, valid, test = fused(scores, ("own",))
+    diff = paired_bootstrap(test, single[0])
+    print(f"ensemble of {len(runs)} joined models + own kNN w={ws} valid {valid:.4f} test "
+          f"{test.mean():.4f} (single models {', '.join(f'{x.mean():.4f}' for x in single)}); "
+          f"- the first {diff['mean']:+.4f} [{diff['ci95_low']:+.4f}, {diff['ci95_high']:+.4f}]")
+    return {"weights": ws, "valid": valid, "test": float(test.mean()),
+            "single": [float(x.mean()) for x in single], "minus_first": diff}
 
 
 if __name__ == "__main__":
