@@ -362,7 +362,8 @@ def split_market(
     ids containing the positive, 1 + n_neg of them) replaces sampled test negatives for the
     users it lists; the positive is moved to column 0, the other candidates keep their order.
     Negatives are drawn uniformly without replacement from the market's items (those of
-    ``df_market``'s rows, not of ``extra_train``) the user never touched (with replacement if fewer than n_neg are left), with
+    ``df_market``'s rows, not of ``extra_train``) the user never touched (with replacement if
+    fewer than n_neg are left), with
     ``np.random.default_rng([seed, zlib.crc32(market.encode())])``; valid first, then test.
     ``extra_train`` (columns user, item) are training-only rows, first in each user's sequence:
     never held out, and a user with only such rows is never evaluated.
