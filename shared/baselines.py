@@ -71,19 +71,22 @@ class ItemKNN:
     cooc: np.ndarray  # float64, users holding both items
     degree: np.ndarray  # (n_rows,) float64, users holding each item
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity of item arrays ``a`` and ``b`` (same shape), 0 where unseen."""
+    def similarity(self, a: np.ndarray, b: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """Cosine similarity of item arrays ``a`` and ``b`` (same shape), 0 where unseen;
+        ``alpha`` != 0.5: the asymmetric cosine ``cooc / (d_a^alpha d_b^(1 - alpha))``."""
         k = a.astype(np.int64) * self.n_rows + b.astype(np.int64)
         pos = np.searchsorted(self.keys, k.ravel())
         pos = np.minimum(pos, len(self.keys) - 1) if len(self.keys) else pos
         found = (self.keys[pos] == k.ravel()) if len(self.keys) else np.zeros(k.size, bool)
         co = np.where(found, self.cooc[pos] if len(self.keys) else 0.0, 0.0).reshape(k.shape)
-        denom = np.sqrt(self.degree[a] * self.degree[b])
+        denom = (np.sqrt(self.degree[a] * self.degree[b]) if alpha == 0.5 else
+                 np.power(self.degree[a], alpha) * np.power(self.degree[b], 1.0 - alpha))
         return np.where(denom > 0, co / np.where(denom > 0, denom, 1.0), 0.0)
 
     def scores(self, histories: np.ndarray, candidates: np.ndarray,
-               batch: int = 512) -> np.ndarray:
-        """U x C: sum over the user's (non-padding) history items of sim(history, candidate)."""
+               batch: int = 512, alpha: float = 0.5) -> np.ndarray:
+        """U x C: sum over the user's (non-padding) history items of sim(history, candidate)
+        (``similarity`` with ``alpha``)."""
         pad = self.n_rows - 1
         out = np.zeros(candidates.shape, dtype=np.float64)
         for s in range(0, len(candidates), batch):
@@ -91,7 +94,7 @@ class ItemKNN:
             c = candidates[s:s + batch]
             sim = self.similarity(np.broadcast_to(h[:, :, None], h.shape + (c.shape[1],)),
                                   np.broadcast_to(c[:, None, :], (c.shape[0],) + h.shape[1:]
-                                                  + (c.shape[1],)))
+                                                  + (c.shape[1],)), alpha)
             sim = np.where((h != pad)[:, :, None], sim, 0.0)
             out[s:s + batch] = sim.sum(axis=1)
         return out

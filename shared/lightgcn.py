@@ -122,7 +122,7 @@ def _avg_ndcg(scores: Mapping[str, np.ndarray]) -> float:
                           for v in scores.values()]))
 
 
-def _valid_edges(graph: Graph, splits: Mapping[str, MarketSplit]) -> tuple[np.ndarray,
+def valid_edges(graph: Graph, splits: Mapping[str, MarketSplit]) -> tuple[np.ndarray,
                                                                             np.ndarray]:
     """Each user's validation pair (the positive in column 0), global user rows."""
     us, its = [], []
@@ -151,7 +151,7 @@ def train_lightgcn(splits: Mapping[str, MarketSplit], n_items: int, *, layers: i
     best_nd, best_epoch = -1.0, 0
     best_valid: dict[str, np.ndarray] = {}
     best_test: dict[str, np.ndarray] = {}
-    test_adj = graph.adjacency(extra=_valid_edges(graph, splits))
+    test_adj = graph.adjacency(extra=valid_edges(graph, splits))
     for epoch in range(1, max_epochs + 1):
         order = torch.randperm(len(users), generator=gen)
         for s in range(0, len(users), batch_size):

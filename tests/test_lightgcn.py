@@ -9,7 +9,7 @@ import torch
 
 from storefed.shared.baselines import run_lightgcn_pooled, run_popularity
 from storefed.shared.data import load_dataset
-from storefed.shared.lightgcn import _valid_edges, build_graph, propagate
+from storefed.shared.lightgcn import build_graph, propagate, valid_edges
 
 
 def test_propagation_is_the_normalised_mean_over_layers():
@@ -39,7 +39,7 @@ def test_propagation_is_the_normalised_mean_over_layers():
 def test_the_test_graph_adds_the_validation_pairs_and_only_it_does():
     ds = load_dataset("synthetic", None, ["m0", "m1"], seed=0, n_neg=20)
     graph = build_graph(ds.markets, ds.catalog.n_items)
-    u, i = _valid_edges(graph, ds.markets)
+    u, i = valid_edges(graph, ds.markets)
     col = graph.n_users + torch.as_tensor(i)
     train = graph.adjacency().to_dense()[torch.as_tensor(u), col]
     test = graph.adjacency(extra=(u, i)).to_dense()[torch.as_tensor(u), col]

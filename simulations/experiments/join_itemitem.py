@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from storefed.shared.baselines import ItemKNN, fit_itemknn
-from storefed.shared.data import EvalSet, MarketSplit, load_market
+from storefed.shared.baselines import fit_itemknn
+from storefed.shared.data import MarketSplit, load_market
 from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
 from storefed.shared.node import neural_scores
 from storefed.simulations.recommend import load_state
@@ -45,19 +45,6 @@ EMB_GRID: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "pooled": ("pooled",), "own+emb": ("own", "emb"), "pooled+emb": ("pooled", "emb"),
     "own-a0.65": ("own-a0.65",), "pooled-a0.65": ("pooled-a0.65",)}
-
-
-def asymmetric_scores(knn: ItemKNN, ev: EvalSet, alpha: float) -> np.ndarray:
-    """U x C: sum over history items h of ``cooc(h, c) / (d_h^alpha d_c^(1 - alpha))``."""
-    pad = knn.n_rows - 1
-    h = ev.histories[:, :, None]
-    c = ev.candidates[:, None, :]
-    k = (h * knn.n_rows + c).ravel()
-    pos = np.minimum(np.searchsorted(knn.keys, k), len(knn.keys) - 1)
-    co = np.where(knn.keys[pos] == k, knn.cooc[pos], 0.0).reshape(h.shape[0], h.shape[1], -1)
-    denom = np.power(knn.degree[h], alpha) * np.power(knn.degree[c], 1.0 - alpha)
-    sim = np.where(denom > 0, co / np.where(denom > 0, denom, 1.0), 0.0)
-    return np.where(h != pad, sim, 0.0).sum(axis=1)
 
 
 def terms(run: Path, market: str, splits: dict[str, MarketSplit], sources: list[str],
@@ -78,8 +65,8 @@ def terms(run: Path, market: str, splits: dict[str, MarketSplit], sources: list[
             "own": own.scores(ev.histories, ev.candidates),
             "pooled": pooled.scores(ev.histories, ev.candidates),
             "emb": torch.einsum("uld,ucd,ul->uc", emb[h], emb[c], mask).double().numpy(),
-            "own-a0.65": asymmetric_scores(own, ev, 0.65),
-            "pooled-a0.65": asymmetric_scores(pooled, ev, 0.65)}
+            "own-a0.65": own.scores(ev.histories, ev.candidates, alpha=0.65),
+            "pooled-a0.65": pooled.scores(ev.histories, ev.candidates, alpha=0.65)}
     scale = out["valid"]["neural"].std() / max(float(out["valid"]["emb"].std()), 1e-12)
     for which in out:
         out[which]["emb"] = out[which]["emb"] * scale
