@@ -131,28 +131,45 @@ def fit_itemknn(splits: Sequence[MarketSplit], n_items: int) -> ItemKNN:
 EASE_LAMBDAS = (10.0, 50.0, 200.0, 500.0, 1000.0)
 
 
-def ease_weights(knn: ItemKNN, lam: float) -> torch.Tensor:
-    """(n_rows, n_rows) float32 EASE weights from the pooled Gram matrix ``X^T X`` (co-occurrence
-    off the diagonal, item degrees on it); the padding row and column stay 0."""
-    n = knn.n_rows
-    gram = torch.zeros(n * n, dtype=torch.float64)
+@dataclass(frozen=True)
+class Ease:
+    """EASE weights over the items ``knn`` has seen (degree > 0): an item nobody holds has no
+    co-occurrence, so its block of ``(G + lam I)^-1`` is diagonal and its weights are exactly 0;
+    solving on the held items alone gives the same scores at ``M^2`` instead of ``n_items^2``
+    (a 2,922-item market: well under a second and 34 MB instead of 85 s and 700 MB)."""
+
+    index: np.ndarray  # (n_rows,) int64 row of each item in ``b``, M (the zero row) where unseen
+    b: torch.Tensor  # (M + 1) x (M + 1) float32, last row and column 0 (unseen items, padding)
+
+    def scores(self, histories: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """U x C: sum over the user's history items h (padding scores 0) of B[h, c]."""
+        h = torch.from_numpy(self.index[histories])
+        c = torch.from_numpy(self.index[candidates])
+        return self.b[h[:, :, None], c[:, None, :]].sum(dim=1).double().numpy()
+
+
+def fit_ease(knn: ItemKNN, lam: float) -> Ease:
+    """EASE from the Gram matrix ``X^T X`` (``knn``'s co-occurrence off the diagonal, item
+    degrees on it): ``B = -P / diag(P)`` with ``P = (G + lam I)^-1``, ``diag(B) = 0``."""
+    held = np.flatnonzero(knn.degree > 0)
+    held = held[held != knn.n_rows - 1]
+    m = len(held)
+    index = np.full(knn.n_rows, m, dtype=np.int64)
+    index[held] = np.arange(m)
+    gram = torch.zeros((m + 1) * (m + 1), dtype=torch.float64)
     if len(knn.keys):
-        gram[torch.from_numpy(knn.keys)] = torch.from_numpy(knn.cooc)
-    gram = gram.view(n, n)
-    gram.diagonal().add_(torch.from_numpy(knn.degree) + lam)
+        i, j = index[knn.keys // knn.n_rows], index[knn.keys % knn.n_rows]
+        keep = (i < m) & (j < m)
+        gram[torch.from_numpy(i[keep] * (m + 1) + j[keep])] = torch.from_numpy(knn.cooc[keep])
+    gram = gram.view(m + 1, m + 1)
+    gram.diagonal()[:m].add_(torch.from_numpy(knn.degree[held]) + lam)
+    gram[m, m] = 1.0
     p = torch.linalg.inv(gram)
     b = -p / p.diagonal()[None, :]
     b.fill_diagonal_(0.0)
-    b[n - 1, :] = 0.0
-    b[:, n - 1] = 0.0
-    return b.float()
-
-
-def ease_scores(b: torch.Tensor, histories: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """U x C: sum over the user's history items h (padding included: its row is 0) of B[h, c]."""
-    h = torch.from_numpy(histories.astype(np.int64))
-    c = torch.from_numpy(candidates.astype(np.int64))
-    return b[h[:, :, None], c[:, None, :]].sum(dim=1).double().numpy()  # U x L x C -> U x C
+    b[m, :] = 0.0
+    b[:, m] = 0.0
+    return Ease(index=index, b=b.float())
 
 
 # --------------------------------------------------------------------------- BPR-MF per market
@@ -252,18 +269,18 @@ def run_ease_pooled(splits: Mapping[str, MarketSplit], n_items: int,
     nDCG@10; each market's metrics on ``which`` (the chosen ``lambda`` is in every entry)."""
     knn = fit_itemknn(list(splits.values()), n_items)
 
-    def metrics(b: torch.Tensor, split_name: str) -> dict[str, dict[str, object]]:
+    def metrics(b: Ease, split_name: str) -> dict[str, dict[str, object]]:
         out = {}
         for m, s in splits.items():
             ev = s.eval_set(split_name)
-            scores = ease_scores(b, ev.histories, ev.candidates)
+            scores = b.scores(ev.histories, ev.candidates)
             out[m] = score_metrics(scores + _tie_break(market_counts(s, n_items),
                                                         ev.candidates))
         return out
 
-    best: tuple[float, float, torch.Tensor] | None = None
+    best: tuple[float, float, Ease] | None = None
     for lam in EASE_LAMBDAS:
-        b = ease_weights(knn, lam)
+        b = fit_ease(knn, lam)
         valid = metrics(b, "valid")
         avg = float(np.mean([float(str(v["ndcg@10"])) for v in valid.values()]))
         if best is None or avg > best[0]:
