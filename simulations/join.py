@@ -51,6 +51,11 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="calibrated: fresh heads' dot-product and popularity scales (and the "
                         "kNN weight) picked on the market's valid split before any step; "
                         "popularity: identity projections, log-popularity bias")
+    p.add_argument("--ranker", choices=("on", "off"), default="on" if d.ranker else "off",
+                   help="after fine-tuning, fit the market's private ranker (LambdaMART over "
+                        "the model's score and the market's own item-kNN, EASE and popularity) "
+                        "on its valid split; it ranks the market's candidates from then on "
+                        "(OUT/state/<market>/ranker.json)")
 
 
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, batch_size=batch_size, lr=args.lr,
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
         seed=args.seed, history=history, loss=loss, scratch_loss=args.scratch_loss,
-        select=args.select, head_init=args.head_init,
+        select=args.select, head_init=args.head_init, ranker=args.ranker == "on",
         item_knn=_item_knn(args.item_knn, fed_cfg))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     # the catalog as the federation read it (e.g. XMRec with or without train.tsv)
@@ -182,6 +187,15 @@ def _print(doc: dict[str, Any], details: dict[str, Any]) -> None:
     print(f"zero-shot   ndcg@10 {zs['ndcg@10']:.4f}  hr@10 {zs['hr@10']:.4f}")
     scratch = "-" if best["scratch"] is None else f"{best['scratch']:.4f}"
     print(f"best        transfer {best['transfer']:.4f}  scratch {scratch}")
+    if "ranked" in doc:
+        r, d = doc["ranked"], details.get("ranked_minus_transfer_ndcg@10")
+        vs = ("" if not d else f", {d['mean']:+.4f} over the model's own scores (95% paired "
+              f"bootstrap {d['ci95_low']:+.4f} .. {d['ci95_high']:+.4f})")
+        verdict = ("kept: it ranks the market's candidates from now on" if r["kept"] else
+                   f"not kept: its cross-validated valid {r['cv_valid_ndcg@10']:.4f} is not above "
+                   f"the model's own {r['model_valid_ndcg@10']:.4f}")
+        print(f"ranked      ndcg@10 {r['ndcg@10']:.4f}  (the market's private ranker, "
+              f"{r['rounds']} rounds{vs}; {verdict})")
     if best["scratch"] is not None:
         t_reach = ("never" if reach["transfer"] is None else f"after {reach['transfer']} steps")
         print(f"reaching scratch's best ({best['scratch']:.4f}): transfer {t_reach}, scratch "

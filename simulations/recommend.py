@@ -5,14 +5,17 @@ catalog and run config) and ``DIR/state/<market>/private.pt`` (the market's head
 is looked up in the market's data (dataset/data-dir from the checkpoint's run config unless
 given); a cold user is scored from ``--history`` alone. When the market's data is at hand and
 its heads carry an item-kNN weight, the private item-kNN term is added as in the node's
-evaluation. Items the user already has are never recommended; candidates are the market's
-items (or the whole catalog with ``--all-items``).
+evaluation; when ``DIR/state/<market>/ranker.json`` holds the market's private ranker
+(``storefed join`` fits one, shared/ranker.py) and it was fitted to this very model, it ranks
+instead. Items the user already has are never recommended; candidates are the market's items
+(or the whole catalog with ``--all-items``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,10 @@ from storefed.shared.data import (
 from storefed.shared.errors import CheckpointError, DataError
 from storefed.shared.model import MarketModel, load_parts
 from storefed.shared.node import attach_knn
+from storefed.shared.ranker import RANKER_FILE, MarketStats, Ranker, load_ranker, version_of
 from storefed.shared.transfer import checkpoint_catalog
+
+log = logging.getLogger("storefed")
 
 
 @dataclass
@@ -40,6 +46,8 @@ class MarketState:
     model: MarketModel
     catalog: Catalog
     config: dict[str, Any]
+    # the market's private ranker and the statistics of its own rows it reads (``use_ranker``)
+    ranker: tuple[Ranker, MarketStats] | None = None
 
 
 def load_state(state_dir: str | Path, market: str) -> MarketState:
@@ -70,6 +78,23 @@ def use_knn(state: MarketState, split: MarketSplit) -> bool:
     if float(state.model.heads.knn_weight.abs().max()) == 0.0:
         return False
     attach_knn(state.model, split, state.catalog.n_items)
+    return True
+
+
+def use_ranker(state: MarketState, state_dir: str | Path, market: str,
+               split: MarketSplit) -> bool:
+    """Rank with the market's private ranker when ``state_dir`` holds one fitted to this model
+    (its statistics rebuilt from the market's own training rows); a ranker fitted to another
+    model is left out, with a warning. Returns whether it is used."""
+    path = Path(state_dir) / "state" / market / RANKER_FILE
+    if not path.is_file():
+        return False
+    ranker = load_ranker(path, market)
+    if ranker.model_version != version_of(state.model):
+        log.warning("%s was fitted to model version %s, not this model's %s: ranking without "
+                    "it", path, ranker.model_version, version_of(state.model))
+        return False
+    state.ranker = (ranker, MarketStats.from_split(split, state.catalog.n_items))
     return True
 
 
@@ -111,7 +136,11 @@ def recommend(state: MarketState, history: np.ndarray, candidates: np.ndarray, k
     if len(pool) == 0:
         return []
     hist = pad_histories([history], max_history, state.catalog.pad_index)
-    scores = state.model(torch.as_tensor(hist), torch.as_tensor(pool).unsqueeze(0))[0]
+    if state.ranker is not None:
+        ranker, stats = state.ranker
+        scores = ranker.rank(state.model, stats, hist, pool[None, :], torch.device("cpu"))[0]
+    else:
+        scores = state.model(torch.as_tensor(hist), torch.as_tensor(pool).unsqueeze(0))[0]
     top = torch.topk(scores, min(k, len(pool)))
     return [(state.catalog.item_ids[int(pool[i])], float(s))
             for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
@@ -164,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.state}/encoder.pt was saved for another catalog "
                                   f"than {dataset} {data_dir}")
         use_knn(state, split)
+        use_ranker(state, args.state, args.market, split)
     if args.list_users:
         assert split is not None
         print("\n".join(split.user_ids))

@@ -20,6 +20,7 @@ from storefed.shared.metrics import ndcg_hr_at_k
 from storefed.shared.model import encoder_state
 from storefed.shared.node import MarketNode, initial_encoder, model_config
 from storefed.shared.policy import load_policy
+from storefed.shared.ranker import RANKER_FILE, load_ranker, version_of
 from storefed.shared.transfer import (
     JoinOutcome,
     JoinSettings,
@@ -207,12 +208,16 @@ def test_join_market_document_and_curves(encoder_path):
                             batch_size=64)
     out = join_market(encoder_path, catalog, split, settings, CPU)
     doc = out.doc
-    assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target"}
+    assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target", "ranked"}
     assert doc["transfer"][0] == [0, doc["zero_shot"]["ndcg@10"]]
     assert [s for s, _ in doc["transfer"]] == [0, 4, 8, 12]
     assert [s for s, _ in doc["scratch"]] == [0, 4, 8, 12]
     best_s = max(v for _, v in doc["scratch"])
-    assert doc["best"] == {"transfer": max(v for _, v in doc["transfer"]), "scratch": best_s}
+    assert doc["best"] == {"transfer": max(v for _, v in doc["transfer"]), "scratch": best_s,
+                           "ranked": doc["ranked"]["ndcg@10" if out.ranker is not None
+                                                   else "model_ndcg@10"]}
+    assert (out.ranker is not None) == doc["ranked"]["kept"] == (
+        doc["ranked"]["cv_valid_ndcg@10"] > doc["ranked"]["model_valid_ndcg@10"])
     assert doc["steps_to_target"]["scratch"] == steps_to_target(doc["scratch"], best_s)
     assert doc["steps_to_target"]["transfer"] == steps_to_target(doc["transfer"], best_s)
     json.dumps(doc)
@@ -341,9 +346,15 @@ def joined(encoder_path, tmp_path_factory) -> Path:
 
 def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
     doc = json.loads((joined / "join.json").read_text())
-    assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target"}
+    assert set(doc) == {"zero_shot", "transfer", "scratch", "best", "steps_to_target", "ranked"}
     assert set(doc["zero_shot"]) == {"ndcg@10", "hr@10"}
-    assert set(doc["best"]) == set(doc["steps_to_target"]) == {"transfer", "scratch"}
+    assert set(doc["steps_to_target"]) == {"transfer", "scratch"}
+    assert set(doc["best"]) == {"transfer", "scratch", "ranked"}
+    assert doc["ranked"]["kept"]  # this market's ranker beats its model on valid
+    assert doc["best"]["ranked"] == doc["ranked"]["ndcg@10"]
+    # the market's private ranker, fitted to the saved model, lives with its heads
+    assert load_ranker(joined / "state" / NEW / RANKER_FILE, NEW).model_version == version_of(
+        rec_cmd.load_state(joined, NEW).model)
     for curve in (doc["transfer"], doc["scratch"]):
         assert all(len(p) == 2 and isinstance(p[0], int) and 0 <= p[1] <= 1 for p in curve)
         assert [p[0] for p in curve] == sorted(p[0] for p in curve)
@@ -395,6 +406,7 @@ def test_recommend_excludes_the_users_items(joined, capsys):
     user = split.user_ids[int(split.test.users[0])]
     state = rec_cmd.load_state(joined, NEW)
     assert rec_cmd.use_knn(state, split)  # the join calibrated a nonzero item-kNN weight
+    assert rec_cmd.use_ranker(state, joined, NEW, split)  # and fitted the market's ranker
     have = rec_cmd.user_items(split, user)
     assert len(have) >= 3
     top = rec_cmd.recommend(state, have, split.items, 10)

@@ -72,6 +72,8 @@ def summarize(outcome: JoinOutcome) -> dict[str, Any]:
             "targets": {"steps_ratio<=1/3": steps_target_met(reach),
                         "zero_shot>=0.8x": zs is not None and zs >= 0.8},
             "transfer_minus_scratch_ndcg@10": outcome.details["transfer_minus_scratch_ndcg@10"],
+            "ranked": doc.get("ranked"),
+            "ranked_minus_transfer_ndcg@10": outcome.details.get("ranked_minus_transfer_ndcg@10"),
             "head_scales": outcome.details["head_scales"],
             "mapping": outcome.details["mapping"], "seconds": outcome.details["seconds"]}
 
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                         item_knn=args.item_knn == "on", loss=args.loss,
                         scratch_loss=args.scratch_loss,
                         eval_every=args.eval_every, batch_size=args.batch_size,
-                        select=args.select, head_init=args.head_init)
+                        select=args.select, head_init=args.head_init,
+                        ranker=args.ranker == "on")
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
         runs.append(("adversarial", encoders["plain"],

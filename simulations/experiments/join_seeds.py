@@ -66,6 +66,9 @@ def _row(run: Path, summary: dict[str, Any], market: str) -> dict[str, Any]:
             "zero_shot_over_scratch_best": s["zero_shot_over_scratch_best"],
             "steps_to_target": s["steps_to_target"], "best": s["best"], "targets": s["targets"],
             "transfer_minus_scratch_ndcg@10": s["transfer_minus_scratch_ndcg@10"],
+            # the market's private ranker over the kept model (absent: joined with --ranker off)
+            "ranked": (doc.get("ranked") or {}).get("ndcg@10"),
+            "ranked_minus_transfer_ndcg@10": details.get("ranked_minus_transfer_ndcg@10"),
             "scratch_loss": details.get("scratch_loss"),
             "steps_target_by_scratch_loss": _by_scratch_loss(doc["transfer"],
                                                              details.get("scratch_by_loss")),
@@ -134,15 +137,21 @@ def _steps(r: dict[str, Any]) -> str:
 
 def table(market: str, pooled: dict[str, Any]) -> str:
     lines = ["| run (seed) | zero-shot (x scratch's best) | steps to scratch's best: transfer "
-             "vs scratch | best: transfer / scratch | kept transfer - scratch [95% CI] |",
-             "|---|---|---|---|---|"]
+             "vs scratch | best: transfer / scratch | kept transfer - scratch [95% CI] | "
+             "ranked (- transfer [95% CI]) |",
+             "|---|---|---|---|---|---|"]
     for r in pooled["rows"]:
         d = r["transfer_minus_scratch_ndcg@10"]
+        rd = r.get("ranked_minus_transfer_ndcg@10")
+        ranked = ("-" if r.get("ranked") is None else f"{r['ranked']:.4f}" + (
+            "" if not rd else f" ({rd['mean']:+.4f} [{rd['ci95_low']:+.4f}, "
+                              f"{rd['ci95_high']:+.4f}])"))
         lines.append(f"| `{market}` ({r['seed']}) | {r['zero_shot']:.4f} "
                      f"({r['zero_shot_over_scratch_best']:.2f}x) | {_steps(r)} | "
                      f"{r['best']['transfer']:.4f} / {r['best']['scratch']:.4f}"
                      f"{'' if not r.get('scratch_loss') else ' (' + r['scratch_loss'] + ')'} | "
-                     f"{d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] |")
+                     f"{d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] | "
+                     f"{ranked} |")
     met, p = pooled["targets_met"], pooled["pooled_transfer_minus_scratch_ndcg@10"]
     reach = pooled["mean_curves_steps_to_target"]
     lines += ["", f"`{market}`: steps target met in {met['steps_ratio<=1/3']} of "
