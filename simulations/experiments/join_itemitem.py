@@ -91,9 +91,9 @@ def fused(scores: dict[str, dict[str, np.ndarray]], names: tuple[str, ...]
     return best[1], best[0], test
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print one line per run and candidate; write ``--out`` JSON."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def runs_parser(description: str | None) -> argparse.ArgumentParser:
+    """The flags of a lab script measured on ``join_experiment`` outputs."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", default="xmrec")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--sources", required=True)
@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", required=True, help="comma-separated join_experiment outputs")
     p.add_argument("--seeds", required=True, help="each run's seed, in the same order")
     p.add_argument("--out", default="")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one line per run and candidate; write ``--out`` JSON."""
+    p = runs_parser(__doc__.splitlines()[0] if __doc__ else None)
     args = p.parse_args(argv)
     sources = args.sources.split(",")
     doc: dict[str, object] = {}

@@ -17,7 +17,6 @@ split's negatives).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from storefed.shared.baselines import fit_ease, fit_itemknn
 from storefed.shared.data import MarketSplit, load_market
 from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
 from storefed.shared.ranker import FEATURES, MarketStats, features, train_booster
+from storefed.simulations.experiments.join_itemitem import GRID, runs_parser
 from storefed.simulations.recommend import load_state
 
-GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 FED: tuple[str, ...] = ("fed_knn", "fed_ease")
 
 
@@ -65,14 +64,7 @@ def linear(x: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print one block per run; write ``--out`` JSON."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--dataset", default="xmrec")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--sources", required=True)
-    p.add_argument("--join", required=True)
-    p.add_argument("--runs", required=True, help="comma-separated join_experiment outputs")
-    p.add_argument("--seeds", required=True, help="each run's seed, in the same order")
-    p.add_argument("--out", default="")
+    p = runs_parser(__doc__.splitlines()[0] if __doc__ else None)
     args = p.parse_args(argv)
     sources = args.sources.split(",")
     runs = [Path(r) for r in args.runs.split(",")]
