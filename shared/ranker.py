@@ -156,17 +156,18 @@ def _dataset(x: np.ndarray, seed: int, names: tuple[str, ...]) -> Any:
 
 
 def train_booster(x: np.ndarray, seed: int = 0, folds: int = 5, max_rounds: int = 1000,
-                  threads: int = 0, names: tuple[str, ...] = FEATURES
+                  threads: int = 0, names: tuple[str, ...] = FEATURES,
+                  params: dict[str, Any] | None = None
                   ) -> tuple[Any, int, tuple[int, ...], float]:
     """LambdaMART on U x C x F features (the positive in column 0): rounds picked by
     ``folds``-fold cross-validation over the users -> (booster on every user, its rounds, each
-    fold's best round, cross-validated nDCG@10)."""
+    fold's best round, cross-validated nDCG@10). ``params``: overrides of ``PARAMS``."""
     import lightgbm as lgb
 
     if len(x) < 2 * folds:
         raise ValueError(f"{len(x)} users, too few to fit a ranker with {folds}-fold "
                          "cross-validation")
-    params = {**PARAMS, "seed": seed, "num_threads": threads}
+    params = {**PARAMS, "seed": seed, "num_threads": threads, **(params or {})}
     fold = np.random.default_rng(seed).permutation(len(x)) % folds
     fold_rounds: list[int] = []
     cv = np.zeros(len(x))

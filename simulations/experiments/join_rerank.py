@@ -65,7 +65,10 @@ def linear(x: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
 def main(argv: list[str] | None = None) -> None:
     """Print one block per run; write ``--out`` JSON."""
     p = runs_parser(__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--params", default="{}",
+                   help="LightGBM parameters over shared.ranker.PARAMS, as JSON")
     args = p.parse_args(argv)
+    params = json.loads(args.params)
     sources = args.sources.split(",")
     runs = [Path(r) for r in args.runs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         row: dict[str, object] = {"linear": {"w": w, "test": float(base.mean())}}
         for set_name, feats in sets.items():
             idx = [names.index(f) for f in feats]
-            booster, rounds, folds, cv = train_booster(x["valid"][:, :, idx], seed, names=feats)
+            booster, rounds, folds, cv = train_booster(x["valid"][:, :, idx], seed, names=feats,
+                                                       params=params)
             xt = x["test"][:, :, idx]
             s = booster.predict(xt.reshape(-1, xt.shape[2])).reshape(xt.shape[:2])
             test = ndcg_hr_at_k(torch.as_tensor(s), 10)[0].numpy()

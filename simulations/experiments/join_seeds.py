@@ -68,6 +68,7 @@ def _row(run: Path, summary: dict[str, Any], market: str) -> dict[str, Any]:
             "transfer_minus_scratch_ndcg@10": s["transfer_minus_scratch_ndcg@10"],
             # the market's private ranker over the kept model (absent: joined with --ranker off)
             "ranked": (doc.get("ranked") or {}).get("ndcg@10"),
+            "ranked_kept": (doc.get("ranked") or {}).get("kept"),
             "ranked_minus_transfer_ndcg@10": details.get("ranked_minus_transfer_ndcg@10"),
             "scratch_loss": details.get("scratch_loss"),
             "steps_target_by_scratch_loss": _by_scratch_loss(doc["transfer"],
@@ -145,7 +146,8 @@ def table(market: str, pooled: dict[str, Any]) -> str:
         rd = r.get("ranked_minus_transfer_ndcg@10")
         ranked = ("-" if r.get("ranked") is None else f"{r['ranked']:.4f}" + (
             "" if not rd else f" ({rd['mean']:+.4f} [{rd['ci95_low']:+.4f}, "
-                              f"{rd['ci95_high']:+.4f}])"))
+                              f"{rd['ci95_high']:+.4f}])") + (
+            " (not kept)" if r.get("ranked_kept") is False else ""))
         lines.append(f"| `{market}` ({r['seed']}) | {r['zero_shot']:.4f} "
                      f"({r['zero_shot_over_scratch_best']:.2f}x) | {_steps(r)} | "
                      f"{r['best']['transfer']:.4f} / {r['best']['scratch']:.4f}"
