@@ -15,6 +15,7 @@ from flwr.clientapp.typing import Mod
 from storefed.client.node import MetricDict, market_policy, open_node, train_reply
 from storefed.client.secagg import Identity, SecAggRefusedError, handle_secagg, piggyback
 from storefed.shared.policy import PolicyRefusedError
+from storefed.shared.ranker import write_node_ranker
 from storefed.shared.report import VALID_METRICS, flatten_eval
 from storefed.shared.secagg import RECORD
 from storefed.shared.serving_state import write_node_serving
@@ -41,6 +42,8 @@ def make_app(overrides: Mapping[str, Any] | None = None,
         _, market, policy, market_dir = market_policy(context, fixed)
         node, global_encoder = open_node(msg, context, fixed)
         summary = node.evaluate(global_encoder, "test")
+        if context.node_config.get("ranker") in (True, "true"):  # the market's own choice
+            write_node_ranker(node)  # before the serving file: the service finds both
         # the market's service (client/serve.py) picks up exactly the model just evaluated
         rnd = msg.content.config_records.get("config", ConfigRecord()).get("server-round", 0)
         write_node_serving(node, int(cast(int, rnd)))

@@ -65,6 +65,7 @@ from storefed.shared.data import (
 from storefed.shared.errors import CheckpointError, ConfigError, StorefedError
 from storefed.shared.itemsim import ItemSimilarity
 from storefed.shared.model import MarketModel, load_parts
+from storefed.shared.ranker import RANKER_FILE, MarketStats, Ranker, features, load_ranker
 from storefed.shared.serving_state import ServingSnapshot, load_serving, serving_path
 
 log = logging.getLogger("storefed.serve")
@@ -149,6 +150,8 @@ class ServedModel:
     data: MarketData
     max_history: int
     loaded_at: float
+    # the market's private ranker fitted to this very model (node config ``ranker = true``)
+    ranker: tuple[Ranker, MarketStats] | None = None
 
     @property
     def tag(self) -> dict[str, Any]:
@@ -156,9 +159,15 @@ class ServedModel:
 
     @torch.inference_mode()
     def scores(self, histories: list[np.ndarray], items: np.ndarray) -> torch.Tensor:
-        """B histories (catalog indices, oldest first), I items -> logits B x I: the model's
-        forward in eval mode (encoder + heads + weighted item-kNN), as the evaluation scores."""
+        """B histories (catalog indices, oldest first), I items -> scores B x I: the model's
+        forward in eval mode (encoder + heads + weighted item-kNN), as the evaluation scores,
+        or the market's ranker over it where the node fitted one to this model."""
         hist = pad_histories(histories, self.max_history, self.data.catalog.pad_index)
+        if self.ranker is not None:
+            ranker, stats = self.ranker
+            x = features(self.model, stats, hist, np.broadcast_to(items, (len(hist), len(items))),
+                         torch.device("cpu"))
+            return torch.from_numpy(ranker.scores(x)).float()
         return self.model.score_items(torch.as_tensor(hist), torch.as_tensor(items))
 
     @torch.inference_mode()
@@ -197,9 +206,10 @@ class ServedModel:
 
 
 def build_served(snap: ServingSnapshot, dataset: str | None, data_dir: str | None,
-                 threads: int = 1) -> ServedModel:
+                 threads: int = 1, ranker_path: Path | None = None) -> ServedModel:
     """The servable model of ``snap`` over the market's data (``dataset``/``data_dir``, default
-    the run config the node wrote). CheckpointError if the data's catalog is another one."""
+    the run config the node wrote), ranked by the market's ranker at ``ranker_path`` when that
+    was fitted to this model. CheckpointError if the data's catalog is another one."""
     cfg = snap.config
     ds = dataset or str(cfg.get("dataset", ""))
     dd = data_dir if data_dir is not None else str(cfg.get("data-dir", ""))
@@ -222,7 +232,28 @@ def build_served(snap: ServingSnapshot, dataset: str | None, data_dir: str | Non
         model.attach_item_similarity(data.similarity)
     model.eval()
     return ServedModel(market=snap.market, round=snap.round, version=snap.version, model=model,
-                       data=data, max_history=max_history, loaded_at=time.time())
+                       data=data, max_history=max_history, loaded_at=time.time(),
+                       ranker=_ranker(ranker_path, snap, data))
+
+
+def _ranker(path: Path | None, snap: ServingSnapshot,
+            data: MarketData) -> tuple[Ranker, MarketStats] | None:
+    """The market's ranker at ``path`` when it was fitted to ``snap``'s model; anything else
+    (none, another round's, unreadable) serves the model alone."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        ranker = load_ranker(path, snap.market)
+    except CheckpointError as exc:
+        log.warning("market %s: serving round %d without its ranker: %s", snap.market,
+                    snap.round, exc)
+        return None
+    if ranker.model_version != snap.version:
+        log.info("market %s: %s was fitted to model version %s, not round %d's %s: serving "
+                 "the model alone", snap.market, path, ranker.model_version, snap.round,
+                 snap.version)
+        return None
+    return ranker, MarketStats.from_split(data.split, data.catalog.n_items)
 
 
 class ModelStore:
@@ -258,7 +289,7 @@ class ModelStore:
         self._stamp = stamp
         try:
             served = build_served(load_serving(self.path, self.market), self.dataset,
-                                  self.data_dir)
+                                  self.data_dir, ranker_path=self.path.parent / RANKER_FILE)
         except (StorefedError, OSError) as exc:
             self.last_error = str(exc)
             log.error("market %s: keeping the model of round %s: %s", self.market,

@@ -218,11 +218,16 @@ class MarketModel(nn.Module):
         knn = self.item_sim.scores(history, items)  # type: ignore[operator]
         return self.heads.knn_weight[self.item_category[items]] * knn
 
-    def forward(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """history B x L, items B x C -> logits B x C."""
+    def neural_logits(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history B x L, items B x C -> the encoder and heads' logits B x C, without the
+        item-kNN term (``forward`` adds it); the model is not modified (safe to share)."""
         pooled, experts = self.encoder.users(history)
         return self.heads(pooled, experts, self.encoder.items(items), items,
-                          self.item_category[items]) + self.knn_scores(history, items)
+                          self.item_category[items])
+
+    def forward(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history B x L, items B x C -> logits B x C."""
+        return self.neural_logits(history, items) + self.knn_scores(history, items)
 
     def score_positive_and_items(self, history: torch.Tensor, pos: torch.Tensor,
                                  items: torch.Tensor) -> torch.Tensor:

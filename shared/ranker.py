@@ -28,9 +28,10 @@ cross-validated nDCG@10 is reported (an estimate that never saw its own fold).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,7 +43,11 @@ from storefed.shared.errors import CheckpointError
 from storefed.shared.metrics import ndcg_hr_at_k
 from storefed.shared.model import MarketModel, encoder_state, private_state
 from storefed.shared.serving_state import model_version
-from storefed.shared.train import score_candidates
+
+if TYPE_CHECKING:
+    from storefed.shared.node import MarketNode
+
+log = logging.getLogger("storefed")
 
 RANKER_FORMAT = "storefed-ranker/1"
 RANKER_FILE = "ranker.json"
@@ -84,11 +89,13 @@ def features(model: MarketModel, stats: MarketStats, histories: np.ndarray,
              candidates: np.ndarray, device: torch.device, batch: int = 256) -> np.ndarray:
     """histories U x L (right-padded), candidates U x C -> U x C x len(FEATURES) float32."""
     pad = stats.knn.n_rows - 1
-    sim_model, model.item_sim = model.item_sim, None  # the neural score, without the kNN term
-    try:
-        neural = score_candidates(model, histories, candidates, device).double().numpy()
-    finally:
-        model.item_sim = sim_model
+    model.to(device).eval()
+    with torch.no_grad():  # the neural score, without the kNN term; ``model`` is not modified
+        neural = torch.cat([model.neural_logits(
+            torch.as_tensor(histories[s:s + 1024], dtype=torch.long, device=device),
+            torch.as_tensor(candidates[s:s + 1024], dtype=torch.long, device=device)
+        ).float().cpu() for s in range(0, len(candidates), 1024)]).double().numpy() \
+            if len(candidates) else np.zeros(candidates.shape)
     emb = torch.nn.functional.normalize(model.encoder.item_emb.weight.detach().float().cpu(),
                                         dim=1)
     out = np.zeros(candidates.shape + (len(FEATURES),), dtype=np.float32)
@@ -233,3 +240,27 @@ def load_ranker(path: str | Path, market: str) -> Ranker:
                       cv_valid_ndcg=float(doc["cv_valid_ndcg@10"]))
     except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
         raise CheckpointError(f"ranker file {path}: missing or malformed field ({exc})") from exc
+
+
+def write_node_ranker(node: MarketNode) -> Path | None:
+    """A market node that ranks (node config ``ranker = true``): after its evaluation, fit the
+    ranker to the model just evaluated and keep it as ``<state-dir>/<market>/ranker.json`` when
+    its cross-validated valid nDCG@10 beats the model's own; otherwise remove an earlier
+    round's. Call it before ``write_node_serving``, so the service finds the ranker of the model
+    it loads. Nothing without a state directory or for the single-task model."""
+    if node.state_path is None or not isinstance(node.model, MarketModel) \
+            or node.cfg.mtl == "single-task":
+        return None
+    path = node.state_path.parent / RANKER_FILE
+    own = float(node.evaluate(None, "valid")["ndcg@10"])  # type: ignore[arg-type]
+    stats = MarketStats.from_split(node.split, node.catalog.n_items)
+    ranker = fit_ranker(node.model, node.split, stats, node.device, seed=node.cfg.seed)
+    if ranker.cv_valid_ndcg > own:
+        save_ranker(path, ranker, node.market)
+        log.info("market %s: ranker kept (cross-validated valid nDCG@10 %.4f > the model's "
+                 "%.4f)", node.market, ranker.cv_valid_ndcg, own)
+        return path
+    path.unlink(missing_ok=True)
+    log.info("market %s: ranker not kept (cross-validated valid nDCG@10 %.4f <= the model's "
+             "%.4f)", node.market, ranker.cv_valid_ndcg, own)
+    return None

@@ -267,11 +267,14 @@ def superlink_command(certs: str | Path, host: str = "127.0.0.1", port: int = 90
 
 
 def node_config_string(market: str, data_dir: str = "", state_dir: str = "",
-                       device: str = "", dataset: str = "", policy: str = "") -> str:
+                       device: str = "", dataset: str = "", policy: str = "",
+                       ranker: bool = False) -> str:
     """The ``--node-config`` value client/client_app.py reads (TOML values, space separated);
-    ``policy``: the market's privacy-policy file (``shared/policy.py``)."""
-    items = {"market": market, "data-dir": data_dir, "state-dir": state_dir,
-             "device": device, "dataset": dataset, NODE_CONFIG_KEY: policy}
+    ``policy``: the market's privacy-policy file (``shared/policy.py``); ``ranker``: fit the
+    market's private ranker after every evaluation (``shared/ranker.py``)."""
+    items: dict[str, Any] = {"market": market, "data-dir": data_dir, "state-dir": state_dir,
+                             "device": device, "dataset": dataset, NODE_CONFIG_KEY: policy,
+                             "ranker": ranker}
     return " ".join(f"{k}={_toml_value(k, v)}" for k, v in items.items() if v)
 
 

@@ -94,7 +94,7 @@ def run_supernode(args: argparse.Namespace) -> int:
           f"{rules.allowed_run_config!r}", flush=True)
     nc = node_config_string(args.market, str(Path(args.data_dir).resolve()) if args.data_dir
                             else "", str(Path(args.state_dir).resolve()), args.device or "",
-                            args.dataset or "", policy)
+                            args.dataset or "", policy, args.ranker)
     cmd = supernode_command(args.superlink, None if args.insecure else args.ca, args.key, nc,
                             args.runtime_port, fleet_poll=args.fleet_poll)
     print("starting:", " ".join(cmd), flush=True)
@@ -248,6 +248,10 @@ def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
                         "policy.toml, else the private defaults; see docs/privacy.md)")
     n.add_argument("--device", choices=("auto", "cpu", "cuda"), default="",
                    help="where this node trains (default: the run's)")
+    n.add_argument("--ranker", action="store_true",
+                   help="after every evaluation, fit the market's private ranker to the "
+                        "round's model and keep it for the market's service where it beats "
+                        "the model on valid (docs/serving.md)")
     n.add_argument("--runtime-port", type=int, default=9094,
                    help="local port of the SuperNode's Runtime API (one per node per host)")
     n.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")

@@ -83,6 +83,8 @@ def test_config_strings_round_trip_through_flowers_parser(tmp_path):
     nc = node_config_string("de", "/data/x market", str(tmp_path / "st"), "cuda")
     assert parse_config_args([nc]) == {"market": "de", "data-dir": "/data/x market",
                                        "state-dir": str(tmp_path / "st"), "device": "cuda"}
+    assert parse_config_args([node_config_string("de", ranker=True)]) == {
+        "market": "de", "ranker": True}  # what client_app.py's evaluation checks
     rc = run_config_string({"num-rounds": 3, "resume": True, "lr": 0.01, "out-dir": "/o"})
     assert parse_config_args([rc]) == {"num-rounds": 3, "resume": True, "lr": 0.01,
                                        "out-dir": "/o"}

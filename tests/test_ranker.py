@@ -16,7 +16,7 @@ from storefed.shared.config import RunConfig
 from storefed.shared.data import EvalSet, load_market
 from storefed.shared.errors import CheckpointError
 from storefed.shared.metrics import ndcg_hr_at_k
-from storefed.shared.node import build_model, init_heads_from_data
+from storefed.shared.node import attach_knn, build_model, init_heads_from_data, neural_scores
 from storefed.shared.ranker import (
     FEATURES,
     MarketStats,
@@ -55,8 +55,21 @@ def test_features_are_the_statistics_they_name(market):
         ev.histories, ev.candidates), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(col["pop"], np.log1p(market_counts(split, catalog.n_items))[
         ev.candidates], rtol=1e-6)
-    np.testing.assert_allclose(col["neural"], score_candidates(
-        model, ev.histories, ev.candidates, CPU).numpy(), rtol=1e-5, atol=1e-5)
+    # the model's score without its kNN term, exactly, and the model is left as it was
+    attach_knn(model, split, catalog.n_items)
+    with torch.no_grad():
+        model.heads.knn_weight.fill_(2.0)
+    try:
+        x = features(model, stats, ev.histories, ev.candidates, CPU)
+        assert model.item_sim is not None
+        np.testing.assert_array_equal(x[:, :, 0], neural_scores(
+            model, ev.histories, ev.candidates, CPU).numpy())
+        assert not np.allclose(x[:, :, 0], score_candidates(
+            model, ev.histories, ev.candidates, CPU).numpy())
+    finally:
+        model.attach_item_similarity(None)
+        with torch.no_grad():
+            model.heads.knn_weight.zero_()
     pad = catalog.pad_index
     n_hist = (ev.histories != pad).sum(axis=1)
     assert (col["hist_len"][:, 0] == np.maximum(n_hist, 1)).all()
