@@ -86,9 +86,13 @@ def _recent(histories: np.ndarray, pad: int, k: int) -> np.ndarray:
 
 
 def features(model: MarketModel, stats: MarketStats, histories: np.ndarray,
-             candidates: np.ndarray, device: torch.device, batch: int = 256) -> np.ndarray:
-    """histories U x L (right-padded), candidates U x C -> U x C x len(FEATURES) float32."""
+             candidates: np.ndarray, device: torch.device, cells: int = 4_000_000
+             ) -> np.ndarray:
+    """histories U x L (right-padded), candidates U x C -> U x C x len(FEATURES) float32;
+    the U x L x C similarity terms in row blocks of at most ``cells`` entries (a service ranking
+    a whole catalog per user stays within a few hundred MB)."""
     pad = stats.knn.n_rows - 1
+    batch = max(1, cells // max(histories.shape[1] * candidates.shape[1], 1))
     model.to(device).eval()
     with torch.no_grad():  # the neural score, without the kNN term; ``model`` is not modified
         neural = torch.cat([model.neural_logits(

@@ -78,6 +78,9 @@ def test_features_are_the_statistics_they_name(market):
         np.broadcast_to(last[:, None], ev.candidates.shape), ev.candidates), rtol=1e-5,
         atol=1e-6)
     assert (col["knn_max"] <= col["knn"] + 1e-6).all()
+    # computed in row blocks (a service ranking a catalog per user): the same features
+    np.testing.assert_array_equal(features(model, stats, ev.histories, ev.candidates, CPU,
+                                           cells=3_000), x)
 
 
 def test_the_ranker_never_reads_the_split_it_is_evaluated_on(market):
