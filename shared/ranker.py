@@ -134,6 +134,10 @@ class Ranker:
     fold_rounds: tuple[int, ...]
     cv_valid_ndcg: float  # cross-validated nDCG@10 on the validation users
 
+    def beats(self, model_valid_ndcg: float) -> bool:
+        """Keep it? Only when its cross-validated valid nDCG@10 is above the model's own."""
+        return self.cv_valid_ndcg > model_valid_ndcg
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         """U x C x F features -> U x C scores."""
         return np.asarray(self.booster.predict(x.reshape(-1, x.shape[2]))).reshape(x.shape[:2])
@@ -259,7 +263,7 @@ def write_node_ranker(node: MarketNode) -> Path | None:
     own = float(node.evaluate(None, "valid")["ndcg@10"])  # type: ignore[arg-type]
     stats = MarketStats.from_split(node.split, node.catalog.n_items)
     ranker = fit_ranker(node.model, node.split, stats, node.device, seed=node.cfg.seed)
-    if ranker.cv_valid_ndcg > own:
+    if ranker.beats(own):
         save_ranker(path, ranker, node.market)
         log.info("market %s: ranker kept (cross-validated valid nDCG@10 %.4f > the model's "
                  "%.4f)", node.market, ranker.cv_valid_ndcg, own)

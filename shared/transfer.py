@@ -595,7 +595,7 @@ def rank_joined(model: MarketModel, split: MarketSplit, catalog: Catalog,
     stats = MarketStats.from_split(split, catalog.n_items)
     ranker = fit_ranker(model, split, stats, device, seed=settings.seed)
     own_valid = float(user_ndcg(model, split, "valid", device).mean())
-    kept = ranker.cv_valid_ndcg > own_valid
+    kept = ranker.beats(own_valid)
     doc: dict[str, Any] = {"kept": kept, "cv_valid_ndcg@10": ranker.cv_valid_ndcg,
                            "model_valid_ndcg@10": own_valid, "rounds": ranker.rounds}
     if settings.eval_split == "valid":
