@@ -576,7 +576,8 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     ranker = None
     if settings.ranker:  # last: the ranker is fitted to the model exactly as it is saved
         ranker, doc["ranked"], details["ranked_minus_transfer_ndcg@10"] = rank_joined(
-            model, split, catalog, settings, device)
+            model, split, catalog, settings, device,
+            None if per_user is None else per_user["transfer"])
         # what the market scores from now on: the ranker where it was kept, else its model
         doc["best"]["ranked"] = doc["ranked"]["ndcg@10" if ranker is not None
                                               else "model_ndcg@10"]
@@ -585,13 +586,14 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
 
 
 def rank_joined(model: MarketModel, split: MarketSplit, catalog: Catalog,
-                settings: JoinSettings, device: torch.device
+                settings: JoinSettings, device: torch.device, own: np.ndarray | None = None
                 ) -> tuple[Ranker | None, dict[str, Any], dict[str, float] | None]:
     """Fit the market's private ranker on its valid split over the kept ``model`` and keep it
     only when its cross-validated valid nDCG@10 beats the model's own on valid (a market with
     few validation users may not have enough to learn from); its figures on the evaluation split
     (with ``eval_split`` "valid", the ranker's own training split, only the cross-validated
-    figure) and its per-user difference to the model's own scores there."""
+    figure) and its per-user difference to the model's own scores there (``own``: the model's
+    per-user nDCG@10 on the evaluation split when already computed)."""
     stats = MarketStats.from_split(split, catalog.n_items)
     ranker = fit_ranker(model, split, stats, device, seed=settings.seed)
     own_valid = float(user_ndcg(model, split, "valid", device).mean())
@@ -604,7 +606,8 @@ def rank_joined(model: MarketModel, split: MarketSplit, catalog: Catalog,
     ev = split.eval_set(settings.eval_split)
     scores = ranker.rank(model, stats, ev.histories, ev.candidates, device)
     res = summarize_scores(scores, ev.candidates, catalog.item_category, catalog.categories)
-    own = user_ndcg(model, split, settings.eval_split, device)
+    if own is None:
+        own = user_ndcg(model, split, settings.eval_split, device)
     diff = paired_bootstrap(ndcg_hr_at_k(scores, 10)[0].numpy(), own, seed=settings.seed)
     doc |= {"ndcg@10": float(res["ndcg@10"]), "hr@10": float(res["hr@10"]),  # type: ignore[arg-type]
             "model_ndcg@10": float(own.mean())}
