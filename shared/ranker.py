@@ -20,9 +20,15 @@ never on the split it is evaluated on, and is saved beside the heads (``ranker.j
 to the market) with the version of the model it was fitted to: a ranker never scores a model
 it was not fitted to (``load_ranker`` refuses it).
 
-Boosting rounds: 5-fold cross-validation over the validation users, early stopping on each
-held-out fold; the mean best round trains the final ranker on all validation users. The
-cross-validated nDCG@10 is reported (an estimate that never saw its own fold).
+Boosting rounds and the ranker itself: 5-fold cross-validation over the validation users, early
+stopping on each held-out fold; the ranker is the five fold boosters, each cut at its own best
+round, scoring by their mean. The earlier refit of one booster on every user with the folds'
+mean round was worse: the folds' best rounds spread 19-400 on the joined ``s3``, and by nested
+cross-validation on the validation users (simulations/experiments/RESULTS.md,
+``join_ranker_variants``) the mean of the fold boosters scored +0.002-0.003 nDCG@10 above the
+refit. The cross-validated nDCG@10 (each user scored by the booster that never saw it) is
+reported and decides whether the market keeps the ranker; the mean of five such boosters is
+expected to do at least as well.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("storefed")
 
-RANKER_FORMAT = "storefed-ranker/1"
+RANKER_FORMAT = "storefed-ranker/2"
+OLD_RANKER_FORMAT = "storefed-ranker/1"  # one refit booster: still read
 RANKER_FILE = "ranker.json"
 EASE_LAMBDAS: tuple[float, ...] = (50.0, 200.0, 1000.0)
 FEATURES: tuple[str, ...] = (
@@ -126,11 +133,11 @@ def features(model: MarketModel, stats: MarketStats, histories: np.ndarray,
 
 @dataclass(frozen=True)
 class Ranker:
-    """A fitted LightGBM ranker and what it was fitted to."""
+    """A fitted LightGBM ranker (the fold boosters, scoring by their mean) and what it was
+    fitted to."""
 
-    booster: Any  # lightgbm.Booster
+    boosters: tuple[Any, ...]  # lightgbm.Booster, each used up to its fold_rounds entry
     model_version: str  # shared/serving_state.model_version of the model it ranks for
-    rounds: int
     fold_rounds: tuple[int, ...]
     cv_valid_ndcg: float  # cross-validated nDCG@10 on the validation users
 
@@ -139,8 +146,15 @@ class Ranker:
         return self.cv_valid_ndcg > model_valid_ndcg
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """U x C x F features -> U x C scores."""
-        return np.asarray(self.booster.predict(x.reshape(-1, x.shape[2]))).reshape(x.shape[:2])
+        """U x C x F features -> U x C scores: the mean of the boosters' scores."""
+        flat = x.reshape(-1, x.shape[2])
+        return np.mean([np.asarray(b.predict(flat, num_iteration=r)) for b, r in zip(
+            self.boosters, self.fold_rounds, strict=True)], axis=0).reshape(x.shape[:2])
+
+    def model_strings(self) -> list[str]:
+        """Each booster as LightGBM's text model, cut at its round."""
+        return [b.model_to_string(num_iteration=r) for b, r in zip(
+            self.boosters, self.fold_rounds, strict=True)]
 
     def rank(self, model: MarketModel, stats: MarketStats, histories: np.ndarray,
              candidates: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -173,10 +187,11 @@ def _dataset(x: np.ndarray, seed: int, names: tuple[str, ...]) -> Any:
 def train_booster(x: np.ndarray, seed: int = 0, folds: int = 5, max_rounds: int = 1000,
                   threads: int = 0, names: tuple[str, ...] = FEATURES,
                   params: dict[str, Any] | None = None
-                  ) -> tuple[Any, int, tuple[int, ...], float]:
-    """LambdaMART on U x C x F features (the positive in column 0): rounds picked by
-    ``folds``-fold cross-validation over the users -> (booster on every user, its rounds, each
-    fold's best round, cross-validated nDCG@10). ``params``: overrides of ``PARAMS``."""
+                  ) -> tuple[tuple[Any, ...], tuple[int, ...], float]:
+    """LambdaMART on U x C x F features (the positive in column 0), ``folds``-fold
+    cross-validation over the users, early stopping on each held-out fold -> (the fold
+    boosters, each one's best round, cross-validated nDCG@10). ``params``: overrides of
+    ``PARAMS``."""
     import lightgbm as lgb
 
     if len(x) < 2 * folds:
@@ -184,6 +199,7 @@ def train_booster(x: np.ndarray, seed: int = 0, folds: int = 5, max_rounds: int 
                          "cross-validation")
     params = {**PARAMS, "seed": seed, "num_threads": threads, **(params or {})}
     fold = np.random.default_rng(seed).permutation(len(x)) % folds
+    boosters: list[Any] = []
     fold_rounds: list[int] = []
     cv = np.zeros(len(x))
     for k in range(folds):
@@ -192,12 +208,11 @@ def train_booster(x: np.ndarray, seed: int = 0, folds: int = 5, max_rounds: int 
                             valid_sets=[_dataset(held, seed + 1, names)],
                             callbacks=[lgb.early_stopping(100, verbose=False)])
         best = max(int(booster.best_iteration), 1)
+        boosters.append(booster)
         fold_rounds.append(best)
         s = np.asarray(booster.predict(held.reshape(-1, held.shape[2]), num_iteration=best))
         cv[fold == k] = ndcg_hr_at_k(torch.from_numpy(s.reshape(held.shape[:2])), 10)[0].numpy()
-    rounds = max(int(round(float(np.mean(fold_rounds)))), 1)
-    booster = lgb.train(params, _dataset(x, seed, names), num_boost_round=rounds)
-    return booster, rounds, tuple(fold_rounds), float(cv.mean())
+    return tuple(boosters), tuple(fold_rounds), float(cv.mean())
 
 
 def fit_ranker(model: MarketModel, split: MarketSplit, stats: MarketStats,
@@ -206,19 +221,18 @@ def fit_ranker(model: MarketModel, split: MarketSplit, stats: MarketStats,
     """Fit on the validation split only (``split.test`` is never read)."""
     x = features(model, stats, split.valid.histories, split.valid.candidates, device)
     try:
-        booster, rounds, fold_rounds, cv = train_booster(x, seed, folds, max_rounds, threads)
+        boosters, fold_rounds, cv = train_booster(x, seed, folds, max_rounds, threads)
     except ValueError as exc:
         raise ValueError(f"market {split.market}: {exc}") from None
-    return Ranker(booster=booster, model_version=version_of(model), rounds=rounds,
-                  fold_rounds=fold_rounds, cv_valid_ndcg=cv)
+    return Ranker(boosters=boosters, model_version=version_of(model), fold_rounds=fold_rounds,
+                  cv_valid_ndcg=cv)
 
 
 def save_ranker(path: str | Path, ranker: Ranker, market: str) -> None:
-    """``ranker.json``: the booster (LightGBM's text model) and what it was fitted to."""
+    """``ranker.json``: the boosters (LightGBM's text models) and what they were fitted to."""
     doc = {"format": RANKER_FORMAT, "market": market, "model_version": ranker.model_version,
-           "features": list(FEATURES), "rounds": ranker.rounds,
-           "fold_rounds": list(ranker.fold_rounds), "cv_valid_ndcg@10": ranker.cv_valid_ndcg,
-           "booster": ranker.booster.model_to_string()}
+           "features": list(FEATURES), "fold_rounds": list(ranker.fold_rounds),
+           "cv_valid_ndcg@10": ranker.cv_valid_ndcg, "boosters": ranker.model_strings()}
     atomic_write_bytes(path, json.dumps(doc).encode())
 
 
@@ -230,7 +244,7 @@ def load_ranker(path: str | Path, market: str) -> Ranker:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"ranker file {path}: unreadable ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") != RANKER_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") not in (RANKER_FORMAT, OLD_RANKER_FORMAT):
         raise CheckpointError(f"ranker file {path}: format "
                               f"{doc.get('format') if isinstance(doc, dict) else None!r}, "
                               f"expected {RANKER_FORMAT!r}")
@@ -241,11 +255,16 @@ def load_ranker(path: str | Path, market: str) -> Ranker:
         raise CheckpointError(f"ranker file {path}: features {doc.get('features')} are not "
                               f"this version's {list(FEATURES)}")
     try:
-        booster = lgb.Booster(model_str=str(doc["booster"]))
-        return Ranker(booster=booster, model_version=str(doc["model_version"]),
-                      rounds=int(doc["rounds"]),
-                      fold_rounds=tuple(int(r) for r in doc["fold_rounds"]),
-                      cv_valid_ndcg=float(doc["cv_valid_ndcg@10"]))
+        if doc["format"] == OLD_RANKER_FORMAT:  # one booster refit with ``rounds`` rounds
+            boosters: tuple[Any, ...] = (lgb.Booster(model_str=str(doc["booster"])),)
+            rounds: tuple[int, ...] = (int(doc["rounds"]),)
+        else:
+            boosters = tuple(lgb.Booster(model_str=str(b)) for b in doc["boosters"])
+            rounds = tuple(int(r) for r in doc["fold_rounds"])
+            if len(boosters) != len(rounds) or not boosters:
+                raise ValueError(f"{len(boosters)} boosters for {len(rounds)} fold rounds")
+        return Ranker(boosters=boosters, model_version=str(doc["model_version"]),
+                      fold_rounds=rounds, cv_valid_ndcg=float(doc["cv_valid_ndcg@10"]))
     except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
         raise CheckpointError(f"ranker file {path}: missing or malformed field ({exc})") from exc
 

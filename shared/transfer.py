@@ -599,7 +599,8 @@ def rank_joined(model: MarketModel, split: MarketSplit, catalog: Catalog,
     own_valid = float(user_ndcg(model, split, "valid", device).mean())
     kept = ranker.beats(own_valid)
     doc: dict[str, Any] = {"kept": kept, "cv_valid_ndcg@10": ranker.cv_valid_ndcg,
-                           "model_valid_ndcg@10": own_valid, "rounds": ranker.rounds}
+                           "model_valid_ndcg@10": own_valid,
+                           "fold_rounds": list(ranker.fold_rounds)}
     if settings.eval_split == "valid":
         return (ranker if kept else None), {**doc, "ndcg@10": ranker.cv_valid_ndcg,
                                             "hr@10": None, "model_ndcg@10": own_valid}, None

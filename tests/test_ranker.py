@@ -93,12 +93,12 @@ def test_the_ranker_never_reads_the_split_it_is_evaluated_on(market):
                       histories=rng.integers(0, catalog.n_items, split.test.histories.shape))
     other = fit_ranker(model, dataclasses.replace(split, test=garbage), stats, CPU, seed=0,
                        max_rounds=60)
-    assert other.booster.model_to_string() == fitted.booster.model_to_string()
+    assert other.model_strings() == fitted.model_strings()
     # ... while a change to the validation split it trains on changes it
     shuffled = dataclasses.replace(split, valid=dataclasses.replace(
         split.valid, candidates=split.valid.candidates[:, ::-1].copy()))
     changed = fit_ranker(model, shuffled, stats, CPU, seed=0, max_rounds=60)
-    assert changed.booster.model_to_string() != fitted.booster.model_to_string()
+    assert changed.model_strings() != fitted.model_strings()
 
 
 def test_the_ranker_learns_what_the_model_alone_misses(market):
@@ -112,7 +112,7 @@ def test_the_ranker_learns_what_the_model_alone_misses(market):
     ranked = ndcg_hr_at_k(ranker.rank(model, stats, ev.histories, ev.candidates, CPU),
                           10)[0].mean()
     assert float(ranked) > float(own) + 0.03, (float(ranked), float(own))
-    assert 0.0 < ranker.cv_valid_ndcg <= 1.0 and ranker.rounds >= 1
+    assert 0.0 < ranker.cv_valid_ndcg <= 1.0 and min(ranker.fold_rounds) >= 1
 
 
 def test_a_saved_ranker_round_trips_and_scores_only_its_own_model(market, tmp_path):
@@ -143,3 +143,29 @@ def test_a_saved_ranker_round_trips_and_scores_only_its_own_model(market, tmp_pa
     path.write_text("{not json")
     with pytest.raises(CheckpointError, match=str(path)):
         load_ranker(path, "m0")
+
+
+def test_the_ranker_scores_by_the_mean_of_its_fold_boosters(market, tmp_path):
+    """Five fold boosters, each cut at its own early-stopped round; a file the previous version
+    wrote (one refit booster, ``storefed-ranker/1``) still loads and scores as that booster."""
+    catalog, split, model = market
+    stats = MarketStats.from_split(split, catalog.n_items)
+    ranker = fit_ranker(model, split, stats, CPU, seed=0, max_rounds=40)
+    assert len(ranker.boosters) == len(ranker.fold_rounds) == 5
+    ev = split.test
+    x = features(model, stats, ev.histories, ev.candidates, CPU)
+    flat = x.reshape(-1, x.shape[2])
+    each = [b.predict(flat, num_iteration=r) for b, r in zip(ranker.boosters,
+                                                              ranker.fold_rounds, strict=True)]
+    assert not np.allclose(each[0], each[1])
+    np.testing.assert_allclose(ranker.scores(x), np.mean(each, axis=0).reshape(x.shape[:2]))
+    path = tmp_path / "m0" / "ranker.json"
+    save_ranker(path, ranker, "m0")
+    doc = json.loads(path.read_text())
+    old = {k: v for k, v in doc.items() if k not in ("boosters", "fold_rounds")}
+    path.write_text(json.dumps({**old, "format": "storefed-ranker/1", "rounds": 7,
+                                "fold_rounds": [7], "booster": doc["boosters"][2]}))
+    back = load_ranker(path, "m0")
+    np.testing.assert_allclose(back.scores(x).ravel(),
+                               ranker.boosters[2].predict(flat, num_iteration=min(
+                                   7, ranker.fold_rounds[2])))

@@ -26,7 +26,7 @@ import torch
 from storefed.shared.baselines import fit_ease, fit_itemknn
 from storefed.shared.data import MarketSplit, load_market
 from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
-from storefed.shared.ranker import FEATURES, MarketStats, features, train_booster
+from storefed.shared.ranker import FEATURES, MarketStats, Ranker, features, train_booster
 from storefed.simulations.experiments.join_itemitem import GRID, runs_parser
 from storefed.simulations.recommend import load_state
 
@@ -87,20 +87,22 @@ def main(argv: list[str] | None = None) -> None:
         row: dict[str, object] = {"linear": {"w": w, "test": float(base.mean())}}
         for set_name, feats in sets.items():
             idx = [names.index(f) for f in feats]
-            booster, rounds, folds, cv = train_booster(x["valid"][:, :, idx], seed, names=feats,
-                                                       params=params)
-            xt = x["test"][:, :, idx]
-            s = booster.predict(xt.reshape(-1, xt.shape[2])).reshape(xt.shape[:2])
+            boosters, folds, cv = train_booster(x["valid"][:, :, idx], seed, names=feats,
+                                                params=params)
+            ranker = Ranker(boosters=boosters, model_version="", fold_rounds=folds,
+                            cv_valid_ndcg=cv)
+            s = ranker.scores(x["test"][:, :, idx])
             test = ndcg_hr_at_k(torch.as_tensor(s), 10)[0].numpy()
             diff = paired_bootstrap(test, base)
-            gain = booster.feature_importance("gain")
+            gain = sum(b.feature_importance("gain", iteration=r)
+                       for b, r in zip(boosters, folds, strict=True))
             share = {f: float(g / gain.sum()) for f, g in zip(feats, gain, strict=True)}
             top = sorted(share.items(), key=lambda kv: -kv[1])[:5]
-            print(f"  {set_name:12} rounds {rounds} (folds {list(folds)}) cv-valid {cv:.4f} "
+            print(f"  {set_name:12} fold rounds {list(folds)} cv-valid {cv:.4f} "
                   f"test {test.mean():.4f}  - linear {diff['mean']:+.4f} "
                   f"[{diff['ci95_low']:+.4f}, {diff['ci95_high']:+.4f}]  top: "
                   + ", ".join(f"{n} {g:.2f}" for n, g in top))
-            row[set_name] = {"rounds": rounds, "fold_rounds": list(folds), "cv_valid": cv,
+            row[set_name] = {"fold_rounds": list(folds), "cv_valid": cv,
                              "test": float(test.mean()), "test_minus_linear": diff,
                              "importance": share}
         doc[run.name] = row
