@@ -12,9 +12,19 @@ best) did no better, and would mean something else when the service ranks every 
 every feature here is pointwise: a (history, candidate) pair scores the same in a 100-item
 evaluation list and in the service's full catalog.
 
+The candidate's embedding norm (``emb_norm``) carries what the federation knows of an item at
+no further cost to privacy: over the joined ``s3``'s 2,922 items its rank correlation with the
+source markets' item counts is -0.68 (with the market's own counts -0.28; median norm 1.44 for
+the items the sources hold, 2.59 for the others), a popularity signal the joining market's own
+counts lack. By nested cross-validation on
+the joined ``s3``'s validation users it added +0.0011 / +0.0028 / +0.0035 nDCG@10 over the seeds
+(RESULTS.md, ``join_ranker_variants``), about what a SecAgg+ sum of the sources' item counts
+(``fed_pop``, not built) added, and on top of it that sum adds within noise.
+
 What travels, what stays: nothing travels. The features are the market's model score without
 its kNN term, statistics of the market's own training rows (item-kNN similarities, EASE at
-three ridge strengths, popularity) and the model's own item embeddings; the ranker trains on
+three ridge strengths, popularity) and the model's own item embeddings (their best cosine to
+the history, and the candidate's embedding norm); the ranker trains on
 the market's validation split (each user's held-out last-but-one row and its 99 negatives),
 never on the split it is evaluated on, and is saved beside the heads (``ranker.json``, private
 to the market) with the version of the model it was fitted to: a ranker never scores a model
@@ -55,13 +65,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("storefed")
 
-RANKER_FORMAT = "storefed-ranker/2"
-OLD_RANKER_FORMAT = "storefed-ranker/1"  # one refit booster: still read
+RANKER_FORMAT = "storefed-ranker/2"  # /1: one refit booster, without emb_norm
 RANKER_FILE = "ranker.json"
 EASE_LAMBDAS: tuple[float, ...] = (50.0, 200.0, 1000.0)
 FEATURES: tuple[str, ...] = (
     "neural", "knn", "knn_max", "knn_mean", "knn_last", "knn_last3",
-    *(f"ease{lam:g}" for lam in EASE_LAMBDAS), "pop", "emb_max", "hist_len")
+    *(f"ease{lam:g}" for lam in EASE_LAMBDAS), "pop", "emb_max", "emb_norm", "hist_len")
 PARAMS: dict[str, Any] = {
     "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": 0.03,
     "num_leaves": 15, "min_data_in_leaf": 100, "feature_fraction": 0.8,
@@ -107,8 +116,8 @@ def features(model: MarketModel, stats: MarketStats, histories: np.ndarray,
             torch.as_tensor(candidates[s:s + 1024], dtype=torch.long, device=device)
         ).float().cpu() for s in range(0, len(candidates), 1024)]).double().numpy() \
             if len(candidates) else np.zeros(candidates.shape)
-    emb = torch.nn.functional.normalize(model.encoder.item_emb.weight.detach().float().cpu(),
-                                        dim=1)
+    raw = model.encoder.item_emb.weight.detach().float().cpu()
+    emb, norm = torch.nn.functional.normalize(raw, dim=1), raw.norm(dim=1).numpy()
     out = np.zeros(candidates.shape + (len(FEATURES),), dtype=np.float32)
     for s in range(0, len(candidates), batch):
         h, c = histories[s:s + batch], candidates[s:s + batch]
@@ -126,7 +135,7 @@ def features(model: MarketModel, stats: MarketStats, histories: np.ndarray,
         cols = [neural[s:s + batch], sim.sum(axis=1), sim.max(axis=1),
                 sim.sum(axis=1) / n_hist, recent_sim[:, :, 0], recent_sim.sum(axis=2),
                 *(e.scores(h, c) for e in stats.eases), stats.log_pop[c],
-                cos.max(dim=1).values.numpy(), np.broadcast_to(n_hist, c.shape)]
+                cos.max(dim=1).values.numpy(), norm[c], np.broadcast_to(n_hist, c.shape)]
         out[s:s + batch] = np.stack(cols, axis=2)
     return out
 
@@ -244,7 +253,7 @@ def load_ranker(path: str | Path, market: str) -> Ranker:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"ranker file {path}: unreadable ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") not in (RANKER_FORMAT, OLD_RANKER_FORMAT):
+    if not isinstance(doc, dict) or doc.get("format") != RANKER_FORMAT:
         raise CheckpointError(f"ranker file {path}: format "
                               f"{doc.get('format') if isinstance(doc, dict) else None!r}, "
                               f"expected {RANKER_FORMAT!r}")
@@ -255,14 +264,10 @@ def load_ranker(path: str | Path, market: str) -> Ranker:
         raise CheckpointError(f"ranker file {path}: features {doc.get('features')} are not "
                               f"this version's {list(FEATURES)}")
     try:
-        if doc["format"] == OLD_RANKER_FORMAT:  # one booster refit with ``rounds`` rounds
-            boosters: tuple[Any, ...] = (lgb.Booster(model_str=str(doc["booster"])),)
-            rounds: tuple[int, ...] = (int(doc["rounds"]),)
-        else:
-            boosters = tuple(lgb.Booster(model_str=str(b)) for b in doc["boosters"])
-            rounds = tuple(int(r) for r in doc["fold_rounds"])
-            if len(boosters) != len(rounds) or not boosters:
-                raise ValueError(f"{len(boosters)} boosters for {len(rounds)} fold rounds")
+        boosters = tuple(lgb.Booster(model_str=str(b)) for b in doc["boosters"])
+        rounds = tuple(int(r) for r in doc["fold_rounds"])
+        if len(boosters) != len(rounds) or not boosters:
+            raise ValueError(f"{len(boosters)} boosters for {len(rounds)} fold rounds")
         return Ranker(boosters=boosters, model_version=str(doc["model_version"]),
                       fold_rounds=rounds, cv_valid_ndcg=float(doc["cv_valid_ndcg@10"]))
     except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:

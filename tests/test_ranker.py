@@ -55,6 +55,8 @@ def test_features_are_the_statistics_they_name(market):
         ev.histories, ev.candidates), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(col["pop"], np.log1p(market_counts(split, catalog.n_items))[
         ev.candidates], rtol=1e-6)
+    np.testing.assert_allclose(col["emb_norm"], model.encoder.item_emb.weight.detach().norm(
+        dim=1).numpy()[ev.candidates], rtol=1e-5)
     # the model's score without its kNN term, exactly, and the model is left as it was
     attach_knn(model, split, catalog.n_items)
     with torch.no_grad():
@@ -147,7 +149,7 @@ def test_a_saved_ranker_round_trips_and_scores_only_its_own_model(market, tmp_pa
 
 def test_the_ranker_scores_by_the_mean_of_its_fold_boosters(market, tmp_path):
     """Five fold boosters, each cut at its own early-stopped round; a file the previous version
-    wrote (one refit booster, ``storefed-ranker/1``) still loads and scores as that booster."""
+    wrote (one refit booster over other features, ``storefed-ranker/1``) is refused by name."""
     catalog, split, model = market
     stats = MarketStats.from_split(split, catalog.n_items)
     ranker = fit_ranker(model, split, stats, CPU, seed=0, max_rounds=40)
@@ -162,10 +164,11 @@ def test_the_ranker_scores_by_the_mean_of_its_fold_boosters(market, tmp_path):
     path = tmp_path / "m0" / "ranker.json"
     save_ranker(path, ranker, "m0")
     doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "boosters": doc["boosters"][:4]}))
+    with pytest.raises(CheckpointError, match="4 boosters for 5 fold rounds"):
+        load_ranker(path, "m0")
     old = {k: v for k, v in doc.items() if k not in ("boosters", "fold_rounds")}
     path.write_text(json.dumps({**old, "format": "storefed-ranker/1", "rounds": 7,
-                                "fold_rounds": [7], "booster": doc["boosters"][2]}))
-    back = load_ranker(path, "m0")
-    np.testing.assert_allclose(back.scores(x).ravel(),
-                               ranker.boosters[2].predict(flat, num_iteration=min(
-                                   7, ranker.fold_rounds[2])))
+                                "booster": doc["boosters"][2]}))
+    with pytest.raises(CheckpointError, match=f"{path}: format 'storefed-ranker/1'"):
+        load_ranker(path, "m0")

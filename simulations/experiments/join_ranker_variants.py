@@ -11,7 +11,9 @@ Variants: ``refit`` (the product: one booster refit on every user with the folds
 refit); feature sets: the product's ``FEATURES``, plus RP3beta (``rp3b``: random-walk item-item
 with popularity penalty beta 0.5, on the market's own rows), plus a user-kNN score (``uknn``:
 cosine over users' item sets, the market's own rows), plus the sources' summed popularity
-(``fed_pop``: what a SecAgg+ sum of item counts could deliver; a lab probe, not built).
+(``fed_pop``: what a SecAgg+ sum of item counts could deliver; a lab probe, not built), plus
+the norm of the candidate's embedding in the joined model (``emb_norm``: the federated encoder
+moved the items the sources trained on away from their random start).
 
 ``python -m storefed.simulations.experiments.join_ranker_variants --data-dir XMREC --sources
 s1,s2 --join s3 --runs runs/join-xmrec-v3-seed0,... --seeds 0,...``
@@ -145,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     sources = args.sources.split(",")
     runs = [Path(r) for r in args.runs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    names = (*FEATURES, *EXTRA)
+    names = (*FEATURES, *EXTRA, "emb_norm")
     sets = {"base": FEATURES, "+rp3b": (*FEATURES, "rp3b"), "+uknn": (*FEATURES, "uknn"),
-            "+rp3b+uknn": (*FEATURES, "rp3b", "uknn"), "+fed_pop": (*FEATURES, "fed_pop")}
+            "+rp3b+uknn": (*FEATURES, "rp3b", "uknn"), "+fed_pop": (*FEATURES, "fed_pop"),
+            "+emb_norm": (*FEATURES, "emb_norm"),
+            "+emb_norm+fed_pop": (*FEATURES, "emb_norm", "fed_pop")}
     doc: dict[str, object] = {}
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     for run, seed in zip(runs, seeds, strict=True):
@@ -170,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
                                      ev.histories, ev.candidates)
                 xs[which] = np.concatenate([own, ext], axis=2)
             np.savez(cache, **xs)
+        # the federated encoder's item-embedding norm (free: the joined model holds it)
+        norm = load_state(run / args.join, args.join).model.encoder.item_emb.weight.detach(
+        ).float().norm(dim=1).numpy()
+        for which in ("valid", "test"):
+            ev_c = load_market(args.dataset, args.data_dir, args.join, seed=seed)[1].eval_set(
+                which).candidates
+            xs[which] = np.concatenate([xs[which], norm[ev_c][:, :, None]], axis=2)
         row: dict[str, object] = {}
         for set_name, feats in sets.items():
             idx = [names.index(f) for f in feats]
