@@ -181,8 +181,9 @@ def version_of(model: MarketModel) -> str:
     return model_version(encoder_state(model), private_state(model))
 
 
-def _dataset(x: np.ndarray, seed: int, names: tuple[str, ...]) -> Any:
-    """Candidates shuffled within each user: LightGBM's own nDCG breaks ties by input order,
+def ranking_dataset(x: np.ndarray, seed: int, names: tuple[str, ...]) -> Any:
+    """U x C x F features (the positive in column 0) as a LightGBM ranking dataset.
+    Candidates shuffled within each user: LightGBM's own nDCG breaks ties by input order,
     which would favour the positive (column 0) and stop boosting after one round."""
     import lightgbm as lgb
 
@@ -213,8 +214,9 @@ def train_booster(x: np.ndarray, seed: int = 0, folds: int = 5, max_rounds: int 
     cv = np.zeros(len(x))
     for k in range(folds):
         train, held = x[fold != k], x[fold == k]
-        booster = lgb.train(params, _dataset(train, seed, names), num_boost_round=max_rounds,
-                            valid_sets=[_dataset(held, seed + 1, names)],
+        booster = lgb.train(params, ranking_dataset(train, seed, names),
+                            num_boost_round=max_rounds,
+                            valid_sets=[ranking_dataset(held, seed + 1, names)],
                             callbacks=[lgb.early_stopping(100, verbose=False)])
         best = max(int(booster.best_iteration), 1)
         boosters.append(booster)

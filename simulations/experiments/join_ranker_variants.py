@@ -32,7 +32,14 @@ import torch
 from storefed.shared.baselines import market_counts
 from storefed.shared.data import MarketSplit, load_market
 from storefed.shared.metrics import ndcg_hr_at_k
-from storefed.shared.ranker import FEATURES, PARAMS, MarketStats, _dataset, features
+from storefed.shared.ranker import (
+    FEATURES,
+    PARAMS,
+    MarketStats,
+    features,
+    ranking_dataset,
+    train_booster,
+)
 from storefed.simulations.experiments.join_itemitem import runs_parser
 from storefed.simulations.recommend import load_state
 
@@ -95,34 +102,19 @@ def extra_features(split: MarketSplit, sources: list[MarketSplit], n_items: int,
     return np.stack([rp3, uk, fed[c]], axis=2).astype(np.float32)
 
 
-def _cv(x: np.ndarray, seed: int, names: tuple[str, ...], folds: int = 5,
-        ) -> tuple[list[Any], list[int]]:
-    import lightgbm as lgb
-
-    params = {**PARAMS, "seed": seed, "num_threads": 0}
-    fold = np.random.default_rng(seed).permutation(len(x)) % folds
-    boosters, rounds = [], []
-    for k in range(folds):
-        b = lgb.train(params, _dataset(x[fold != k], seed, names), num_boost_round=1000,
-                      valid_sets=[_dataset(x[fold == k], seed + 1, names)],
-                      callbacks=[lgb.early_stopping(100, verbose=False)])
-        boosters.append(b)
-        rounds.append(max(int(b.best_iteration), 1))
-    return boosters, rounds
-
-
 def fit_variant(x: np.ndarray, seed: int, names: tuple[str, ...], mode: str) -> Any:
     """A scorer ``U x C x F -> U x C`` fitted on ``x`` (positive in column 0)."""
     import lightgbm as lgb
 
-    boosters, rounds = _cv(x, seed, names)
+    boosters, rounds, _ = train_booster(x, seed, names=names)
     if mode == "bag":
         def bag(z: np.ndarray) -> np.ndarray:
             flat = z.reshape(-1, z.shape[2])
             return np.mean([b.predict(flat, num_iteration=r) for b, r in
                             zip(boosters, rounds, strict=True)], axis=0).reshape(z.shape[:2])
         return bag
-    final = lgb.train({**PARAMS, "seed": seed, "num_threads": 0}, _dataset(x, seed, names),
+    final = lgb.train({**PARAMS, "seed": seed, "num_threads": 0},
+                      ranking_dataset(x, seed, names),
                       num_boost_round=max(int(round(float(np.mean(rounds)))), 1))
     return lambda z: np.asarray(final.predict(z.reshape(-1, z.shape[2]))).reshape(z.shape[:2])
 
