@@ -195,7 +195,8 @@ def _print(doc: dict[str, Any], details: dict[str, Any]) -> None:
                    f"not kept: its cross-validated valid {r['cv_valid_ndcg@10']:.4f} is not above "
                    f"the model's own {r['model_valid_ndcg@10']:.4f}")
         print(f"ranked      ndcg@10 {r['ndcg@10']:.4f}  (the market's private ranker, "
-              f"{r['rounds']} rounds{vs}; {verdict})")
+              f"{len(r['fold_rounds'])} fold boosters of "
+              f"{'/'.join(str(x) for x in r['fold_rounds'])} rounds{vs}; {verdict})")
     if best["scratch"] is not None:
         t_reach = ("never" if reach["transfer"] is None else f"after {reach['transfer']} steps")
         print(f"reaching scratch's best ({best['scratch']:.4f}): transfer {t_reach}, scratch "
