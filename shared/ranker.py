@@ -16,16 +16,16 @@ The candidate's embedding norm (``emb_norm``) carries what the federation knows 
 no further cost to privacy: over the joined ``s3``'s 2,922 items its rank correlation with the
 source markets' item counts is -0.68 (with the market's own counts -0.28; median norm 1.44 for
 the items the sources hold, 2.59 for the others), a popularity signal the joining market's own
-counts lack. By nested cross-validation on
-the joined ``s3``'s validation users it added +0.0011 / +0.0028 / +0.0035 nDCG@10 over the seeds
-(RESULTS.md, ``join_ranker_variants``), about what a SecAgg+ sum of the sources' item counts
-(``fed_pop``, not built) added, and on top of it that sum adds within noise.
+counts lack. By nested cross-validation on the joined ``s3``'s validation users it added
++0.0011 / +0.0028 / +0.0035 nDCG@10 over the seeds (RESULTS.md, ``join_ranker_variants``),
+about what a SecAgg+ sum of the sources' item counts (``fed_pop``, not built) added, and on top
+of it that sum adds within noise.
 
 What travels, what stays: nothing travels. The features are the market's model score without
 its kNN term, statistics of the market's own training rows (item-kNN similarities, EASE at
 three ridge strengths, popularity) and the model's own item embeddings (their best cosine to
-the history, and the candidate's embedding norm); the ranker trains on
-the market's validation split (each user's held-out last-but-one row and its 99 negatives),
+the history, and the candidate's embedding norm); the ranker trains on the market's
+validation split (each user's held-out last-but-one row and its 99 negatives),
 never on the split it is evaluated on, and is saved beside the heads (``ranker.json``, private
 to the market) with the version of the model it was fitted to: a ranker never scores a model
 it was not fitted to (``load_ranker`` refuses it).
