@@ -20,7 +20,14 @@ from storefed.shared.metrics import ndcg_hr_at_k
 from storefed.shared.model import encoder_state
 from storefed.shared.node import MarketNode, initial_encoder, model_config
 from storefed.shared.policy import load_policy
-from storefed.shared.ranker import RANKER_FILE, load_ranker, version_of
+from storefed.shared.ranker import (
+    RANKER_FILE,
+    MarketStats,
+    fit_ranker,
+    load_ranker,
+    save_ranker,
+    version_of,
+)
 from storefed.shared.transfer import (
     JoinOutcome,
     JoinSettings,
@@ -350,11 +357,16 @@ def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
     assert set(doc["zero_shot"]) == {"ndcg@10", "hr@10"}
     assert set(doc["steps_to_target"]) == {"transfer", "scratch"}
     assert set(doc["best"]) == {"transfer", "scratch", "ranked"}
-    assert doc["ranked"]["kept"]  # this market's ranker beats its model on valid
-    assert doc["best"]["ranked"] == doc["ranked"]["ndcg@10"]
-    # the market's private ranker, fitted to the saved model, lives with its heads
-    assert load_ranker(joined / "state" / NEW / RANKER_FILE, NEW).model_version == version_of(
-        rec_cmd.load_state(joined, NEW).model)
+    # the market keeps its private ranker only where it beats its model on valid (on this small
+    # market it may not), and then it lives with its heads, fitted to the saved model
+    ranked, path = doc["ranked"], joined / "state" / NEW / RANKER_FILE
+    assert ranked["kept"] == (ranked["cv_valid_ndcg@10"] > ranked["model_valid_ndcg@10"])
+    assert path.is_file() == ranked["kept"]
+    assert doc["best"]["ranked"] == ranked["ndcg@10" if ranked["kept"] else "model_ndcg@10"]
+    assert len(ranked["fold_rounds"]) == 5 and min(ranked["fold_rounds"]) >= 1
+    if ranked["kept"]:
+        assert load_ranker(path, NEW).model_version == version_of(
+            rec_cmd.load_state(joined, NEW).model)
     for curve in (doc["transfer"], doc["scratch"]):
         assert all(len(p) == 2 and isinstance(p[0], int) and 0 <= p[1] <= 1 for p in curve)
         assert [p[0] for p in curve] == sorted(p[0] for p in curve)
@@ -406,7 +418,13 @@ def test_recommend_excludes_the_users_items(joined, capsys):
     user = split.user_ids[int(split.test.users[0])]
     state = rec_cmd.load_state(joined, NEW)
     assert rec_cmd.use_knn(state, split)  # the join calibrated a nonzero item-kNN weight
-    assert rec_cmd.use_ranker(state, joined, NEW, split)  # and fitted the market's ranker
+    # the market's ranker, fitted to this model and kept with its heads, ranks for it
+    path = joined / "state" / NEW / RANKER_FILE
+    if not path.is_file():  # the join did not keep one on this small market: fit one
+        stats = MarketStats.from_split(split, state.catalog.n_items)
+        save_ranker(path, fit_ranker(state.model, split, stats, torch.device("cpu"), seed=0,
+                                     max_rounds=40), NEW)
+    assert rec_cmd.use_ranker(state, joined, NEW, split)
     have = rec_cmd.user_items(split, user)
     assert len(have) >= 3
     top = rec_cmd.recommend(state, have, split.items, 10)
