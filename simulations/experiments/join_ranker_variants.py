@@ -12,8 +12,8 @@ refit); feature sets: the product's ``FEATURES``, plus RP3beta (``rp3b``: random
 with popularity penalty beta 0.5, on the market's own rows), plus a user-kNN score (``uknn``:
 cosine over users' item sets, the market's own rows), plus the sources' summed popularity
 (``fed_pop``: what a SecAgg+ sum of item counts could deliver; a lab probe, not built), plus
-the norm of the candidate's embedding in the joined model (``emb_norm``: the federated encoder
-moved the items the sources trained on away from their random start).
+the norm of the candidate's embedding in the joined model (``emb_norm``, now one of the
+product's ``FEATURES``; ``base`` is the set without it).
 
 ``python -m storefed.simulations.experiments.join_ranker_variants --data-dir XMREC --sources
 s1,s2 --join s3 --runs runs/join-xmrec-v3-seed0,... --seeds 0,...``
@@ -36,6 +36,7 @@ from storefed.shared.ranker import (
     FEATURES,
     PARAMS,
     MarketStats,
+    Ranker,
     features,
     ranking_dataset,
     train_booster,
@@ -106,13 +107,10 @@ def fit_variant(x: np.ndarray, seed: int, names: tuple[str, ...], mode: str) -> 
     """A scorer ``U x C x F -> U x C`` fitted on ``x`` (positive in column 0)."""
     import lightgbm as lgb
 
-    boosters, rounds, _ = train_booster(x, seed, names=names)
-    if mode == "bag":
-        def bag(z: np.ndarray) -> np.ndarray:
-            flat = z.reshape(-1, z.shape[2])
-            return np.mean([b.predict(flat, num_iteration=r) for b, r in
-                            zip(boosters, rounds, strict=True)], axis=0).reshape(z.shape[:2])
-        return bag
+    boosters, rounds, cv = train_booster(x, seed, names=names)
+    if mode == "bag":  # the product's ranker
+        return Ranker(boosters=boosters, model_version="", fold_rounds=rounds,
+                      cv_valid_ndcg=cv).scores
     final = lgb.train({**PARAMS, "seed": seed, "num_threads": 0},
                       ranking_dataset(x, seed, names),
                       num_boost_round=max(int(round(float(np.mean(rounds)))), 1))
@@ -139,19 +137,19 @@ def main(argv: list[str] | None = None) -> None:
     sources = args.sources.split(",")
     runs = [Path(r) for r in args.runs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    names = (*FEATURES, *EXTRA, "emb_norm")
-    sets = {"base": FEATURES, "+rp3b": (*FEATURES, "rp3b"), "+uknn": (*FEATURES, "uknn"),
-            "+rp3b+uknn": (*FEATURES, "rp3b", "uknn"), "+fed_pop": (*FEATURES, "fed_pop"),
-            "+emb_norm": (*FEATURES, "emb_norm"),
-            "+emb_norm+fed_pop": (*FEATURES, "emb_norm", "fed_pop")}
+    names = (*FEATURES, *EXTRA)
+    base = tuple(f for f in FEATURES if f != "emb_norm")  # the ranker before emb_norm
+    sets = {"base": base, "+rp3b": (*base, "rp3b"), "+uknn": (*base, "uknn"),
+            "+rp3b+uknn": (*base, "rp3b", "uknn"), "+fed_pop": (*base, "fed_pop"),
+            "+emb_norm": FEATURES, "+emb_norm+fed_pop": (*FEATURES, "fed_pop")}
     doc: dict[str, object] = {}
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     for run, seed in zip(runs, seeds, strict=True):
         cache = Path(args.cache) / f"{run.name}-{args.join}.npz"
-        if cache.exists():
-            z = np.load(cache)
+        z = np.load(cache) if cache.exists() else None
+        if z is not None and z["valid"].shape[2] == len(names):
             xs = {"valid": z["valid"], "test": z["test"]}
-        else:
+        else:  # none yet, or written before this version's features
             splits = {m: load_market(args.dataset, args.data_dir, m, seed=seed)[1]
                       for m in [*sources, args.join]}
             n_items = load_market(args.dataset, args.data_dir, args.join, seed=seed)[0].n_items
@@ -166,13 +164,6 @@ def main(argv: list[str] | None = None) -> None:
                                      ev.histories, ev.candidates)
                 xs[which] = np.concatenate([own, ext], axis=2)
             np.savez(cache, **xs)
-        # the federated encoder's item-embedding norm (free: the joined model holds it)
-        norm = load_state(run / args.join, args.join).model.encoder.item_emb.weight.detach(
-        ).float().norm(dim=1).numpy()
-        for which in ("valid", "test"):
-            ev_c = load_market(args.dataset, args.data_dir, args.join, seed=seed)[1].eval_set(
-                which).candidates
-            xs[which] = np.concatenate([xs[which], norm[ev_c][:, :, None]], axis=2)
         row: dict[str, object] = {}
         for set_name, feats in sets.items():
             idx = [names.index(f) for f in feats]
