@@ -252,43 +252,45 @@ def run_popularity(splits: Mapping[str, MarketSplit], n_items: int,
     return out
 
 
+def pooled_scores(scorer: ItemKNN | Ease, split: MarketSplit, n_items: int,
+                  which: str = "test") -> np.ndarray:
+    """U x C scores of a pooled model on one market's ``which`` candidates, ties broken by the
+    market's popularity (as every classical baseline here)."""
+    ev = split.eval_set(which)
+    return scorer.scores(ev.histories, ev.candidates) + _tie_break(market_counts(split, n_items),
+                                                                    ev.candidates)
+
+
 def run_itemknn_pooled(splits: Mapping[str, MarketSplit], n_items: int,
                        which: str = "test") -> dict[str, dict[str, object]]:
     knn = fit_itemknn(list(splits.values()), n_items)
-    out = {}
-    for m, s in splits.items():
-        ev = s.eval_set(which)
-        scores = knn.scores(ev.histories, ev.candidates)
-        out[m] = score_metrics(scores + _tie_break(market_counts(s, n_items), ev.candidates))
-    return out
+    return {m: score_metrics(pooled_scores(knn, s, n_items, which)) for m, s in splits.items()}
+
+
+def fit_ease_pooled(splits: Mapping[str, MarketSplit], n_items: int) -> tuple[Ease, float]:
+    """EASE over all markets pooled, ``lambda`` (from ``EASE_LAMBDAS``) chosen on the markets'
+    average validation nDCG@10 -> (the model, its lambda)."""
+    knn = fit_itemknn(list(splits.values()), n_items)
+    best: tuple[float, float, Ease] | None = None
+    for lam in EASE_LAMBDAS:
+        b = fit_ease(knn, lam)
+        avg = float(np.mean([float(str(score_metrics(pooled_scores(b, s, n_items, "valid"))
+                                       ["ndcg@10"])) for s in splits.values()]))
+        if best is None or avg > best[0]:
+            best = (avg, lam, b)
+    assert best is not None
+    return best[2], best[1]
 
 
 def run_ease_pooled(splits: Mapping[str, MarketSplit], n_items: int,
                     which: str = "test") -> dict[str, dict[str, object]]:
-    """EASE over all markets pooled, ``lambda`` chosen on the markets' average validation
-    nDCG@10; each market's metrics on ``which`` (the chosen ``lambda`` is in every entry)."""
-    knn = fit_itemknn(list(splits.values()), n_items)
-
-    def metrics(b: Ease, split_name: str) -> dict[str, dict[str, object]]:
-        out = {}
-        for m, s in splits.items():
-            ev = s.eval_set(split_name)
-            scores = b.scores(ev.histories, ev.candidates)
-            out[m] = score_metrics(scores + _tie_break(market_counts(s, n_items),
-                                                        ev.candidates))
-        return out
-
-    best: tuple[float, float, Ease] | None = None
-    for lam in EASE_LAMBDAS:
-        b = fit_ease(knn, lam)
-        valid = metrics(b, "valid")
-        avg = float(np.mean([float(str(v["ndcg@10"])) for v in valid.values()]))
-        if best is None or avg > best[0]:
-            best = (avg, lam, b)
-    assert best is not None
-    out = metrics(best[2], which)
-    for v in out.values():
-        v["ease_lambda"] = best[1]
+    """EASE over all markets pooled (``fit_ease_pooled``); each market's metrics on ``which``
+    (the chosen ``lambda`` is in every entry)."""
+    ease, lam = fit_ease_pooled(splits, n_items)
+    out = {}
+    for m, s in splits.items():
+        out[m] = score_metrics(pooled_scores(ease, s, n_items, which))
+        out[m]["ease_lambda"] = lam
     return out
 
 

@@ -560,6 +560,9 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
             "scratch": steps_to_target(scratch, best_s) if best_s is not None else None},
     }
     seconds = {"load": t1 - t0, "transfer": t2 - t1, "scratch": t3 - t2}
+    per_user_doc: dict[str, list[Any]] | None = (
+        None if per_user is None else {"users": [split.user_ids[u] for u in ev_users.tolist()],
+                                       **{k: v.tolist() for k, v in per_user.items()}})
     details = {"market": split.market, "encoder": str(encoder_path), "encoder_round": ck.round,
                "mapping": mapping.summary(), "settings": asdict(settings),
                "train_examples": split.n_train, "eval_users": int(len(ev_users)),
@@ -569,15 +572,17 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                "scratch_loss": picked, "scratch_by_loss": by_loss,
                "transfer_minus_scratch_ndcg@10": paired,
                # the same two kept models user by user, for pooling seeds (the lab's join_seeds)
-               "per_user_ndcg@10": (None if per_user is None else
-                                    {"users": [split.user_ids[u] for u in ev_users.tolist()],
-                                     **{k: v.tolist() for k, v in per_user.items()}}),
+               "per_user_ndcg@10": per_user_doc,
                "seconds": seconds}
     ranker = None
     if settings.ranker:  # last: the ranker is fitted to the model exactly as it is saved
-        ranker, doc["ranked"], details["ranked_minus_transfer_ndcg@10"] = rank_joined(
-            model, split, catalog, settings, device,
-            None if per_user is None else per_user["transfer"])
+        ranker, doc["ranked"], details["ranked_minus_transfer_ndcg@10"], ranked_users = \
+            rank_joined(model, split, catalog, settings, device,
+                        None if per_user is None else per_user["transfer"])
+        if ranked_users is not None and per_user_doc is not None:
+            # the ranker's own per-user figures, kept or not (what the market scores from now
+            # on is these where it was kept, else the model's "transfer" figures)
+            per_user_doc["ranked"] = ranked_users.tolist()
         # what the market scores from now on: the ranker where it was kept, else its model
         doc["best"]["ranked"] = doc["ranked"]["ndcg@10" if ranker is not None
                                               else "model_ndcg@10"]
@@ -587,13 +592,15 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
 
 def rank_joined(model: MarketModel, split: MarketSplit, catalog: Catalog,
                 settings: JoinSettings, device: torch.device, own: np.ndarray | None = None
-                ) -> tuple[Ranker | None, dict[str, Any], dict[str, float] | None]:
+                ) -> tuple[Ranker | None, dict[str, Any], dict[str, float] | None,
+                           np.ndarray | None]:
     """Fit the market's private ranker on its valid split over the kept ``model`` and keep it
     only when its cross-validated valid nDCG@10 beats the model's own on valid (a market with
     few validation users may not have enough to learn from); its figures on the evaluation split
     (with ``eval_split`` "valid", the ranker's own training split, only the cross-validated
-    figure) and its per-user difference to the model's own scores there (``own``: the model's
-    per-user nDCG@10 on the evaluation split when already computed)."""
+    figure), its per-user difference to the model's own scores there (``own``: the model's
+    per-user nDCG@10 on the evaluation split when already computed) and its per-user nDCG@10
+    there (None with ``eval_split`` "valid")."""
     stats = MarketStats.from_split(split, catalog.n_items)
     ranker = fit_ranker(model, split, stats, device, seed=settings.seed)
     own_valid = float(user_ndcg(model, split, "valid", device).mean())
@@ -603,16 +610,18 @@ def rank_joined(model: MarketModel, split: MarketSplit, catalog: Catalog,
                            "fold_rounds": list(ranker.fold_rounds)}
     if settings.eval_split == "valid":
         return (ranker if kept else None), {**doc, "ndcg@10": ranker.cv_valid_ndcg,
-                                            "hr@10": None, "model_ndcg@10": own_valid}, None
+                                            "hr@10": None, "model_ndcg@10": own_valid}, \
+            None, None
     ev = split.eval_set(settings.eval_split)
     scores = ranker.rank(model, stats, ev.histories, ev.candidates, device)
     res = summarize_scores(scores, ev.candidates, catalog.item_category, catalog.categories)
     if own is None:
         own = user_ndcg(model, split, settings.eval_split, device)
-    diff = paired_bootstrap(ndcg_hr_at_k(scores, 10)[0].numpy(), own, seed=settings.seed)
+    ranked_users = ndcg_hr_at_k(scores, 10)[0].numpy()
+    diff = paired_bootstrap(ranked_users, own, seed=settings.seed)
     doc |= {"ndcg@10": float(res["ndcg@10"]), "hr@10": float(res["hr@10"]),  # type: ignore[arg-type]
             "model_ndcg@10": float(own.mean())}
-    return (ranker if kept else None), doc, diff
+    return (ranker if kept else None), doc, diff, ranked_users
 
 
 def save_joined(out: str | Path, outcome: JoinOutcome, catalog: Catalog,

@@ -568,6 +568,47 @@ def test_paired_difference_of_the_kept_models_matches_the_curves(encoder_path):
         assert per_user["users"] == [split.user_ids[u] for u in split.test.users]
         assert np.mean(np.subtract(per_user["transfer"], per_user["scratch"])) == \
             pytest.approx(diff["mean"], abs=1e-12)
+        # the ranker's own per-user figures (kept or not), for the comparison with references
+        assert np.mean(per_user["ranked"]) == pytest.approx(out.doc["ranked"]["ndcg@10"],
+                                                            abs=1e-9)
+
+
+def test_pooled_references_score_the_joined_markets_users():
+    """join_seeds --references-data-dir: the pooled references score the same users (and
+    candidates) as a join of that market with that seed; the references carry signal."""
+    from storefed.simulations.experiments.join_seeds import REFERENCES, reference_per_user
+
+    _, split = _market()
+    refs = reference_per_user("synthetic", "", 0, [NEW])[NEW]
+    assert refs["users"] == [split.user_ids[u] for u in split.test.users]
+    for name in REFERENCES:
+        assert len(refs[name]) == len(refs["users"])
+        assert refs[name].mean() > _random_ndcg(split.test.candidates) + 0.05
+
+
+def test_join_seeds_compares_what_the_market_serves_with_the_references():
+    """The joined side is the ranker's per-user figures where it was kept, else the model's;
+    runs that score other users, or a kept ranker without its figures, are refused."""
+    from storefed.simulations.experiments.join_seeds import REFERENCES, against_references
+
+    users = ["u1", "u2"]
+    kept = {"run": "a", "seed": 0, "ranked_kept": True,
+            "per_user": {"users": users, "transfer": [0.0, 0.0], "ranked": [1.0, 0.5]}}
+    dropped = {"run": "b", "seed": 1, "ranked_kept": False,
+               "per_user": {"users": users, "transfer": [0.5, 0.5], "ranked": [1.0, 1.0]}}
+    ref = {"users": users, "ease_lambda": 500.0,
+           **{n: np.asarray([0.5, 0.0]) for n in REFERENCES}}
+    cmp = against_references([kept, dropped], [ref, ref], "m")
+    assert [e["joined"] for e in cmp["per_run"]] == pytest.approx([0.75, 0.5])
+    assert cmp["per_run"][0]["joined_minus_ease-pooled"]["mean"] == pytest.approx(0.5)
+    assert cmp["per_run"][1]["joined_minus_ease-pooled"]["mean"] == pytest.approx(0.25)
+    # pooled: per user the mean over runs, u1 (1 + 0.5) / 2 - 0.5, u2 (0.5 + 0.5) / 2 - 0
+    assert cmp["pooled"]["joined_minus_itemknn-pooled"]["mean"] == pytest.approx(0.375)
+    with pytest.raises(DataError, match="other users"):
+        against_references([kept], [{**ref, "users": ["u1", "x"]}], "m")
+    no_figures = {**kept, "per_user": {"users": users, "transfer": [0.0, 0.0]}}
+    with pytest.raises(DataError, match="rerun the join"):
+        against_references([no_figures], [ref], "m")
 
 
 def test_paired_bootstrap():

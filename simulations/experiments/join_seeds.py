@@ -15,7 +15,12 @@ On a market as small as XMarket ``in`` (239 test users) one run's verdict is dec
   every one of them, not only against the loss picked on valid;
 * the seed-averaged curves (mean over runs at each step) and the steps target judged on them;
 * the **pooled paired difference**: per user, transfer minus scratch averaged over the runs, with
-  a 95% bootstrap interval over users (the runs must score the same users).
+  a 95% bootstrap interval over users (the runs must score the same users);
+* with ``--references-data-dir DIR``: the joined market's final per-user nDCG@10 (its ranker's
+  where the ranker was kept, else its model's) against the pooled centralised references
+  item-kNN and EASE (every market of the dataset pooled, EASE's lambda chosen on validation, as
+  ``storefed benchmark`` fits them), refit with each run's seed so the candidates are the
+  run's; per run and pooled over runs, each with a paired 95% bootstrap interval over users.
 
 Prints a markdown table and writes the JSON to ``--out``.
 """
@@ -29,10 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from storefed.shared.baselines import Ease, ItemKNN, fit_ease_pooled, fit_itemknn, pooled_scores
 from storefed.shared.checkpoint import atomic_write_bytes
+from storefed.shared.data import load_dataset
 from storefed.shared.errors import DataError
-from storefed.shared.metrics import paired_bootstrap
+from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
 from storefed.shared.transfer_study import steps_target_met, steps_to_target
 from storefed.simulations.command import run_command
 
@@ -75,6 +83,90 @@ def _row(run: Path, summary: dict[str, Any], market: str) -> dict[str, Any]:
                                                              details.get("scratch_by_loss")),
             "curves": {"transfer": doc["transfer"], "scratch": doc["scratch"]},
             "per_user": per_user}
+
+
+def _joined_per_user(row: dict[str, Any]) -> np.ndarray:
+    """What the joined market scores from now on, user by user: its ranker's figures where the
+    ranker was kept, else its model's."""
+    per_user = row["per_user"]
+    if row["ranked_kept"]:
+        if "ranked" not in per_user:
+            raise DataError(f"{row['run']}: the ranker was kept but its per-user figures were "
+                            "not recorded (joined before they were): rerun the join")
+        return np.asarray(per_user["ranked"], dtype=np.float64)
+    return np.asarray(per_user["transfer"], dtype=np.float64)
+
+
+REFERENCES = ("itemknn-pooled", "ease-pooled")
+
+
+def reference_per_user(dataset: str, data_dir: str, seed: int, markets: list[str]
+                       ) -> dict[str, dict[str, Any]]:
+    """Per market: the users and each pooled reference's per-user test nDCG@10 (item-kNN and
+    EASE over every market of ``dataset``, split with ``seed``), plus EASE's lambda."""
+    ds = load_dataset(dataset, data_dir or None, None, seed=seed)
+    splits, n = ds.markets, ds.catalog.n_items
+    knn = fit_itemknn(list(splits.values()), n)
+    ease, lam = fit_ease_pooled(splits, n)
+    scorers: tuple[ItemKNN | Ease, ...] = (knn, ease)
+    out: dict[str, dict[str, Any]] = {}
+    for m in markets:
+        if m not in splits:
+            raise DataError(f"market {m!r} is not in {dataset} under {data_dir}")
+        split = splits[m]
+        out[m] = {"users": [split.user_ids[u] for u in split.eval_set("test").users.tolist()],
+                  "ease_lambda": lam,
+                  **{name: ndcg_hr_at_k(torch.from_numpy(pooled_scores(b, split, n)), 10)[0]
+                     .numpy() for name, b in zip(REFERENCES, scorers, strict=True)}}
+    return out
+
+
+def against_references(rows: list[dict[str, Any]], refs: list[dict[str, Any]], market: str
+                       ) -> dict[str, Any]:
+    """``rows``: the runs' ``_row`` dicts; ``refs``: each run's ``reference_per_user`` entry for
+    ``market``. Joined minus each reference, per run and pooled over runs (per user, the mean
+    over runs of each side)."""
+    per_run = []
+    joined_all: list[np.ndarray] = []
+    ref_all: dict[str, list[np.ndarray]] = {name: [] for name in REFERENCES}
+    for r, ref in zip(rows, refs, strict=True):
+        if ref["users"] != r["per_user"]["users"]:
+            raise DataError(f"market {market}: {r['run']} scores other users than the "
+                            "references (another dataset, data directory or split?)")
+        joined = _joined_per_user(r)
+        joined_all.append(joined)
+        entry: dict[str, Any] = {"seed": r["seed"], "joined": float(joined.mean()),
+                                 "ease_lambda": ref["ease_lambda"]}
+        for name in REFERENCES:
+            ref_all[name].append(ref[name])
+            entry[name] = float(ref[name].mean())
+            entry[f"joined_minus_{name}"] = paired_bootstrap(joined, ref[name])
+        per_run.append(entry)
+    joined_mean = np.mean(joined_all, axis=0)
+    pooled: dict[str, Any] = {"joined": float(joined_mean.mean())}
+    for name in REFERENCES:
+        ref_mean = np.mean(ref_all[name], axis=0)
+        pooled[name] = float(ref_mean.mean())
+        pooled[f"joined_minus_{name}"] = paired_bootstrap(joined_mean, ref_mean)
+    return {"per_run": per_run, "pooled": pooled}
+
+
+def references_table(market: str, cmp: dict[str, Any]) -> str:
+    def ci(d: dict[str, float]) -> str:
+        return f"{d['mean']:+.4f} [{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}]"
+
+    lines = ["| run (seed) | joined | item-kNN pooled | EASE pooled (lambda) | joined - item-kNN "
+             "[95% CI] | joined - EASE [95% CI] |", "|---|---|---|---|---|---|"]
+    for e in cmp["per_run"]:
+        lines.append(f"| `{market}` ({e['seed']}) | {e['joined']:.4f} | "
+                     f"{e['itemknn-pooled']:.4f} | {e['ease-pooled']:.4f} "
+                     f"({e['ease_lambda']:g}) | {ci(e['joined_minus_itemknn-pooled'])} | "
+                     f"{ci(e['joined_minus_ease-pooled'])} |")
+    p = cmp["pooled"]
+    lines.append(f"| **pooled over runs** | {p['joined']:.4f} | {p['itemknn-pooled']:.4f} | "
+                 f"{p['ease-pooled']:.4f} | {ci(p['joined_minus_itemknn-pooled'])} | "
+                 f"{ci(p['joined_minus_ease-pooled'])} |")
+    return "\n".join(lines)
 
 
 def _by_scratch_loss(transfer: list[list[float]],
@@ -180,10 +272,20 @@ def run(args: argparse.Namespace) -> int:
                list(summaries[0].get("markets", {})))
     pooled_by_market: dict[str, Any] = {}
     doc = {"runs": [str(r) for r in runs], "markets": pooled_by_market}
+    rows = {m: [_row(r, s, m) for r, s in zip(runs, summaries, strict=True)] for m in markets}
+    refs: dict[int, dict[str, dict[str, Any]]] = {}
+    if args.references_data_dir:
+        dataset = str(summaries[0].get("dataset", "xmarket"))
+        for seed in dict.fromkeys(int(r["seed"]) for r in rows[markets[0]]):
+            refs[seed] = reference_per_user(dataset, args.references_data_dir, seed, markets)
     for m in markets:
-        pooled = pool_market([_row(r, s, m) for r, s in zip(runs, summaries, strict=True)], m)
+        pooled = pool_market(rows[m], m)
         pooled_by_market[m] = pooled
         print(table(m, pooled), end="\n\n")
+        if refs:
+            pooled["references"] = against_references(
+                rows[m], [refs[int(r["seed"])][m] for r in rows[m]], m)
+            print(references_table(m, pooled["references"]), end="\n\n")
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps(doc, indent=2).encode())
         print(f"wrote {args.out}")
@@ -196,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="join_experiment --out directories (one per seed)")
     p.add_argument("--markets", default="", help="comma list (default: the first run's)")
     p.add_argument("--out", default="", help="write the pooled JSON here")
+    p.add_argument("--references-data-dir", default="",
+                   help="also compare with the pooled item-kNN and EASE references fitted on "
+                        "the runs' dataset read from this directory")
     args = p.parse_args(argv)
     return run_command("join_seeds", run, args)
 
