@@ -574,8 +574,8 @@ def test_paired_difference_of_the_kept_models_matches_the_curves(encoder_path):
 
 
 def test_pooled_references_score_the_joined_markets_users():
-    """join_seeds --references-data-dir: the pooled references score the same users (and
-    candidates) as a join of that market with that seed; the references carry signal."""
+    """join_seeds --references-data-dir: the pooled references score the same users as a join
+    of that market with that seed, one figure per user; the references carry signal."""
     from storefed.simulations.experiments.join_seeds import REFERENCES, reference_per_user
 
     _, split = _market()
