@@ -267,10 +267,12 @@ def run_itemknn_pooled(splits: Mapping[str, MarketSplit], n_items: int,
     return {m: score_metrics(pooled_scores(knn, s, n_items, which)) for m, s in splits.items()}
 
 
-def fit_ease_pooled(splits: Mapping[str, MarketSplit], n_items: int) -> tuple[Ease, float]:
+def fit_ease_pooled(splits: Mapping[str, MarketSplit], n_items: int,
+                    knn: ItemKNN | None = None) -> tuple[Ease, float]:
     """EASE over all markets pooled, ``lambda`` (from ``EASE_LAMBDAS``) chosen on the markets'
-    average validation nDCG@10 -> (the model, its lambda)."""
-    knn = fit_itemknn(list(splits.values()), n_items)
+    average validation nDCG@10 -> (the model, its lambda). ``knn``: the pooled item-kNN of the
+    same ``splits`` when already fitted (its co-occurrence is EASE's Gram matrix)."""
+    knn = knn or fit_itemknn(list(splits.values()), n_items)
     best: tuple[float, float, Ease] | None = None
     for lam in EASE_LAMBDAS:
         b = fit_ease(knn, lam)

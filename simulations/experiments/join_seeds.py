@@ -107,7 +107,7 @@ def reference_per_user(dataset: str, data_dir: str, seed: int, markets: list[str
     ds = load_dataset(dataset, data_dir or None, None, seed=seed)
     splits, n = ds.markets, ds.catalog.n_items
     knn = fit_itemknn(list(splits.values()), n)
-    ease, lam = fit_ease_pooled(splits, n)
+    ease, lam = fit_ease_pooled(splits, n, knn)
     scorers: tuple[ItemKNN | Ease, ...] = (knn, ease)
     out: dict[str, dict[str, Any]] = {}
     for m in markets:
