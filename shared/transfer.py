@@ -10,10 +10,21 @@ Read top to bottom:
   initial encoder from the checkpoint's own run config), get a fresh row: the mean of the
   trained rows of the item's category (global mean when the category has none). A fresh item then
   scores neutrally and the market's popularity bias ranks it, instead of a random direction.
+* ``remove_push``: under secure aggregation every market sends one weight for the whole item
+  table and draws its negatives from the whole catalog (docs/privacy.md), so every market
+  pushes every item its users did not pick away from them. Those pushes share a few directions
+  (its users' mean vectors) and add up over markets: a row that few or no source markets sold
+  moved mostly along them, and a joining market would inherit that instead of what the selling
+  market learned. The push is estimated from the checkpoint alone: the top right singular
+  vectors of the federation's update to the item table (rows minus the rebuilt initial rows).
+  ``map_encoder(push_dims=k)`` removes ``k`` of them from every row's update; a row left with
+  little of its update moved only along the push and counts as untrained (fresh row). How many
+  directions is picked on the market's validation split (``zero_shot_model``; 0 among them).
 * ``join_model``: the new market's ``MarketModel``: mapped encoder + fresh heads whose item bias
   is the market's log-popularity (``init_heads_from_data``; no training).
 * ``calibrate_heads``: the scales of those fresh heads' two terms (dot product, popularity) and
-  the item-kNN weight, picked on the market's validation split (no optimiser step).
+  the item-kNN weight, picked on the market's validation split (no optimiser step);
+  ``zero_shot_model`` does it for each number of push directions and keeps the best.
 * ``run_curve``: one optimiser loop over a schedule of phases (heads only with the encoder frozen
   via ``set_encoder_trainable``, then optionally the encoder at a low lr scale), evaluating every
   ``eval_every`` local optimiser steps -> ``[[steps, ndcg@10], ...]``. The ``adversarial``
@@ -105,6 +116,16 @@ SCRATCH_LOSSES = ("auto", *LOSSES)
 # scale x identity) and the market's log-popularity bias
 DOT_SCALE_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 POP_SCALE_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
+# directions of the catalog-negative push ``remove_push`` may take out of the federated item
+# rows, picked on the joining market's validation split (0 = the rows as federated). XMarket
+# (ca,de,fr,mx,uk under secure aggregation): the item update's singular values fall 98.6, 52.3,
+# then 14.2, 11.6, ...; 2 directions raised zero-shot valid nDCG@10 in 20 runs of 20 (`in`, `jp`,
+# seeds 0-9; simulations/experiments/RESULTS.md, "Joining")
+PUSH_DIMS_GRID: tuple[int, ...] = (0, 1, 2, 3, 4)
+# a row keeping less than this share of its update's norm once the push is out moved (almost)
+# only along it: the federation's rows of items no source market held kept 0.14-0.22, rows of
+# items one market held 0.24-0.39 (same runs)
+PUSH_RESIDUAL_MIN = 0.22
 
 
 # --------------------------------------------------------------------------- settings
@@ -163,6 +184,10 @@ class JoinSettings:
     # model's score and the market's own statistics, fitted on its valid split) scores its
     # candidates: +0.008 nDCG@10 on the joined s3 models' official valid_run, every seed
     ranker: bool = True
+    # directions of the catalog-negative push removed from the federated item rows
+    # (``remove_push``); None: each of PUSH_DIMS_GRID tried, the best zero-shot model on the
+    # valid split kept (ties: fewer directions)
+    push_dims: int | None = None
 
     def __post_init__(self) -> None:
         for name, choices in (("variant", VARIANTS), ("fresh_init", FRESH_INITS),
@@ -180,6 +205,10 @@ class JoinSettings:
         for name in ("eval_every", "batch_size", "negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"join {name.replace('_', '-')} must be >= 1")
+        if self.push_dims is not None and self.push_dims not in PUSH_DIMS_GRID:
+            raise ConfigError(f"join push-dims must be one of "
+                              f"{', '.join(map(str, PUSH_DIMS_GRID))} or auto; "
+                              f"got {self.push_dims!r}")
         if self.lr <= 0 or self.encoder_lr_scale < 0 or self.adv_weight < 0:
             raise ConfigError("join lr must be > 0, encoder-lr-scale and adv-weight >= 0")
 
@@ -209,10 +238,11 @@ class EncoderMapping:
     untrained: int  # items present in the checkpoint but never trained (fresh rows)
     known: np.ndarray = field(repr=False)  # (n_items,) bool: row came trained from the checkpoint
     same_catalog: bool = False  # checkpoint catalog == market catalog (node can federate)
+    push_dims: int = 0  # directions of the catalog-negative push removed (``remove_push``)
 
     def summary(self) -> dict[str, int | bool]:
         return {"copied": self.copied, "missing": self.missing, "untrained": self.untrained,
-                "same_catalog": self.same_catalog}
+                "same_catalog": self.same_catalog, "push_dims": self.push_dims}
 
 
 def checkpoint_catalog(ck: EncoderCheckpoint) -> Catalog:
@@ -222,31 +252,68 @@ def checkpoint_catalog(ck: EncoderCheckpoint) -> Catalog:
                    categories=tuple(ck.categories))
 
 
-def untrained_rows(ck: EncoderCheckpoint) -> np.ndarray:
-    """(n_items,) bool: item rows still equal to the federation's deterministic initial encoder
-    (no source market held the item). All False when the checkpoint lacks its run config."""
+def initial_item_rows(ck: EncoderCheckpoint) -> torch.Tensor | None:
+    """(n_items, D) the federation's deterministic initial item rows, rebuilt from the
+    checkpoint's own run config; None when the checkpoint lacks one (or it builds another
+    shape)."""
     cfg_map = ck.meta.get("config")
-    n = ck.model.n_items
     if not isinstance(cfg_map, dict):
-        return np.zeros(n, dtype=bool)
+        return None
     try:
         cfg = RunConfig.from_mapping(cfg_map, source="checkpoint meta")
     except ConfigError:
-        return np.zeros(n, dtype=bool)
+        return None
     catalog = checkpoint_catalog(ck)
     if model_config(cfg, catalog) != ck.model:
-        return np.zeros(n, dtype=bool)
+        return None
     init = build_model(cfg, catalog)  # the server's round-0 encoder (seeded)
-    w0 = init.encoder.item_emb.weight.detach()[:n]
-    w = ck.state[ITEM_KEY].detach()[:n]
+    return init.encoder.item_emb.weight.detach()[:ck.model.n_items]
+
+
+def untrained_rows(ck: EncoderCheckpoint) -> np.ndarray:
+    """(n_items,) bool: item rows still equal to the federation's deterministic initial encoder
+    (no source market held the item). All False when the checkpoint lacks its run config."""
+    w0 = initial_item_rows(ck)
+    if w0 is None:
+        return np.zeros(ck.model.n_items, dtype=bool)
+    w = ck.state[ITEM_KEY].detach()[:ck.model.n_items]
     return torch.all(w == w0, dim=1).numpy()
 
 
+def remove_push(ck: EncoderCheckpoint, dims: int,
+                ) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The checkpoint's item rows with the catalog-negative push taken out (module doc).
+
+    ``U = W - W0`` (n_items x D) is what the federation moved each row by. Its top ``dims``
+    right singular vectors ``V`` (dims x D) are removed from every row's update:
+    ``W' = W0 + U - U V^T V``. A row that kept less than ``PUSH_RESIDUAL_MIN`` of its update's
+    norm moved (almost) only along the push: it is reported in the returned (n_items,) bool
+    mask, to be treated as untrained. None when the initial rows cannot be rebuilt (no run
+    config in the checkpoint): the rows are then used as federated."""
+    w0 = initial_item_rows(ck)
+    if w0 is None:
+        return None
+    n = ck.model.n_items
+    w = ck.state[ITEM_KEY].detach()[:n].double()
+    update = w - w0.double()
+    norms = update.norm(dim=1)
+    if dims == 0 or not bool((norms > 0).any()):
+        return w.float(), np.zeros(n, dtype=bool)
+    _, _, vh = torch.linalg.svd(update, full_matrices=False)
+    v = vh[:dims]  # dims x D
+    kept = update - (update @ v.T) @ v
+    share = kept.norm(dim=1) / norms.clamp_min(1e-12)
+    pushed_only = (norms > 0) & (share < PUSH_RESIDUAL_MIN)
+    return (w0.double() + kept).float(), pushed_only.numpy()
+
+
 def map_encoder(ck: EncoderCheckpoint, catalog: Catalog, fresh_init: str = "category-mean",
-                path: str | Path = "checkpoint") -> tuple[dict[str, torch.Tensor],
-                                                          ModelConfig, EncoderMapping]:
-    """Encoder state for a model over ``catalog`` from checkpoint ``ck`` (see module doc).
-    Raises CheckpointError when the checkpoint shares no item with the catalog."""
+                path: str | Path = "checkpoint", push_dims: int = 0,
+                ) -> tuple[dict[str, torch.Tensor], ModelConfig, EncoderMapping]:
+    """Encoder state for a model over ``catalog`` from checkpoint ``ck`` (see module doc), with
+    ``push_dims`` directions of the catalog-negative push removed (``remove_push``; 0 = the rows
+    as federated). Raises CheckpointError when the checkpoint shares no item with the
+    catalog."""
     src_index = {item: i for i, item in enumerate(ck.item_ids)}
     src_rows = np.asarray([src_index.get(item, -1) for item in catalog.item_ids], dtype=np.int64)
     present = src_rows >= 0
@@ -255,6 +322,11 @@ def map_encoder(ck: EncoderCheckpoint, catalog: Catalog, fresh_init: str = "cate
                               f"catalog ({catalog.n_items} items): saved for another dataset?")
     w_src = ck.state[ITEM_KEY].detach().float()
     untrained_src = untrained_rows(ck)
+    pushed = remove_push(ck, push_dims) if push_dims else None
+    if pushed is not None:
+        w_src = w_src.clone()
+        w_src[:ck.model.n_items] = pushed[0]
+        untrained_src = untrained_src | pushed[1]
     known = present.copy()
     known[present] = ~untrained_src[src_rows[present]]
     mcfg = dataclasses.replace(ck.model, n_items=catalog.n_items,
@@ -280,14 +352,12 @@ def map_encoder(ck: EncoderCheckpoint, catalog: Catalog, fresh_init: str = "cate
             and catalog.fingerprint() == ck.catalog_fingerprint)
     mapping = EncoderMapping(copied=int(known.sum()), missing=int((~present).sum()),
                              untrained=int((present & ~known).sum()), known=known,
-                             same_catalog=same)
+                             same_catalog=same, push_dims=push_dims if pushed else 0)
     return state, mcfg, mapping
 
 
-def load_join_encoder(path: str | Path, catalog: Catalog, fresh_init: str = "category-mean",
-                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, EncoderMapping,
-                                 EncoderCheckpoint]:
-    """Load + validate a checkpoint and map it onto ``catalog``; every failure is a
+def load_join_checkpoint(path: str | Path) -> EncoderCheckpoint:
+    """Load + validate a global encoder checkpoint for a join; every failure is a
     CheckpointError naming the file."""
     ck = load_encoder(path)
     probe = MarketModel(ck.model, torch.zeros(ck.model.n_items, dtype=torch.long))
@@ -300,7 +370,17 @@ def load_join_encoder(path: str | Path, catalog: Catalog, fresh_init: str = "cat
             not 0 <= c < len(ck.categories) for c in ck.item_category):
         raise CheckpointError(f"encoder checkpoint {path}: item categories do not match its "
                               f"{len(ck.categories)} categories / {ck.model.n_items} items")
-    state, mcfg, mapping = map_encoder(ck, catalog, fresh_init, path)
+    return ck
+
+
+def load_join_encoder(path: str | Path, catalog: Catalog, fresh_init: str = "category-mean",
+                      push_dims: int = 0,
+                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, EncoderMapping,
+                                 EncoderCheckpoint]:
+    """Load + validate a checkpoint and map it onto ``catalog``; every failure is a
+    CheckpointError naming the file."""
+    ck = load_join_checkpoint(path)
+    state, mcfg, mapping = map_encoder(ck, catalog, fresh_init, path, push_dims)
     return state, mcfg, mapping, ck
 
 
@@ -350,6 +430,55 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
         if model.item_sim is not None:
             heads.knn_weight.fill_(w)
     return {"dot_scale": a, "pop_scale": b, "knn_weight": w, "valid_ndcg@10": best[0]}
+
+
+@dataclass
+class ZeroShot:
+    """The joining market's model before any optimiser step, and how it was picked."""
+
+    model: MarketModel
+    mapping: EncoderMapping
+    knn: KnnScores | None
+    head_scales: dict[str, float] | None
+    push_valid: dict[int, float]  # push directions tried -> zero-shot valid nDCG@10
+
+
+def zero_shot_model(ck: EncoderCheckpoint, catalog: Catalog, split: MarketSplit,
+                    settings: JoinSettings, device: torch.device,
+                    path: str | Path = "checkpoint") -> ZeroShot:
+    """Map ``ck`` onto the market (``settings.push_dims`` directions of the push removed, or
+    each of ``PUSH_DIMS_GRID`` when None), build fresh heads, calibrate them
+    (``settings.head_init``) and keep the model with the best validation nDCG@10 (ties: fewer
+    directions). No optimiser step: the market's own valid split picks scalars only."""
+    grid = PUSH_DIMS_GRID if settings.push_dims is None else (settings.push_dims,)
+    knn: KnnScores | None = None
+    best: ZeroShot | None = None
+    valid: dict[int, float] = {}
+    for dims in grid:
+        state, mcfg, mapping = map_encoder(ck, catalog, settings.fresh_init, path, dims)
+        if dims and mapping.push_dims == 0:
+            break  # no run config in the checkpoint: nothing to remove (module doc)
+        model = join_model(state, mcfg, catalog, split)
+        if settings.item_knn:
+            attach_knn(model, split, catalog.n_items)
+            assert model.item_sim is not None
+            if knn is None:  # the market's own data: the same for every candidate model
+                knn = KnnScores(model.item_sim, split, device)
+        if settings.head_init == "calibrated":
+            scales: dict[str, float] | None = calibrate_heads(model, split, device, knn)
+            assert scales is not None
+            score = scales["valid_ndcg@10"]
+        else:
+            scales = None
+            calibrate_knn(model, split, device, knn)
+            score = float(evaluate_split(model, split, catalog, "valid", device,  # type: ignore[arg-type]
+                                         knn=knn)["ndcg@10"])
+        valid[dims] = score
+        if best is None or score > valid[best.mapping.push_dims] + 1e-12:
+            best = ZeroShot(model, mapping, knn, scales, valid)
+    assert best is not None
+    best.knn = knn
+    return best
 
 
 # --------------------------------------------------------------------------- training curves
@@ -479,15 +608,10 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     """Zero-shot, transfer fine-tuning curve and scratch curve for one market (``progress``: a
     bar with an ETA on stderr for each curve)."""
     t0 = time.perf_counter()
-    state, mcfg, mapping, ck = load_join_encoder(encoder_path, catalog, settings.fresh_init)
-    model = join_model(state, mcfg, catalog, split)
-    knn: KnnScores | None = None
-    if settings.item_knn:
-        attach_knn(model, split, catalog.n_items)
-        assert model.item_sim is not None
-        knn = KnnScores(model.item_sim, split, device)  # fixed features: computed once
-    head_scales = (calibrate_heads(model, split, device, knn)
-                   if settings.head_init == "calibrated" else None)
+    ck = load_join_checkpoint(encoder_path)
+    start = zero_shot_model(ck, catalog, split, settings, device, encoder_path)
+    model, mapping, knn, head_scales = start.model, start.mapping, start.knn, start.head_scales
+    mcfg = model.cfg
 
     def full_eval(m: MarketModel) -> dict[str, object]:
         calibrate_knn(m, split, device, knn)  # no-op without item-kNN
@@ -565,6 +689,8 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                                        **{k: v.tolist() for k, v in per_user.items()}})
     details = {"market": split.market, "encoder": str(encoder_path), "encoder_round": ck.round,
                "mapping": mapping.summary(), "settings": asdict(settings),
+               # zero-shot valid nDCG@10 per number of push directions removed (the best kept)
+               "push_dims_valid_ndcg@10": {str(k): v for k, v in start.push_valid.items()},
                "train_examples": split.n_train, "eval_users": int(len(ev_users)),
                "raw_curves": raw, "head_scales": head_scales,
                # the scratch baseline's loss (picked on valid under scratch_loss "auto") and

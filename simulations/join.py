@@ -26,6 +26,7 @@ from storefed.shared.train import HISTORY_MODES, resolve_device
 from storefed.shared.transfer import (
     FRESH_INITS,
     HEAD_INITS,
+    PUSH_DIMS_GRID,
     SCRATCH_AUTO_LOSSES,
     SCRATCH_LOSSES,
     SELECTIONS,
@@ -51,11 +52,22 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="calibrated: fresh heads' dot-product and popularity scales (and the "
                         "kNN weight) picked on the market's valid split before any step; "
                         "popularity: identity projections, log-popularity bias")
+    p.add_argument("--push-dims", choices=("auto", *map(str, PUSH_DIMS_GRID)),
+                   default="auto" if d.push_dims is None else str(d.push_dims),
+                   help="directions of the catalog-negative push taken out of the federated "
+                        "item rows before the zero-shot model (docs/join.md); auto: each of "
+                        f"{', '.join(map(str, PUSH_DIMS_GRID))} tried, the best on the "
+                        "market's valid split kept")
     p.add_argument("--ranker", choices=("on", "off"), default="on" if d.ranker else "off",
                    help="after fine-tuning, fit the market's private ranker (LambdaMART over "
                         "the model's score and the market's own item-kNN, EASE and popularity) "
                         "on its valid split; it ranks the market's candidates from then on "
                         "(OUT/state/<market>/ranker.json)")
+
+
+def push_dims(flag: str) -> int | None:
+    """``--push-dims``: None for auto (picked on valid), else the number of directions."""
+    return None if flag == "auto" else int(flag)
 
 
 def register(sub: argparse._SubParsersAction) -> tuple[str, Any]:
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
         seed=args.seed, history=history, loss=loss, scratch_loss=args.scratch_loss,
         select=args.select, head_init=args.head_init, ranker=args.ranker == "on",
-        item_knn=_item_knn(args.item_knn, fed_cfg))
+        item_knn=_item_knn(args.item_knn, fed_cfg), push_dims=push_dims(args.push_dims))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     # the catalog as the federation read it (e.g. XMRec with or without train.tsv)
     options = ReaderOptions.from_run_config(fed_cfg)

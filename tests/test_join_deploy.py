@@ -147,8 +147,8 @@ def test_new_market_joins_a_running_deployment_from_the_next_round(cluster, seca
         # --- the market team: heads from the federation's current encoder (storefed join)
         assert storefed(["join", "--encoder", str(ckpt), "--dataset", "synthetic",
                          "--market", NEW, "--out", str(joined), "--head-steps", "20",
-                         "--encoder-steps", "0", "--no-scratch", "--eval-every", "20",
-                         "--device", "cpu"]) == 0
+                         "--encoder-steps", "0", "--push-dims", "0", "--no-scratch",
+                         "--eval-every", "20", "--device", "cpu"]) == 0
         saved, saved_round = load_private(joined / "state" / NEW / "private.pt", NEW,
                                           load_encoder(ckpt).catalog_fingerprint)
         assert saved_round == 0

@@ -15,9 +15,9 @@ from storefed.server.rounds import reptile_step
 from storefed.shared.checkpoint import load_encoder, save_encoder
 from storefed.shared.config import RunConfig
 from storefed.shared.data import Catalog, load_market
-from storefed.shared.errors import CheckpointError, DataError
+from storefed.shared.errors import CheckpointError, ConfigError, DataError
 from storefed.shared.metrics import ndcg_hr_at_k
-from storefed.shared.model import encoder_state
+from storefed.shared.model import ITEM_EMB_KEY, encoder_state
 from storefed.shared.node import MarketNode, initial_encoder, model_config
 from storefed.shared.policy import load_policy
 from storefed.shared.ranker import (
@@ -29,16 +29,20 @@ from storefed.shared.ranker import (
     version_of,
 )
 from storefed.shared.transfer import (
+    PUSH_DIMS_GRID,
     JoinOutcome,
     JoinSettings,
     Phase,
+    initial_item_rows,
     join_market,
     join_model,
     load_join_encoder,
     map_encoder,
+    remove_push,
     run_curve,
     split_evaluator,
     untrained_rows,
+    zero_shot_model,
 )
 from storefed.shared.transfer_study import (
     Adversary,
@@ -124,6 +128,107 @@ def test_untrained_rows_are_the_items_no_source_market_holds(encoder_path):
     _, _, mapping = map_encoder(ck, _market()[0])
     assert mapping.same_catalog and mapping.missing == 0
     assert mapping.untrained == int(untrained.sum())
+
+
+def _pushed_checkpoint(encoder_path: Path, tmp_path: Path, with_config: bool = True,
+                       ) -> tuple[Path, np.ndarray, torch.Tensor, torch.Tensor]:
+    """An encoder whose item rows moved the way secure aggregation with catalog negatives moves
+    them: every row along one shared direction (the push, 1-2x a row's norm), and the rows the
+    source markets held also by their own update. Returns the path, the held mask, the held
+    rows' own updates (n x D, zero elsewhere) and the push direction."""
+    ck = load_encoder(encoder_path)
+    w0 = initial_item_rows(ck)
+    assert w0 is not None
+    n, dim = ck.model.n_items, ck.model.dim
+    gen = torch.Generator().manual_seed(1)
+    held = np.ones(n, dtype=bool)
+    held[::5] = False  # every fifth item: no source market sold it
+    own = torch.randn(n, dim, generator=gen) * 0.1
+    own[torch.from_numpy(~held)] = 0.0
+    push = torch.randn(dim, generator=gen)
+    push /= push.norm()
+    strength = 0.5 + torch.rand(n, 1, generator=gen)
+    w = ck.state[ITEM_EMB_KEY].clone()
+    w[:n] = w0 + own + strength * push
+    path = tmp_path / "pushed.pt"
+    save_encoder(path, {**ck.state, ITEM_EMB_KEY: w}, ck.model, ck.item_ids, ck.categories,
+                 list(ck.item_category), ck.catalog_fingerprint, ck.round,
+                 meta=ck.meta if with_config else {})
+    return path, held, own, push
+
+
+def test_the_push_is_taken_out_of_the_rows_a_joining_market_inherits(encoder_path, tmp_path):
+    """As federated, a pushed row carries the push: no row counts as untrained (items no source
+    market sold included) and the held rows point along the push, not their own update. With
+    the push removed, each held row's update is its own (less its tiny share along the push),
+    and exactly the rows that only the push moved count as untrained."""
+    path, held, own, push = _pushed_checkpoint(encoder_path, tmp_path)
+    ck = load_encoder(path)
+    w0 = initial_item_rows(ck)
+    assert w0 is not None
+    catalog, _ = _market()
+    h = torch.from_numpy(held)
+    as_federated, _, plain = map_encoder(ck, catalog)
+    assert plain.untrained == 0 and plain.push_dims == 0
+    cos_before = torch.nn.functional.cosine_similarity(
+        as_federated[ITEM_EMB_KEY][:ck.model.n_items][h] - w0[h], own[h], dim=1)
+    assert float(cos_before.mean()) < 0.7
+
+    removed = remove_push(ck, 1)
+    assert removed is not None
+    rows, pushed_only = removed
+    assert np.array_equal(pushed_only, ~held)
+    cos_after = torch.nn.functional.cosine_similarity(rows[h] - w0[h], own[h], dim=1)
+    assert float(cos_after.mean()) > 0.95
+    own_off_push = own[h] - (own[h] @ push)[:, None] * push  # what is left to recover
+    assert float(torch.nn.functional.cosine_similarity(
+        rows[h] - w0[h], own_off_push, dim=1).min()) > 0.99
+    state, _, mapping = map_encoder(ck, catalog, push_dims=1)
+    assert mapping.push_dims == 1 and mapping.untrained == int((~held).sum())
+    assert np.array_equal(mapping.known, held)
+    torch.testing.assert_close(state[ITEM_EMB_KEY][:ck.model.n_items][h], rows[h])
+    cats = np.asarray(catalog.item_category)
+    j = int(np.flatnonzero(~held)[0])  # an item only the push moved: its category's mean
+    members = torch.from_numpy(np.flatnonzero(held & (cats == cats[j])))
+    torch.testing.assert_close(state[ITEM_EMB_KEY][j], rows[members].mean(0))
+
+
+def test_without_the_run_config_the_rows_stay_as_federated(encoder_path, tmp_path):
+    """The push is measured against the initial rows rebuilt from the checkpoint's run config;
+    a checkpoint without one is mapped as federated, and says so."""
+    path, _, _, _ = _pushed_checkpoint(encoder_path, tmp_path, with_config=False)
+    ck = load_encoder(path)
+    assert remove_push(ck, 2) is None
+    state, _, mapping = map_encoder(ck, _market()[0], push_dims=2)
+    assert mapping.push_dims == 0 and mapping.untrained == 0
+    torch.testing.assert_close(state[ITEM_EMB_KEY], ck.state[ITEM_EMB_KEY])
+
+
+def test_zero_shot_keeps_the_push_directions_best_on_valid(encoder_path, tmp_path):
+    """``push_dims`` None tries each of PUSH_DIMS_GRID and keeps the zero-shot model best on the
+    valid split (ties: fewer directions); a fixed number is used as given. join_details.json
+    records what was tried."""
+    path, _, _, _ = _pushed_checkpoint(encoder_path, tmp_path)
+    ck = load_encoder(path)
+    catalog, split = _market()
+    auto = zero_shot_model(ck, catalog, split, JoinSettings(), CPU)
+    assert sorted(auto.push_valid) == list(PUSH_DIMS_GRID)
+    best = max(auto.push_valid.values())
+    assert auto.mapping.push_dims == min(k for k, v in auto.push_valid.items() if v == best)
+    assert auto.head_scales is not None and auto.head_scales["valid_ndcg@10"] == best
+    fixed = zero_shot_model(ck, catalog, split, JoinSettings(push_dims=2), CPU)
+    assert list(fixed.push_valid) == [2] and fixed.mapping.push_dims == 2
+    assert fixed.push_valid[2] == pytest.approx(auto.push_valid[2], abs=1e-12)
+    out = join_market(path, catalog, split,
+                      JoinSettings(encoder_steps=2, scratch_steps=2, eval_every=2,
+                                   eval_split="valid", ranker=False), CPU, with_scratch=False)
+    assert out.details["mapping"]["push_dims"] == auto.mapping.push_dims
+    assert out.details["push_dims_valid_ndcg@10"] == {
+        str(k): v for k, v in auto.push_valid.items()}
+    assert out.doc["zero_shot"]["ndcg@10"] == pytest.approx(best, abs=1e-9)
+    with pytest.raises(ConfigError, match="push-dims"):
+        JoinSettings(push_dims=9)
+    assert join_cmd.push_dims("auto") is None and join_cmd.push_dims("3") == 3
 
 
 def test_corrupted_or_mismatched_checkpoint_is_a_checkpoint_error(encoder_path, tmp_path):

@@ -40,7 +40,7 @@ from storefed.shared.transfer import (
 )
 from storefed.shared.transfer_study import steps_target_met, steps_to_target
 from storefed.simulations.command import run_command
-from storefed.simulations.join import add_recipe_args
+from storefed.simulations.join import add_recipe_args, push_dims
 
 log = logging.getLogger("storefed")
 
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                         scratch_loss=args.scratch_loss,
                         eval_every=args.eval_every, batch_size=args.batch_size,
                         select=args.select, head_init=args.head_init,
-                        ranker=args.ranker == "on")
+                        ranker=args.ranker == "on", push_dims=push_dims(args.push_dims))
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
         runs.append(("adversarial", encoders["plain"],
