@@ -19,14 +19,13 @@ from typing import Any
 from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
 from storefed.shared.config import LOSSES
 from storefed.shared.data import DATASETS, ReaderOptions, available_markets, load_market
+from storefed.shared.encoder_map import FRESH_INITS, PUSH_DIMS_GRID
 from storefed.shared.errors import DataError
 from storefed.shared.identity import load_or_create, public_hex
 from storefed.shared.policy import NODE_CONFIG_KEY, load_policy, write_policy
 from storefed.shared.train import HISTORY_MODES, resolve_device
 from storefed.shared.transfer import (
-    FRESH_INITS,
     HEAD_INITS,
-    PUSH_DIMS_GRID,
     SCRATCH_AUTO_LOSSES,
     SCRATCH_LOSSES,
     SELECTIONS,

@@ -32,11 +32,11 @@ from storefed.shared.data import (
     load_market,
     pad_histories,
 )
+from storefed.shared.encoder_map import checkpoint_catalog
 from storefed.shared.errors import CheckpointError, DataError
 from storefed.shared.model import MarketModel, load_parts
 from storefed.shared.node import attach_knn
 from storefed.shared.ranker import RANKER_FILE, MarketStats, Ranker, load_ranker, version_of
-from storefed.shared.transfer import checkpoint_catalog
 
 log = logging.getLogger("storefed")
 

@@ -15,6 +15,14 @@ from storefed.server.rounds import reptile_step
 from storefed.shared.checkpoint import load_encoder, save_encoder
 from storefed.shared.config import RunConfig
 from storefed.shared.data import Catalog, load_market
+from storefed.shared.encoder_map import (
+    PUSH_DIMS_GRID,
+    initial_item_rows,
+    load_join_encoder,
+    map_encoder,
+    remove_push,
+    untrained_rows,
+)
 from storefed.shared.errors import CheckpointError, ConfigError, DataError
 from storefed.shared.metrics import ndcg_hr_at_k
 from storefed.shared.model import ITEM_EMB_KEY, encoder_state
@@ -29,19 +37,13 @@ from storefed.shared.ranker import (
     version_of,
 )
 from storefed.shared.transfer import (
-    PUSH_DIMS_GRID,
     JoinOutcome,
     JoinSettings,
     Phase,
-    initial_item_rows,
     join_market,
     join_model,
-    load_join_encoder,
-    map_encoder,
-    remove_push,
     run_curve,
     split_evaluator,
-    untrained_rows,
     zero_shot_model,
 )
 from storefed.shared.transfer_study import (

@@ -28,9 +28,9 @@ import torch
 
 from storefed.shared.checkpoint import atomic_write_bytes, load_encoder
 from storefed.shared.data import DATASETS, ReaderOptions, load_market
+from storefed.shared.encoder_map import initial_item_rows, remove_push
 from storefed.shared.errors import ConfigError
 from storefed.shared.model import ITEM_EMB_KEY
-from storefed.shared.transfer import initial_item_rows, remove_push
 from storefed.simulations.command import run_command
 
 

@@ -4,7 +4,7 @@
         --runs runs/join-xmarket-v7-seed0,runs/join-xmarket-v7-seed1 --seeds 0,1
 
 The ranker's ``emb_norm`` feature is the candidate's row norm in the joined model. Before the
-join took the catalog-negative push out of the rows (shared/transfer.py, ``remove_push``), that
+join took the catalog-negative push out of the rows (shared/encoder_map.py, ``remove_push``), that
 norm followed the source markets' popularity; after, much less. Per joined run, the ranker is
 fitted as the product fits it (5-fold CV on the valid split) twice: with the model's norms, and
 with the norms of the federated rows as the checkpoint released them (mapped, nothing
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from storefed.shared.data import DATASETS, load_market
+from storefed.shared.encoder_map import load_join_checkpoint, map_encoder
 from storefed.shared.metrics import ndcg_hr_at_k
 from storefed.shared.model import ITEM_EMB_KEY
 from storefed.shared.ranker import FEATURES, MarketStats, features, train_booster
-from storefed.shared.transfer import load_join_checkpoint, map_encoder
 from storefed.simulations.command import run_command
 from storefed.simulations.recommend import load_state, use_knn
 
