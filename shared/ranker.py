@@ -20,6 +20,10 @@ counts lack. By nested cross-validation on the joined ``s3``'s validation users 
 +0.0011 / +0.0028 / +0.0035 nDCG@10 over the seeds (RESULTS.md, ``join_ranker_variants``),
 about what a SecAgg+ sum of the sources' item counts (``fed_pop``, not built) added, and on top
 of it that sum adds within noise.
+Since the join takes the catalog-negative push out of the rows (shared/encoder_map.py), a
+joined model's norms follow the sources' popularity less; the norms of the rows as federated
+in their place measured within noise on XMarket `jp` (+0.0011 test nDCG@10 over 10 seeds,
+``join_ranker_norm``), so the feature stays the model's own.
 
 What travels, what stays: nothing travels. The features are the market's model score without
 its kNN term, statistics of the market's own training rows (item-kNN similarities, EASE at
