@@ -100,7 +100,10 @@ def initial_item_rows(ck: EncoderCheckpoint) -> torch.Tensor | None:
 def untrained_rows(ck: EncoderCheckpoint) -> np.ndarray:
     """(n_items,) bool: item rows still equal to the federation's deterministic initial encoder
     (no source market held the item). All False when the checkpoint lacks its run config."""
-    w0 = initial_item_rows(ck)
+    return _unchanged_rows(ck, initial_item_rows(ck))
+
+
+def _unchanged_rows(ck: EncoderCheckpoint, w0: torch.Tensor | None) -> np.ndarray:
     if w0 is None:
         return np.zeros(ck.model.n_items, dtype=bool)
     w = ck.state[ITEM_EMB_KEY].detach()[:ck.model.n_items]
@@ -117,7 +120,11 @@ def remove_push(ck: EncoderCheckpoint, dims: int,
     norm moved (almost) only along the push: it is reported in the returned (n_items,) bool
     mask, to be treated as untrained. None when the initial rows cannot be rebuilt (no run
     config in the checkpoint): the rows are then used as federated."""
-    w0 = initial_item_rows(ck)
+    return _without_push(ck, dims, initial_item_rows(ck))
+
+
+def _without_push(ck: EncoderCheckpoint, dims: int, w0: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor, np.ndarray] | None:
     if w0 is None:
         return None
     n = ck.model.n_items
@@ -148,8 +155,9 @@ def map_encoder(ck: EncoderCheckpoint, catalog: Catalog, fresh_init: str = "cate
         raise CheckpointError(f"encoder checkpoint {path} shares no item with the market's "
                               f"catalog ({catalog.n_items} items): saved for another dataset?")
     w_src = ck.state[ITEM_EMB_KEY].detach().float()
-    untrained_src = untrained_rows(ck)
-    pushed = remove_push(ck, push_dims) if push_dims else None
+    w0 = initial_item_rows(ck)  # rebuilt once for both uses
+    untrained_src = _unchanged_rows(ck, w0)
+    pushed = _without_push(ck, push_dims, w0) if push_dims else None
     if pushed is not None:
         w_src = w_src.clone()
         w_src[:ck.model.n_items] = pushed[0]
