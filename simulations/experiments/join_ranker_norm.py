@@ -47,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
         fed = map_encoder(load_join_checkpoint(encoder), catalog)[0][ITEM_EMB_KEY]
         fed_norm = fed.norm(dim=1).numpy()
         line = []
+        xv_model = features(state.model, stats, split.valid.histories, split.valid.candidates,
+                            cpu)
+        xt_model = features(state.model, stats, split.test.histories, split.test.candidates, cpu)
         for name in ("model", "federated"):
-            xv = features(state.model, stats, split.valid.histories, split.valid.candidates, cpu)
-            xt = features(state.model, stats, split.test.histories, split.test.candidates, cpu)
+            xv, xt = xv_model.copy(), xt_model.copy()  # the same features, one column swapped
             if name == "federated":
                 xv[:, :, col] = fed_norm[split.valid.candidates]
                 xt[:, :, col] = fed_norm[split.test.candidates]
