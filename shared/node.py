@@ -19,7 +19,7 @@ from storefed.shared import data, itemsim
 from storefed.shared.checkpoint import load_private, save_private
 from storefed.shared.config import RunConfig
 from storefed.shared.data import Catalog, MarketSplit, ReaderOptions, load_market
-from storefed.shared.itemsim import ItemSimilarity, calibrate_weight
+from storefed.shared.itemsim import KNN_WEIGHT_GRID, ItemSimilarity, calibrate_weight
 from storefed.shared.model import (
     MarketModel,
     ModelConfig,
@@ -134,16 +134,18 @@ def neural_scores(model: MarketModel, histories: np.ndarray, candidates: np.ndar
 
 
 def calibrate_knn(model: MarketModel, split: MarketSplit, device: torch.device,
-                  knn: KnnScores | None = None) -> float:
+                  knn: KnnScores | None = None,
+                  grid: tuple[float, ...] = KNN_WEIGHT_GRID) -> float:
     """Pick ``model``'s item-kNN mixing weight (``heads.knn_weight``, one value for every
-    category) on ``split``'s validation set for the model as it is now; returns it. A model
-    without an attached ``item_sim`` is left alone (returns 0). ``knn``: cached kNN scores."""
+    category) from ``grid`` on ``split``'s validation set for the model as it is now; returns
+    it. A model without an attached ``item_sim`` is left alone (returns 0). ``knn``: cached kNN
+    scores."""
     if model.item_sim is None:
         return 0.0
     knn = knn or KnnScores(model.item_sim, split, device)
     ev = split.valid
     weight = calibrate_weight(neural_scores(model, ev.histories, ev.candidates, device),
-                              knn.get("valid"))
+                              knn.get("valid"), grid)
     with torch.no_grad():
         model.heads.knn_weight.fill_(weight)
     return weight

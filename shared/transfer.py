@@ -56,7 +56,7 @@ from storefed.shared.encoder_map import (
     map_encoder,
 )
 from storefed.shared.errors import ConfigError
-from storefed.shared.itemsim import calibrate_weight
+from storefed.shared.itemsim import KNN_WEIGHT_GRID, calibrate_weight
 from storefed.shared.metrics import ndcg_hr_at_k, paired_bootstrap
 from storefed.shared.model import (
     MarketModel,
@@ -97,6 +97,18 @@ from storefed.shared.transfer_study import (
 VARIANTS = ("plain", "adversarial")
 SELECTIONS = ("valid", "none")
 HEAD_INITS = ("calibrated", "popularity")
+# the calibrated heads' overall scale among those that rank alike: as the grid picked it ("grid":
+# ties go to the unscaled heads, else the smallest scale), or the one whose full softmax over the
+# market's items fits the valid positives best ("valid-loss": temperature scaling, the kNN
+# weight scaled alike)
+HEAD_TEMPERATURES = ("grid", "valid-loss")
+TEMPERATURE_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+# the item-kNN weights the join picks from, at the calibration and at every evaluation of both
+# curves: the federation's grid extended. The calibrated heads often start at a small scale (dot
+# 0.5-1 on `s3`), against which the market's kNN wanted the federation grid's ceiling; with the
+# extension `s3`'s transfer was higher on valid and XMarket's unchanged (RESULTS.md, Joining).
+# The temperature (``valid_temperature``) keeps ``c x w`` on it
+JOIN_KNN_GRID: tuple[float, ...] = (*KNN_WEIGHT_GRID, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0)
 # the scratch baseline's loss is either fixed or "auto": each of these, the better on valid kept
 SCRATCH_AUTO_LOSSES: tuple[str, ...] = ("bce", "full-softmax")
 SCRATCH_LOSSES = ("auto", *LOSSES)
@@ -158,6 +170,10 @@ class JoinSettings:
     # The scratch model keeps the popularity heads: its encoder is random, so a dot-product
     # scale picked for it would be fitted to noise
     head_init: str = "calibrated"
+    # the calibrated heads' temperature (HEAD_TEMPERATURES; ``calibrate_heads``)
+    head_temperature: str = "grid"
+    # the item-kNN weights every evaluation of both curves (and the calibration) picks from
+    knn_grid: tuple[float, ...] = JOIN_KNN_GRID
     # after fine-tuning, the market's private ranker (shared/ranker.py: LambdaMART over the kept
     # model's score and the market's own statistics, fitted on its valid split) scores its
     # candidates: +0.008 nDCG@10 on the joined s3 models' official valid_run, every seed
@@ -171,6 +187,7 @@ class JoinSettings:
         for name, choices in (("variant", VARIANTS), ("fresh_init", FRESH_INITS),
                               ("history", HISTORY_MODES), ("select", SELECTIONS),
                               ("head_init", HEAD_INITS), ("loss", LOSSES),
+                              ("head_temperature", HEAD_TEMPERATURES),
                               ("scratch_loss", SCRATCH_LOSSES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"join {name.replace('_', '-')} must be one of "
@@ -187,6 +204,8 @@ class JoinSettings:
             raise ConfigError(f"join push-dims must be one of "
                               f"{', '.join(map(str, PUSH_DIMS_GRID))} or auto; "
                               f"got {self.push_dims!r}")
+        if not self.knn_grid or min(self.knn_grid) < 0:
+            raise ConfigError("join kNN grid must be non-empty weights >= 0")
         if self.lr <= 0 or self.encoder_lr_scale < 0 or self.adv_weight < 0:
             raise ConfigError("join lr must be > 0, encoder-lr-scale and adv-weight >= 0")
 
@@ -216,7 +235,8 @@ def join_model(encoder: dict[str, torch.Tensor], mcfg: ModelConfig, catalog: Cat
 
 
 def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device,
-                    knn: KnnScores | None = None) -> dict[str, float]:
+                    knn: KnnScores | None = None, temperature: bool = False,
+                    knn_grid: tuple[float, ...] = JOIN_KNN_GRID) -> dict[str, float]:
     """Scale fresh heads on the market's validation split, without an optimiser step.
 
     The source markets trained their own private heads against the shared encoder, so the
@@ -224,8 +244,15 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
     there one right weight of the popularity bias against them. The score of a candidate is
     ``a * dot + b * bias (+ w * knn)``; ``a`` from ``DOT_SCALE_GRID`` and ``b`` from
     ``POP_SCALE_GRID`` are picked for the best validation nDCG@10 (``w``, the item-kNN weight,
-    picked per pair as ``calibrate_knn`` does), then folded into the heads: projections x ``a``,
-    category and item biases x ``b``. Ties keep the unscaled heads. Returns the picked values."""
+    picked from ``knn_grid`` per pair as ``calibrate_knn`` does), then folded into the heads:
+    projections x ``a``, category and item biases x ``b``. Ties keep the unscaled heads.
+
+    Scaling every term by one ``c`` ranks alike, and ties keep the grid's first pick (the
+    unscaled heads, else the smallest scale): often a flat full softmax, whose first fine-tuning
+    steps go into the scale. With
+    ``temperature``, ``c`` from ``TEMPERATURE_GRID`` (those keeping the kNN weight on its grid)
+    minimises the full-softmax loss of the valid positives over the market's items, the
+    fine-tuning loss (temperature scaling). Returns the picked values."""
     ev = split.valid
     heads = model.heads
     neural = neural_scores(model, ev.histories, ev.candidates, device).double()
@@ -238,7 +265,8 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
     best = (-1.0, 1.0, 1.0, 0.0)
     for a, b in grid:
         scores = a * dot + b * bias
-        w = calibrate_weight(scores, knn_valid) if knn_valid is not None else 0.0
+        w = (calibrate_weight(scores, knn_valid, knn_grid) if knn_valid is not None
+             else 0.0)
         if knn_valid is not None:
             scores = scores + w * knn_valid
         nd = float(ndcg_hr_at_k(scores, 10)[0].mean()) if len(scores) else 0.0
@@ -251,7 +279,44 @@ def calibrate_heads(model: MarketModel, split: MarketSplit, device: torch.device
         heads.item_bias.mul_(b)
         if model.item_sim is not None:
             heads.knn_weight.fill_(w)
-    return {"dot_scale": a, "pop_scale": b, "knn_weight": w, "valid_ndcg@10": best[0]}
+    picked = {"dot_scale": a, "pop_scale": b, "knn_weight": w, "valid_ndcg@10": best[0]}
+    if temperature:
+        c = valid_temperature(model, split, device, w, knn_grid)
+        with torch.no_grad():
+            heads.proj.mul_(c)
+            heads.cat_bias.mul_(c)
+            heads.item_bias.mul_(c)
+            heads.knn_weight.mul_(c)
+        picked.update(temperature=c, knn_weight=w * c)
+    return picked
+
+
+def valid_temperature(model: MarketModel, split: MarketSplit, device: torch.device,
+                      knn_weight: float, grid: tuple[float, ...] = JOIN_KNN_GRID) -> float:
+    """The ``c`` of ``TEMPERATURE_GRID`` whose ``c x`` logits give the market's valid positives
+    the lowest full-softmax loss over its items (the fine-tuning loss, kNN term aside: training
+    never sees it); only those with ``c x knn_weight`` on the kNN ``grid``, so the ranking
+    stays."""
+    temps = [c for c in TEMPERATURE_GRID if knn_weight == 0 or c * knn_weight in grid]
+    ev = split.valid
+    if len(ev.users) == 0:
+        return 1.0
+    pool = torch.as_tensor(split.items, dtype=torch.long, device=device)
+    sim, model.item_sim = model.item_sim, None
+    model.to(device).eval()
+    totals = torch.zeros(len(temps), dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(ev.users), 512):
+                hist = torch.as_tensor(ev.histories[s:s + 512], dtype=torch.long, device=device)
+                pos = torch.as_tensor(ev.candidates[s:s + 512, 0], dtype=torch.long,
+                                      device=device)
+                logits = model.score_positive_and_items(hist, pos, pool).double().cpu()
+                for i, c in enumerate(temps):
+                    totals[i] += -(c * logits).log_softmax(dim=1)[:, 0].sum()
+    finally:
+        model.item_sim = sim
+    return temps[int(totals.argmin())]
 
 
 @dataclass
@@ -287,12 +352,14 @@ def zero_shot_model(ck: EncoderCheckpoint, catalog: Catalog, split: MarketSplit,
             if knn is None:  # the market's own data: the same for every candidate model
                 knn = KnnScores(model.item_sim, split, device)
         if settings.head_init == "calibrated":
-            scales: dict[str, float] | None = calibrate_heads(model, split, device, knn)
+            scales: dict[str, float] | None = calibrate_heads(
+                model, split, device, knn, settings.head_temperature == "valid-loss",
+                settings.knn_grid)
             assert scales is not None
             score = scales["valid_ndcg@10"]
         else:
             scales = None
-            calibrate_knn(model, split, device, knn)
+            calibrate_knn(model, split, device, knn, settings.knn_grid)
             score = float(evaluate_split(model, split, catalog, "valid", device,  # type: ignore[arg-type]
                                          knn=knn)["ndcg@10"])
         valid[dims] = score
@@ -436,7 +503,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
     mcfg = model.cfg
 
     def full_eval(m: MarketModel) -> dict[str, object]:
-        calibrate_knn(m, split, device, knn)  # no-op without item-kNN
+        calibrate_knn(m, split, device, knn, settings.knn_grid)  # no-op without item-kNN
         return evaluate_split(m, split, catalog, settings.eval_split, device, knn=knn)
 
     zero = full_eval(model)
@@ -479,7 +546,7 @@ def join_market(encoder_path: str | Path, catalog: Catalog, split: MarketSplit,
                               dataclasses.replace(settings, loss=loss), device, ndcg,
                               selector=selector, raw=raw_c,
                               progress=f"{split.market}: scratch ({loss})" if progress else "")
-            calibrate_knn(candidate, split, device, knn)  # as every evaluation does
+            calibrate_knn(candidate, split, device, knn, settings.knn_grid)  # as evaluations
             kept_valid = valid_ndcg(candidate)
             best_c = max(v for _, v in curve)
             by_loss[loss] = {"valid_ndcg@10": kept_valid, "best": best_c,

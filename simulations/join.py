@@ -26,6 +26,7 @@ from storefed.shared.policy import NODE_CONFIG_KEY, load_policy, write_policy
 from storefed.shared.train import HISTORY_MODES, resolve_device
 from storefed.shared.transfer import (
     HEAD_INITS,
+    HEAD_TEMPERATURES,
     SCRATCH_AUTO_LOSSES,
     SCRATCH_LOSSES,
     SELECTIONS,
@@ -51,6 +52,12 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="calibrated: fresh heads' dot-product and popularity scales (and the "
                         "kNN weight) picked on the market's valid split before any step; "
                         "popularity: identity projections, log-popularity bias")
+    p.add_argument("--head-temperature", choices=HEAD_TEMPERATURES,
+                   default=d.head_temperature,
+                   help="the calibrated heads' overall scale among those ranking alike: as "
+                        "the calibration grid picked it, or the one whose full softmax fits the "
+                        "market's valid positives best (temperature scaling; measured, not the "
+                        "default: docs/join.md)")
     p.add_argument("--push-dims", choices=("auto", *map(str, PUSH_DIMS_GRID)),
                    default="auto" if d.push_dims is None else str(d.push_dims),
                    help="directions of the catalog-negative push taken out of the federated "
@@ -144,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         adv_weight=args.adv_weight, fresh_init=args.fresh_init, eval_split=args.eval_split,
         seed=args.seed, history=history, loss=loss, scratch_loss=args.scratch_loss,
         select=args.select, head_init=args.head_init, ranker=args.ranker == "on",
-        item_knn=_item_knn(args.item_knn, fed_cfg), push_dims=push_dims(args.push_dims))
+        head_temperature=args.head_temperature, item_knn=_item_knn(args.item_knn, fed_cfg),
+        push_dims=push_dims(args.push_dims))
     max_history = int(args.max_history or fed_cfg.get("max-history", 50))
     # the catalog as the federation read it (e.g. XMRec with or without train.tsv)
     options = ReaderOptions.from_run_config(fed_cfg)

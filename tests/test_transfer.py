@@ -640,6 +640,92 @@ def test_calibrated_heads_score_as_picked_and_never_below_the_unscaled_heads(enc
     assert float(model.heads.knn_weight[0]) == picked["knn_weight"]
 
 
+def _valid_softmax_loss(model, split) -> float:
+    """The full-softmax loss of the valid positives over the market's items, computed user by
+    user from ``score_items`` (each user's own positive is among the items once)."""
+    import torch.nn.functional as F
+
+    pool = torch.as_tensor(split.items)
+    total = 0.0
+    with torch.no_grad():
+        for hist, cand in zip(split.valid.histories, split.valid.candidates, strict=True):
+            logits = model.score_items(torch.as_tensor(hist).unsqueeze(0), pool)[0]
+            target = torch.tensor([int((pool == int(cand[0])).nonzero()[0, 0])])
+            total += float(F.cross_entropy(logits.unsqueeze(0).double(), target))
+    return total
+
+
+def test_temperature_scaling_fits_the_softmax_and_keeps_the_ranking(encoder_path):
+    """``head_temperature = "valid-loss"``: heads made ten times too flat get the grid's
+    scale whose full softmax fits the valid positives best (checked against each scale,
+    loss computed independently), and the ranking (valid nDCG@10) is the grid's pick's."""
+    from storefed.shared.node import evaluate_split
+    from storefed.shared.transfer import (
+        JOIN_KNN_GRID,
+        TEMPERATURE_GRID,
+        calibrate_heads,
+        valid_temperature,
+    )
+
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    models = []
+    for temperature in (False, True):
+        model = join_model(state, mcfg, catalog, split).eval()
+        with torch.no_grad():
+            for p in (model.heads.proj, model.heads.item_bias, model.heads.cat_bias):
+                p.mul_(0.1)
+        models.append((model, calibrate_heads(model, split, CPU, None, temperature)))
+    (plain, p0), (tempered, p1) = models
+    assert "temperature" not in p0 and p1["temperature"] > 1.0
+    assert evaluate_split(tempered, split, catalog, "valid", CPU)["ndcg@10"] == pytest.approx(
+        evaluate_split(plain, split, catalog, "valid", CPU)["ndcg@10"], abs=1e-9)
+    c = p1["temperature"]
+    torch.testing.assert_close(tempered.heads.proj, plain.heads.proj * c)
+    losses = {}
+    for t in TEMPERATURE_GRID:
+        with torch.no_grad():
+            for p in (plain.heads.proj, plain.heads.item_bias, plain.heads.cat_bias):
+                p.mul_(t)
+        losses[t] = _valid_softmax_loss(plain, split)
+        with torch.no_grad():
+            for p in (plain.heads.proj, plain.heads.item_bias, plain.heads.cat_bias):
+                p.div_(t)
+    assert min(losses, key=losses.__getitem__) == c
+    assert losses[c] < losses[1.0]
+    # with a kNN weight of 96 only 0.5 and 1 keep c x 96 on the join's kNN grid
+    restricted = valid_temperature(plain, split, CPU, 96.0)
+    assert restricted in (0.5, 1.0) and 96.0 * restricted in JOIN_KNN_GRID
+
+
+def test_temperature_scales_the_knn_weight_with_the_heads(encoder_path):
+    """With the market's item-kNN, the temperature scales its weight alike and stays where the
+    join's kNN grid holds ``c x w``, so the calibrated ranking (valid nDCG@10, kNN re-picked as
+    every join evaluation re-picks it) is the one without the temperature."""
+    from storefed.shared.node import KnnScores, attach_knn, calibrate_knn, evaluate_split
+    from storefed.shared.transfer import JOIN_KNN_GRID, calibrate_heads
+
+    catalog, split = _market()
+    state, mcfg, _, _ = load_join_encoder(encoder_path, catalog)
+    scores = []
+    for temperature in (False, True):
+        model = join_model(state, mcfg, catalog, split)
+        with torch.no_grad():
+            for p in (model.heads.proj, model.heads.item_bias, model.heads.cat_bias):
+                p.mul_(0.1)
+        attach_knn(model, split, catalog.n_items)
+        assert model.item_sim is not None
+        knn = KnnScores(model.item_sim, split, CPU)
+        picked = calibrate_heads(model, split, CPU, knn, temperature)
+        assert float(model.heads.knn_weight[0]) == picked["knn_weight"]
+        assert picked["knn_weight"] in JOIN_KNN_GRID
+        calibrate_knn(model, split, CPU, knn, JOIN_KNN_GRID)
+        scores.append(float(evaluate_split(model, split, catalog, "valid", CPU,
+                                           knn=knn)["ndcg@10"]))
+    assert picked["knn_weight"] > 0 and picked["temperature"] > 1.0
+    assert scores[1] == pytest.approx(scores[0], abs=1e-9)
+
+
 def test_join_calibrates_the_transfer_heads_and_reports_the_scales(encoder_path):
     """head-init calibrated (the default) starts the transfer curve from calibrated heads and
     records the scales; its zero-shot on valid is at least the popularity-initialised heads'.

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
                         scratch_loss=args.scratch_loss,
                         eval_every=args.eval_every, batch_size=args.batch_size,
                         select=args.select, head_init=args.head_init,
+                        head_temperature=args.head_temperature,
                         ranker=args.ranker == "on", push_dims=push_dims(args.push_dims))
     runs: list[tuple[str, Path, JoinSettings]] = [("plain", encoders["plain"], base)]
     if "adversarial" in args.variants.split(","):
