@@ -37,6 +37,7 @@ from storefed.shared.ranker import (
     version_of,
 )
 from storefed.shared.transfer import (
+    TEMPERATURE_GRID,
     JoinOutcome,
     JoinSettings,
     Phase,
@@ -371,6 +372,10 @@ def test_join_settings_reject_unknown_losses():
         JoinSettings(loss="hinge")
     with pytest.raises(ConfigError, match="scratch-loss"):
         JoinSettings(scratch_loss="softmx")
+    with pytest.raises(ConfigError, match="head-temperature"):
+        JoinSettings(head_temperature="smallest")
+    with pytest.raises(ConfigError, match="kNN grid"):
+        JoinSettings(knn_grid=())
     assert JoinSettings().loss == RunConfig().loss  # fine-tune with the federation's loss
 
 
@@ -493,8 +498,7 @@ def test_join_cli_writes_the_issue_shape_and_federation_ready_heads(joined):
     assert ck.catalog_fingerprint == node.catalog.fingerprint()
 
 
-def test_join_cli_fine_tunes_with_the_loss_the_encoder_was_federated_with(encoder_path,
-                                                                          tmp_path):
+def test_join_cli_fine_tunes_with_the_loss_and_temperature_asked(encoder_path, tmp_path):
     ck = load_encoder(encoder_path)
     cfg = {**ck.meta["config"], "loss": "bpr"}  # a federation that trained with BPR
     path = tmp_path / "encoder.pt"
@@ -503,10 +507,17 @@ def test_join_cli_fine_tunes_with_the_loss_the_encoder_was_federated_with(encode
     argv = ["join", "--encoder", str(path), "--dataset", "synthetic", "--market", NEW,
             "--encoder-steps", "2", "--eval-every", "2", "--no-scratch", "--device", "cpu"]
     assert _run(join_cmd, [*argv, "--out", str(tmp_path / "a")]) == 0
-    assert _run(join_cmd, [*argv, "--out", str(tmp_path / "b"), "--loss", "bce"]) == 0
-    settings = {d: json.loads((tmp_path / d / "join_details.json").read_text())["settings"]
-                for d in ("a", "b")}
+    assert _run(join_cmd, [*argv, "--out", str(tmp_path / "b"), "--loss", "bce",
+                           "--head-temperature", "valid-loss"]) == 0
+    details = {d: json.loads((tmp_path / d / "join_details.json").read_text())
+               for d in ("a", "b")}
+    settings = {d: v["settings"] for d, v in details.items()}
     assert settings["a"]["loss"] == "bpr" and settings["b"]["loss"] == "bce"
+    # the calibrated heads' temperature: as the grid picked it unless asked
+    assert settings["a"]["head_temperature"] == "grid"
+    assert "temperature" not in details["a"]["head_scales"]
+    assert settings["b"]["head_temperature"] == "valid-loss"
+    assert details["b"]["head_scales"]["temperature"] in TEMPERATURE_GRID
 
 
 def test_join_cli_rejects_a_corrupted_encoder(tmp_path):
