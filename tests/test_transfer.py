@@ -931,3 +931,25 @@ def test_join_seeds_refuses_runs_it_cannot_pool(tmp_path, capsys):
     assert f"{details}: no per_user_ndcg@10" in capsys.readouterr().err
     assert join_seeds.main([str(a), str(tmp_path / "nowhere")]) == 2
     assert "summary.json: missing" in capsys.readouterr().err
+
+
+def test_steps_noise_resamples_users_and_recounts_the_target():
+    """``join_steps_noise.steps_resampled``: the steps as measured from the kept per-user
+    figures, and the share of user resamples meeting the target. Every user ahead at step 10:
+    met on every resample; one user carrying the whole edge: met only on resamples holding it."""
+    from storefed.simulations.experiments.join_steps_noise import N_BOOT, steps_resampled
+
+    steps_t, steps_s = [0, 10, 20], [0, 10, 20, 30, 40]
+    scratch = np.array([[0.1] * 4, [0.2] * 4, [0.3] * 4, [0.4] * 4, [0.5] * 4])
+    ahead = np.array([[0.4] * 4, [0.6] * 4, [0.6] * 4])
+    doc = steps_resampled({"transfer": (steps_t, ahead), "scratch": (steps_s, scratch)},
+                          np.random.default_rng(0))
+    assert (doc["transfer"], doc["scratch"], doc["met"]) == (10, 40, True)
+    assert doc["met_share"] == 1.0 and doc["best"]["scratch"] == pytest.approx(0.5)
+    # one user of four carries the edge: 10 vs 40 as measured, missed without that user
+    one = np.array([[0.4] * 4, [2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    doc = steps_resampled({"transfer": (steps_t, one), "scratch": (steps_s, scratch)},
+                          np.random.default_rng(0))
+    assert doc["met"] and doc["transfer"] == 10
+    # met exactly when user 0 is drawn at least once: 1 - (3/4)^4 of the resamples
+    assert doc["met_share"] == pytest.approx(1 - 0.75 ** 4, abs=0.04) and N_BOOT >= 1000

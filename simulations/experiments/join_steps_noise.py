@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,7 @@ import numpy as np
 import torch
 
 from storefed.shared.checkpoint import atomic_write_bytes
-from storefed.shared.config import LOSSES
-from storefed.shared.data import DATASETS, Catalog, MarketSplit, load_market
+from storefed.shared.data import Catalog, MarketSplit, load_market
 from storefed.shared.encoder_map import load_join_checkpoint
 from storefed.shared.model import MarketModel
 from storefed.shared.node import KnnScores, attach_knn, calibrate_knn, evaluate_split
@@ -45,7 +43,7 @@ from storefed.shared.transfer import (
 )
 from storefed.shared.transfer_study import scratch_model, steps_to_target, user_ndcg
 from storefed.simulations.command import run_command
-from storefed.simulations.experiments.join_experiment import federate
+from storefed.simulations.experiments.join_temperature import add_probe_args, seed_encoders
 
 N_BOOT = 2000
 
@@ -153,15 +151,8 @@ def run(args: argparse.Namespace) -> int:
     cpu = torch.device("cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    encoders = [e for e in args.encoders.split(",") if e]
-    if encoders and len(encoders) != len(seeds):
-        raise SystemExit("--encoders needs one checkpoint per seed")
     doc: dict[str, Any] = {}
-    for i, seed in enumerate(seeds):
-        encoder = (Path(encoders[i]) if encoders else
-                   federate(argparse.Namespace(**{**vars(args), "seed": seed}),
-                            out / f"fed-seed{seed}"))
+    for seed, encoder in seed_encoders(args, out):
         catalog, split = load_market(args.dataset, args.data_dir, args.join, seed=seed)
         settings = JoinSettings(seed=seed, encoder_steps=args.encoder_steps,
                                 scratch_steps=args.scratch_steps, loss=args.loss, ranker=False)
@@ -179,23 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = JoinSettings()
     p = argparse.ArgumentParser(prog="python -m storefed.simulations.experiments.join_steps_noise",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--dataset", choices=DATASETS, default="xmarket")
-    p.add_argument("--data-dir", default=os.environ.get("STOREFED_DATA_DIR", ""))
-    p.add_argument("--sources", default="ca,de,fr,mx,uk")
-    p.add_argument("--join", default="in", help="one joining market")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--encoders", default="", help="comma list, one per seed (else federate)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--encoder-steps", type=int, default=d.encoder_steps)
-    p.add_argument("--scratch-steps", type=int, default=d.scratch_steps)
-    p.add_argument("--loss", choices=LOSSES, default=d.loss)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/join-steps-noise")
+    add_probe_args(p, join="in", out="runs/join-steps-noise")
     return run_command("join_steps_noise", run, p.parse_args(argv))
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +72,44 @@ def one_market(args: argparse.Namespace, market: str, seed: int, encoder: Path) 
     return row
 
 
-def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, args.threads))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def seed_encoders(args: argparse.Namespace, out: Path) -> Iterator[tuple[int, Path]]:
+    """(seed, encoder) per ``--seeds``: the ``--encoders`` given, else each seed's sources
+    federated into OUT/fed-seedN when its turn comes."""
     seeds = [int(s) for s in args.seeds.split(",") if s]
     encoders = [e for e in args.encoders.split(",") if e]
     if encoders and len(encoders) != len(seeds):
         raise SystemExit("--encoders needs one checkpoint per seed")
-    doc: dict[str, dict[str, Any]] = {}
     for i, seed in enumerate(seeds):
-        if encoders:
-            encoder = Path(encoders[i])
-        else:
-            fed_args = argparse.Namespace(**{**vars(args), "seed": seed})
-            encoder = federate(fed_args, out / f"fed-seed{seed}")
+        yield seed, (Path(encoders[i]) if encoders else
+                     federate(argparse.Namespace(**{**vars(args), "seed": seed}),
+                              out / f"fed-seed{seed}"))
+
+
+def add_probe_args(p: argparse.ArgumentParser, join: str, out: str) -> None:
+    """The flags the join probes share: data, federation (or encoders) and the join's budget."""
+    d = JoinSettings()
+    p.add_argument("--dataset", choices=DATASETS, default="xmarket")
+    p.add_argument("--data-dir", default=os.environ.get("STOREFED_DATA_DIR", ""))
+    p.add_argument("--sources", default="ca,de,fr,mx,uk")
+    p.add_argument("--join", default=join)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--encoders", default="", help="comma list, one per seed (else federate)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--encoder-steps", type=int, default=d.encoder_steps)
+    p.add_argument("--scratch-steps", type=int, default=d.scratch_steps)
+    p.add_argument("--loss", choices=LOSSES, default=d.loss)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, dict[str, Any]] = {}
+    for seed, encoder in seed_encoders(args, out):
         for market in [m for m in args.join.split(",") if m]:
             row = one_market(args, market, seed, encoder)
             doc[f"{market}/seed{seed}"] = row
@@ -97,28 +121,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = JoinSettings()
     p = argparse.ArgumentParser(prog="python -m storefed.simulations.experiments.join_temperature",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--dataset", choices=DATASETS, default="xmarket")
-    p.add_argument("--data-dir", default=os.environ.get("STOREFED_DATA_DIR", ""))
-    p.add_argument("--sources", default="ca,de,fr,mx,uk")
-    p.add_argument("--join", default="in,jp")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--encoders", default="", help="comma list, one per seed (else federate)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-epochs", type=int, default=2)
+    add_probe_args(p, join="in,jp", out="runs/join-temperature")
     p.add_argument("--temperatures", default=",".join(HEAD_TEMPERATURES),
                    help="comma list of --head-temperature values to compare")
     p.add_argument("--knn-grid", choices=("join", "federation"), default="join",
                    help="the kNN weights the join picks from: its own grid (the default) or "
                         "the federation's (up to 16)")
-    p.add_argument("--encoder-steps", type=int, default=d.encoder_steps)
-    p.add_argument("--scratch-steps", type=int, default=d.scratch_steps)
-    p.add_argument("--loss", choices=LOSSES, default=d.loss)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/join-temperature")
     return run_command("join_temperature", run, p.parse_args(argv))
 
 
