@@ -4,7 +4,7 @@
         --data-dir XMREC --sources s1,s2 --join s3 --encoder-steps 600 --scratch-steps 1500 \
         --seeds 0,1,2,3,4 --out runs/join-steps-noise-s3
 
-The steps target compares two curves of test nDCG@10, a mean over the market's test users (1,018
+The steps target compares two curves of test nDCG@10, a mean over the market's test users (3,328
 on ``s3``, 239 on XMarket ``in``): the steps transfer needs to reach scratch's best against a
 third of the steps scratch needs. Near the top both curves move by a user or two, so the count
 can flip on which users happen to be in the test set. Per seed, this runs the join exactly as
