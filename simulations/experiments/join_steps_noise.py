@@ -41,7 +41,12 @@ from storefed.shared.transfer import (
     transfer_phases,
     zero_shot_model,
 )
-from storefed.shared.transfer_study import scratch_model, steps_to_target, user_ndcg
+from storefed.shared.transfer_study import (
+    scratch_model,
+    steps_target_met,
+    steps_to_target,
+    user_ndcg,
+)
 from storefed.simulations.command import run_command
 from storefed.simulations.experiments.join_temperature import add_probe_args, seed_encoders
 
@@ -105,15 +110,14 @@ def steps_resampled(curves: dict[str, tuple[list[int], np.ndarray]],
     ratios = []
     for _ in range(N_BOOT):
         t, s = reach(np.asarray(rng.integers(0, n_users, size=n_users)))
-        ok = t is not None and s is not None and 3 * t <= s
+        ok = steps_target_met({"transfer": t, "scratch": s})
         met += ok
         ratios.append(np.inf if t is None or s is None or (s == 0 and t > 0)
                       else t / max(s, 1))
     lo, hi = np.quantile(ratios, [0.025, 0.975], method="inverted_cdf")
     return {"transfer": measured[0], "scratch": measured[1], "best": best,
             "zero_shot": float(kept_t[0].mean()),
-            "met": measured[0] is not None and measured[1] is not None
-            and 3 * measured[0] <= measured[1],
+            "met": steps_target_met({"transfer": measured[0], "scratch": measured[1]}),
             "met_share": met / N_BOOT, "ratio_ci95": [float(lo), float(hi)],
             "users": int(n_users)}
 
