@@ -953,3 +953,20 @@ def test_steps_noise_resamples_users_and_recounts_the_target():
     assert doc["met"] and doc["transfer"] == 10
     # met exactly when user 0 is drawn at least once: 1 - (3/4)^4 of the resamples
     assert doc["met_share"] == pytest.approx(1 - 0.75 ** 4, abs=0.04) and N_BOOT >= 1000
+
+
+def test_steps_noise_runs_the_join_as_join_market_does(encoder_path):
+    """``join_steps_noise.one_seed`` rebuilds ``join_market``'s two curves to keep per-user
+    figures: its measured steps, bests and zero-shot are join_market's (guards the copy)."""
+    from storefed.simulations.experiments.join_steps_noise import one_seed
+
+    catalog, split = _market()
+    settings = JoinSettings(encoder_steps=6, scratch_steps=6, eval_every=2, batch_size=64,
+                            ranker=False)
+    doc = join_market(encoder_path, catalog, split, settings, CPU).doc
+    row = one_seed(encoder_path, split, catalog, settings, CPU)
+    assert (row["transfer"], row["scratch"]) == (doc["steps_to_target"]["transfer"],
+                                                 doc["steps_to_target"]["scratch"])
+    assert row["best"]["transfer"] == pytest.approx(doc["best"]["transfer"], abs=1e-9)
+    assert row["best"]["scratch"] == pytest.approx(doc["best"]["scratch"], abs=1e-9)
+    assert row["zero_shot"] == pytest.approx(doc["zero_shot"]["ndcg@10"], abs=1e-9)

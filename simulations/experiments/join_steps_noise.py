@@ -63,7 +63,6 @@ class Recorder:
         self.grid = grid
         self.users: list[np.ndarray] = []
         self.valid: list[float] = []
-        self.steps: list[int] = []
 
     def evaluator(self, model: MarketModel) -> float:
         calibrate_knn(model, self.split, self.device, self.knn, self.grid)
